@@ -1,0 +1,1 @@
+"""The exitbench harness: backbones, data, FLOPs, traces, training, latency, runner and CLI."""

@@ -1,0 +1,1 @@
+"""Early-exit models and algorithms. Plugins depend on :mod:`methods.base` only."""

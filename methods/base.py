@@ -1,0 +1,411 @@
+"""The plugin contract: exit points, staged backbones, multi-exit nets, methods and their registry.
+
+Everything a method plugin needs lives here, so a plugin (in this repo or in a package of its own)
+imports ``methods.base`` and nothing from the harness. Vocabulary as in docs/DESIGN.md:
+a *backbone* is cut into *blocks*; an *exit point* is a block boundary; the blocks between two chosen
+exit points form a *stage*; a *multi-exit net* is stages + exit heads; a *method* places exits,
+builds heads and defines the training loss.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+ENTRY_POINT_GROUP = "exitbench.methods"
+
+
+class UserError(ValueError):
+    """A mistake in user input (config, names, files). The CLI prints it as one line and exits 2.
+
+    Messages say what was wrong, where (a field path) and what to do.
+    """
+
+
+def did_you_mean(name: str, valid: Sequence[str]) -> str:
+    """A hint naming the valid names closest to ``name`` (or all of them when few)."""
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    shown = sorted(valid)
+    more = f" (and {len(shown) - 12} more)" if len(shown) > 12 else ""
+    return "valid names: " + ", ".join(shown[:12]) + more
+
+
+# ----------------------------------------------------------------------------------------------
+# Exit points and staged backbones
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    """A block boundary where an exit head may attach.
+
+    ``index`` is the block after which the point sits (0-based, in the backbone's block list);
+    ``feature_shape`` is the per-sample shape there: (C, H, W) for CNNs, (tokens, C) for ViTs, whose
+    first ``prefix_tokens`` tokens are class/register tokens; ``macs_cumulative`` is the backbone's
+    MACs (batch 1) from the input up to and including that block.
+    """
+
+    index: int
+    name: str
+    channels: int
+    feature_shape: tuple[int, ...]
+    macs_cumulative: int
+    prefix_tokens: int = 0
+
+
+class StagedBackbone(nn.Module):
+    """A classifier cut at block boundaries: ``head(blocks[-1](...blocks[0](x)))`` is its forward.
+
+    ``blocks[0]`` includes the stem. ``head`` is the backbone's own classifier (pooling, norm, fc),
+    the final exit. ``candidates`` are the exit points after every block but the last, and ``macs``
+    the whole network's MACs; both are filled in by the harness (``benchmarks.backbones``).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], block_names: Sequence[str], head: nn.Module,
+                 *, name: str = "", num_classes: int = 0, input_size: tuple[int, int, int] = (3, 32, 32)):
+        super().__init__()
+        if len(blocks) != len(block_names):
+            raise ValueError("one name per block")
+        self.blocks = nn.ModuleList(blocks)
+        self.block_names = list(block_names)
+        self.head = head
+        self.name = name
+        self.num_classes = num_classes
+        self.input_size = tuple(input_size)
+        self.candidates: list[ExitPoint] = []
+        self.macs: int = 0
+        self.block_macs: list[int] = []
+        self.head_macs: int = 0
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exit placement (EENet's cost rule, reused by PTEENet and shared by every method)
+
+PHI = 1.6180339887
+PLACEMENTS: dict[str, Callable[[int, int], float]] = {
+    # T_i / F for exit i of N (docs/METHODS.md, "Exit placement by cost")
+    "fine": lambda i, n: 1 - 0.95 ** (i + 1),
+    "pareto": lambda i, n: 1 - 0.8 ** (i + 1),
+    "linear": lambda i, n: (i + 1) / (n + 1),
+    "gold_ratio": lambda i, n: PHI ** (i - n),
+}
+
+
+def place_exits(candidates: Sequence[ExitPoint], total_macs: int, n_exits: int,
+                placement: str | Sequence[str | float] = "fine") -> list[ExitPoint]:
+    """Choose ``n_exits`` exit points among ``candidates``.
+
+    ``placement`` is a distribution name (exit i goes after the first unused candidate whose
+    cumulative MACs reach T_i * total_macs) or an explicit list of block names or cost fractions.
+    Raises :class:`UserError` when the placement is impossible on this backbone.
+    """
+    if not candidates:
+        raise UserError("placement: the backbone has no exit-point candidates")
+    if isinstance(placement, str):
+        if placement not in PLACEMENTS:
+            raise UserError(f"placement: unknown distribution {placement!r}; {did_you_mean(placement, PLACEMENTS)}")
+        if n_exits < 1:
+            raise UserError(f"n_exits: must be at least 1, got {n_exits}")
+        targets: list[str | float] = [PLACEMENTS[placement](i, n_exits) for i in range(n_exits)]
+    else:
+        targets = list(placement)
+        if not targets:
+            raise UserError("placement: the explicit list is empty; give block names or cost fractions")
+    by_name = {c.name: c for c in candidates}
+    chosen: list[ExitPoint] = []
+    for i, t in enumerate(targets):
+        last = chosen[-1].index if chosen else -1
+        if isinstance(t, str):
+            if t not in by_name:
+                raise UserError(f"placement[{i}]: no exit point named {t!r}; {did_you_mean(t, list(by_name))}")
+            c = by_name[t]
+            if c.index <= last:
+                raise UserError(f"placement[{i}]: {t!r} is not after the previous exit; list exits in depth order")
+        else:
+            frac = float(t)
+            c = next((c for c in candidates if c.index > last and c.macs_cumulative >= frac * total_macs), None)
+            if c is None:
+                have = len([c for c in candidates if c.index > last])
+                raise UserError(
+                    f"placement: exit {i} needs a block boundary at >= {frac:.1%} of the backbone's MACs after "
+                    f"the previous exit, but none is left ({have} candidates remain); use fewer exits "
+                    f"(n_exits), another placement (linear, pareto, gold_ratio) or an explicit list")
+        chosen.append(c)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-exit nets
+
+
+@dataclass
+class ExitOutputs:
+    """Every exit's output for a batch: ``logits[k]`` is [B, classes] (final exit last);
+    ``confidence[k]`` is [B] in (0, 1) for methods with learned confidence (1 at the final exit)."""
+
+    logits: list[Tensor]
+    confidence: list[Tensor] | None = None
+
+
+class Policy(Protocol):
+    """Decides per sample whether to leave at exit ``k`` (see ``methods.policies.ThresholdPolicy``)."""
+
+    def accept(self, k: int, logits: Tensor, confidence: Tensor | None) -> Tensor: ...
+
+
+def _split_head_output(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+class MultiExitNet(nn.Module):
+    """Stages + heads. ``heads[k]`` maps the features after ``stages[k]`` to logits, or to
+    ``(logits, confidence)``; the last head is the backbone's own classifier.
+
+    ``rel_costs[k]`` is exit k's cost relative to the plain backbone in ``paper`` accounting
+    (prefix + its own head; the final exit is 1). The harness sets it from measured MACs; methods
+    with a cost-aware loss (EENet, PTEENet) read it.
+    """
+
+    def __init__(self, backbone: StagedBackbone, exits: Sequence[ExitPoint], heads: Sequence[nn.Module],
+                 *, freeze_backbone: bool = False):
+        super().__init__()
+        if len(heads) != len(exits):
+            raise ValueError(f"{len(exits)} exits need {len(exits)} heads, got {len(heads)}")
+        bounds = [e.index + 1 for e in exits] + [len(backbone.blocks)]
+        starts = [0] + bounds[:-1]
+        self.stages = nn.ModuleList(nn.Sequential(*backbone.blocks[a:b]) for a, b in zip(starts, bounds))
+        self.heads = nn.ModuleList([*heads, backbone.head])
+        self.exits = list(exits)
+        self.backbone_name = backbone.name
+        self.num_classes = backbone.num_classes
+        self.freeze_backbone = freeze_backbone
+        self.register_buffer("rel_costs", torch.ones(len(exits) + 1), persistent=False)
+        if freeze_backbone:
+            for m in (*self.stages, self.heads[-1]):
+                m.requires_grad_(False)
+        self.train(True)
+
+    @property
+    def num_exits(self) -> int:
+        """Exits including the final one."""
+        return len(self.heads)
+
+    def train(self, mode: bool = True) -> MultiExitNet:
+        super().train(mode)
+        if self.freeze_backbone:
+            # A frozen backbone stays in eval mode: BatchNorm statistics must not drift and dropout
+            # must not run while branches train (the PTEENet reference code gets this wrong).
+            for m in (*self.stages, self.heads[-1]):
+                m.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward_all(self, x: Tensor) -> ExitOutputs:
+        """Run the whole network and return every exit's output (no early termination)."""
+        logits, confs = [], []
+        for stage, head in zip(self.stages, self.heads):
+            x = stage(x)
+            lg, c = _split_head_output(head(x))
+            logits.append(lg)
+            confs.append(c)
+        if all(c is None for c in confs[:-1]):
+            return ExitOutputs(logits)
+        confs[-1] = torch.ones_like(confs[0])
+        return ExitOutputs(logits, confs)
+
+    def forward(self, x: Tensor) -> ExitOutputs:
+        return self.forward_all(x)
+
+    @torch.no_grad()
+    def forward_dynamic(self, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
+        """Real per-sample early exit: returns (logits [B, classes], exit index [B]).
+
+        After each early exit the samples that leave are scattered into the output and removed from
+        the batch (compaction), so later stages run only on the rest. One device->host read per exit.
+        """
+        n = x.shape[0]
+        rows = torch.arange(n, device=x.device)
+        out: Tensor | None = None
+        exit_index = torch.full((n,), len(self.heads) - 1, dtype=torch.long, device=x.device)
+        last = len(self.heads) - 1
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+            x = stage(x)
+            logits, conf = _split_head_output(head(x))
+            if out is None:
+                out = logits.new_empty((n, logits.shape[1]))
+            if k == last:
+                out[rows] = logits
+                break
+            accept = policy.accept(k, logits, conf)
+            n_accept = int(accept.sum())  # the one host sync of this exit
+            if n_accept == 0:
+                continue  # nobody leaves: skip the gather
+            out[rows[accept]] = logits[accept]
+            exit_index[rows[accept]] = k
+            if n_accept == rows.numel():
+                break
+            keep = ~accept
+            x, rows = x[keep], rows[keep]
+        assert out is not None
+        return out, exit_index
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class Budget:
+    """What a method's training may spend; recorded in every result so budgets can be equalised."""
+
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_seconds: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+Trainer = Callable[..., dict]
+"""The harness's shared loop: ``trainer(net, loss_fn, params, loaders, budget) -> stats``."""
+
+
+@dataclass
+class HParam:
+    """A method hyper-parameter: its default, a one-line help, and allowed values (if a choice)."""
+
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+
+
+class Method:
+    """Base class of early-exit methods. Subclass, set the class attributes, register.
+
+    ``hparams`` declares every accepted hyper-parameter; ``__init__`` rejects unknown keys and
+    values outside ``choices``. ``place_exits`` picks exit points, ``build`` makes the net, ``loss``
+    is the training objective; ``fit`` runs the harness's shared loop with that loss unless a method
+    needs its own procedure.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    score: ClassVar[str] = "max_softmax"
+    scores: ClassVar[tuple[str, ...]] = ("max_softmax", "neg_entropy")
+    trains_backbone: ClassVar[bool] = False
+    hparams: ClassVar[dict[str, HParam]] = {}
+
+    def __init__(self, **hparams: Any):
+        unknown = [k for k in hparams if k not in self.hparams]
+        if unknown:
+            k = unknown[0]
+            raise UserError(f"method {self.name}: unknown hyper-parameter {k!r}; {did_you_mean(k, list(self.hparams))}")
+        self.hp: dict[str, Any] = {k: v.default for k, v in self.hparams.items()}
+        self.hp.update(hparams)
+        for k, spec in self.hparams.items():
+            if spec.choices is not None and self.hp[k] not in spec.choices:
+                raise UserError(f"method {self.name}: {k}={self.hp[k]!r} is not one of {list(spec.choices)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hp.items())})"
+
+    def place_exits(self, backbone: StagedBackbone) -> list[ExitPoint]:
+        """Default: ``n_exits`` exits by the ``placement`` hyper-parameter (EENet's cost rule)."""
+        return place_exits(backbone.candidates, backbone.macs, int(self.hp.get("n_exits", 3)),
+                           self.hp.get("placement", "fine"))
+
+    def build(self, backbone: StagedBackbone, exits: Sequence[ExitPoint], num_classes: int) -> MultiExitNet:
+        raise NotImplementedError
+
+    def loss(self, outputs: ExitOutputs, target: Tensor, net: MultiExitNet) -> Tensor:
+        raise NotImplementedError
+
+    def budget(self) -> Budget:
+        """The training budget from the hyper-parameters (keys named like Budget's fields)."""
+        known = Budget.__dataclass_fields__
+        return Budget(**{k: v for k, v in self.hp.items() if k in known})
+
+    def fit(self, net: MultiExitNet, loaders: dict[str, Any], budget: Budget, trainer: Trainer) -> dict:
+        """Train ``net``; returns training stats (epochs run, seconds, losses). Default: shared loop."""
+        return trainer(net, self.loss, net.trainable_parameters(), loaders, budget)
+
+    def default_thresholds(self) -> float | None:
+        """The method's own inference threshold (e.g. PTEENet's tau), reported as an operating point."""
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: built-ins and plugins both come through the entry-point group, loaded lazily.
+
+_REGISTRY: dict[str, type[Method]] = {}
+_ENTRY_POINTS: dict[str, metadata.EntryPoint] | None = None
+# Used only when exitbench itself is not installed (no entry-point metadata), e.g. a bare checkout.
+_BUILTIN_FALLBACK = {"pteenet": "methods.pteenet:PTEENet"}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available to ``get_method(cls.name)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a non-empty class attribute 'name'")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        for name, target in _BUILTIN_FALLBACK.items():
+            eps.setdefault(name, metadata.EntryPoint(name, target, ENTRY_POINT_GROUP))
+        _ENTRY_POINTS = eps
+    return _ENTRY_POINTS
+
+
+def list_methods() -> list[str]:
+    """Names of every registered or discoverable method, sorted."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class called ``name``; an unknown name raises UserError with the nearest names."""
+    if name not in _REGISTRY:
+        ep = _entry_points().get(name)
+        if ep is None:
+            raise UserError(f"method: unknown method {name!r}; {did_you_mean(name, list_methods())}")
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise UserError(f"method: entry point {name!r} ({ep.value}) is not a methods.base.Method subclass")
+        _REGISTRY.setdefault(name, cls)
+    return _REGISTRY[name]
+
+
+def relative_costs(exits: Sequence[ExitPoint], head_macs: Sequence[int], total_macs: int) -> list[float]:
+    """Paper-accounting relative cost of each exit: (prefix + own head) / backbone; final exit = 1."""
+    return [(e.macs_cumulative + h) / total_macs for e, h in zip(exits, head_macs)] + [1.0]
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "ExitOutputs", "ExitPoint", "HParam", "Method",
+    "MultiExitNet", "Policy", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
+    "list_methods", "place_exits", "register_method", "relative_costs",
+]

@@ -1,0 +1,1 @@
+"""Rendering from stored result files only (pandas, matplotlib); never imports torch."""
