@@ -1,0 +1,121 @@
+"""``exitbench run | validate | list``: the command line.
+
+User mistakes (bad names, malformed YAML, unknown keys, impossible placements, missing data files)
+end as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from methods.base import UserError
+
+DEFAULT_OUT = "exitbench_results"
+
+
+def default_cache() -> Path:
+    """Harness-trained backbone weights: ``$EXITBENCH_CACHE`` or ``~/.cache/exitbench/weights``."""
+    env = os.environ.get("EXITBENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "exitbench" / "weights"
+
+
+def _cells(args: argparse.Namespace):
+    from benchmarks.config import expand, load_matrix
+    from benchmarks.runner import preflight
+
+    matrix = load_matrix(args.matrix)
+    cells = expand(matrix)
+    preflight(cells, download=getattr(args, "download", False))
+    return matrix, cells
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmarks.runner import cell_path, run_matrix
+    from reports.summary import write_summary
+
+    t0 = time.perf_counter()
+    matrix, cells = _cells(args)
+    overrides = {"threads": args.threads} if args.threads else {}
+    if args.no_latency:
+        overrides["latency"] = False
+    if overrides:  # part of the cell's key: results made with other settings are not reused
+        cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
+    out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
+    done = sum(cell_path(out, c).exists() for c in cells)
+    print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
+          + (f" ({done} already have results)" if done else ""))
+    counts = run_matrix(cells, out, Path(args.cache) if args.cache else default_cache(),
+                        download=args.download, progress=not args.quiet)
+    paths = write_summary(out)
+    print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reused']} reused "
+          f"in {time.perf_counter() - t0:.0f} s")
+    for p in [out / "cells", *paths]:
+        print(f"  {p}")
+    return 1 if counts["error"] else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    matrix, cells = _cells(args)
+    print(f"matrix {matrix['name']!r} is valid: {len(cells)} cells")
+    for c in cells:
+        print(f"  {c.slug()}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from benchmarks.backbones import TESTED_BACKBONES, list_families
+    from benchmarks.data import list_datasets
+    from methods.base import get_method, list_methods
+
+    print("methods:")
+    for name in list_methods():
+        cls = get_method(name)
+        kind = "joint" if cls.trains_backbone else "post-trained"
+        print(f"  {name:<12} {kind:<13} score={cls.score:<12} hyper-parameters: {', '.join(cls.hparams)}")
+    print("datasets:\n  " + ", ".join(list_datasets()))
+    print("backbone families (any timm model of these): " + ", ".join(list_families()))
+    print("backbones covered by the tests:\n  " + ", ".join(TESTED_BACKBONES))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exitbench", description="Benchmark early-exit methods on timm backbones.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a benchmark matrix (default: the built-in quick matrix)")
+    run.add_argument("matrix", nargs="?", default=None, help="matrix YAML path or built-in name (default: quick)")
+    run.add_argument("--out", help=f"results directory (default: ./{DEFAULT_OUT}/<matrix name>)")
+    run.add_argument("--cache", help="where harness-trained backbones are cached (default: $EXITBENCH_CACHE "
+                                     "or ~/.cache/exitbench/weights)")
+    run.add_argument("--download", action="store_true", help="download missing torchvision datasets")
+    run.add_argument("--threads", type=int, help="CPU threads for training and timing (default: the matrix's)")
+    run.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a matrix without running it")
+    val.add_argument("matrix", nargs="?", default=None)
+    val.add_argument("--download", action="store_true")
+    val.set_defaults(func=cmd_validate)
+    lst = sub.add_parser("list", help="methods, datasets and backbones")
+    lst.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"exitbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("exitbench: interrupted; finished cells are saved and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Matrix and cell specs: YAML loading, validation with field paths, expansion into cells.
+
+A matrix file looks like ``benchmarks/matrices/quick.yaml``::
+
+    datasets: [digits]                       # names, or {name, root, download, ...}
+    backbones:                               # names, or {name, weights, small_stem}
+      - {name: resnet10t, weights: train}    # weights: train (default) | pretrained | PATH
+    methods:
+      - name: pteenet
+        hparams: {epochs: 8}                 # fixed hyper-parameters
+        grid: {lam: [0.5, 1.0, 2.0]}         # swept: one cell per combination
+    seeds: [0]
+    backbone_training: {epochs: 15}          # how harness-trained backbones are trained
+    evaluation: {grid_size: 100, latency_batch_sizes: [1, 256]}
+
+Every key is checked; a mistake raises :class:`UserError` naming the field (``methods[0].hparams.lr``)
+and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from methods.base import UserError, did_you_mean
+
+MATRICES_DIR = Path(__file__).parent / "matrices"
+
+
+@dataclass(frozen=True)
+class BackboneTraining:
+    """Recipe for backbones the harness trains itself (``weights: train``)."""
+
+    epochs: int = 15
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a cell is evaluated after training."""
+
+    grid_size: int = 100
+    latency: bool = True
+    latency_batch_sizes: tuple[int, ...] = (1, 256)
+    latency_repeats: int = 5
+    threads: int = 2
+    accuracy_drop: float = 0.01  # the "within 1 point" operating point
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One dataset x backbone x method (+ hyper-parameters) x seed."""
+
+    dataset: str
+    dataset_options: dict[str, Any]
+    backbone: str
+    weights: str
+    small_stem: bool | None
+    method: str
+    hparams: dict[str, Any]
+    seed: int
+    backbone_training: BackboneTraining = field(default_factory=BackboneTraining)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    swept: tuple[str, ...] = ()  # hyper-parameters the matrix sweeps (labels curves; not in the key)
+    where: str = "methods[0]"  # the matrix field this cell's method came from, for error messages
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("where")
+        d["swept"] = list(self.swept)
+        d["evaluation"]["latency_batch_sizes"] = list(self.evaluation.latency_batch_sizes)
+        return d
+
+    def key(self) -> str:
+        """Short hash of everything that determines the result."""
+        d = self.to_dict()
+        d.pop("swept")
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def slug(self) -> str:
+        """A readable, unique file stem: dataset__backbone__method-hparams__seedN__hash."""
+        swept = "-".join(f"{k}{_short(self.hparams[k])}" for k in self.swept)
+        meth = f"{self.method}-{swept}" if swept else self.method
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in meth)[:80]
+        return f"{self.dataset}__{self.backbone}__{safe}__seed{self.seed}__{self.key()}"
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+_TOP = {"name", "description", "datasets", "backbones", "methods", "seeds", "backbone_training", "evaluation"}
+_DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
+_BACKBONE = {"name", "weights", "small_stem"}
+_METHOD = {"name", "hparams", "grid"}
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise UserError(f"{where}.{k}: unknown key; {did_you_mean(str(k), sorted(allowed))}".lstrip("."))
+
+
+def _as_entry(x: Any, where: str) -> dict:
+    if isinstance(x, str):
+        return {"name": x}
+    if isinstance(x, dict) and isinstance(x.get("name"), str):
+        return x
+    raise UserError(f"{where}: expected a name or a mapping with 'name', got {x!r}")
+
+
+def _as_list(x: Any, where: str) -> list:
+    if x is None:
+        raise UserError(f"{where}: missing; give a list")
+    return x if isinstance(x, list) else [x]
+
+
+def _dataclass_from(cls: type, d: Any, where: str) -> Any:
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping, got {d!r}")
+    fields = cls.__dataclass_fields__
+    _check_keys(d, set(fields), where)
+    out = {}
+    for k, v in d.items():
+        default = fields[k].default
+        if isinstance(default, tuple):
+            v = tuple(_as_list(v, f"{where}.{k}"))
+        elif isinstance(default, bool) and not isinstance(v, bool):
+            raise UserError(f"{where}.{k}: expected true or false, got {v!r}")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise UserError(f"{where}.{k}: expected a number, got {v!r}")
+            v = type(default)(v)
+        out[k] = v
+    return cls(**out)
+
+
+def load_matrix(path: str | Path | None) -> dict:
+    """Read a matrix YAML (``None`` or ``quick`` = the built-in quick matrix; a bare name is looked
+    up in ``benchmarks/matrices``)."""
+    p = Path(path) if path else MATRICES_DIR / "quick.yaml"
+    if not p.exists() and not p.suffix and (MATRICES_DIR / f"{p}.yaml").exists():
+        p = MATRICES_DIR / f"{p}.yaml"
+    if not p.exists():
+        builtin = sorted(x.stem for x in MATRICES_DIR.glob("*.yaml"))
+        raise UserError(f"matrix: file {str(p)!r} not found; "
+                        f"give a YAML path or a built-in matrix ({', '.join(builtin)})")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError(f"matrix {p}: malformed YAML{at} ({problem}); fix the syntax there") from None
+    if not isinstance(data, dict):
+        raise UserError(f"matrix {p}: expected a mapping with datasets, backbones, methods, seeds at the top")
+    data.setdefault("name", p.stem)
+    return data
+
+
+def expand(matrix: dict) -> list[Cell]:
+    """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
+    import timm  # kept out of import time: `exitbench --help` should be instant
+
+    from benchmarks.data import list_datasets
+    from methods.base import get_method
+
+    _check_keys(matrix, _TOP, "")
+    training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")
+    evaluation = _dataclass_from(Evaluation, matrix.get("evaluation"), "evaluation")
+    if any(b < 1 for b in evaluation.latency_batch_sizes):
+        raise UserError("evaluation.latency_batch_sizes: batch sizes must be positive integers")
+
+    datasets = []
+    for i, d in enumerate(_as_list(matrix.get("datasets", ["digits"]), "datasets")):
+        d = _as_entry(d, f"datasets[{i}]")
+        _check_keys(d, _DATASET, f"datasets[{i}]")
+        if d["name"] not in list_datasets():
+            raise UserError(f"datasets[{i}].name: unknown dataset {d['name']!r}; "
+                            f"{did_you_mean(d['name'], list_datasets())}")
+        datasets.append(d)
+
+    backbones = []
+    for i, b in enumerate(_as_list(matrix.get("backbones"), "backbones")):
+        b = _as_entry(b, f"backbones[{i}]")
+        _check_keys(b, _BACKBONE, f"backbones[{i}]")
+        if not timm.is_model(b["name"]):
+            raise UserError(f"backbones[{i}].name: unknown timm model {b['name']!r}; "
+                            f"{did_you_mean(b['name'], timm.list_models())}")
+        weights = str(b.get("weights", "train"))
+        if weights not in ("train", "pretrained") and not Path(weights).exists():
+            raise UserError(f"backbones[{i}].weights: file {weights!r} not found; "
+                            "use train, pretrained or the path of a .safetensors/.pth file")
+        stem = b.get("small_stem", "auto")
+        if stem not in ("auto", True, False):
+            raise UserError(f"backbones[{i}].small_stem: expected auto, true or false, got {stem!r}")
+        backbones.append({"name": b["name"], "weights": weights, "small_stem": None if stem == "auto" else stem})
+
+    methods = []
+    for i, m in enumerate(_as_list(matrix.get("methods"), "methods")):
+        m = _as_entry(m, f"methods[{i}]")
+        _check_keys(m, _METHOD, f"methods[{i}]")
+        try:
+            cls = get_method(m["name"])
+        except UserError as e:
+            raise UserError(f"methods[{i}].name: {e}") from None
+        fixed = m.get("hparams") or {}
+        grid = m.get("grid") or {}
+        for key, val in (("hparams", fixed), ("grid", grid)):
+            if not isinstance(val, dict):
+                raise UserError(f"methods[{i}].{key}: expected a mapping of hyper-parameter: value, got {val!r}")
+        keys = list(grid)
+        for combo in itertools.product(*(_as_list(grid[k], f"methods[{i}].grid.{k}") for k in keys)):
+            hp = {**fixed, **dict(zip(keys, combo))}
+            try:
+                resolved = cls(**hp).hp  # rejects unknown keys and bad choices
+            except UserError as e:
+                raise UserError(f"methods[{i}]: {e}") from None
+            methods.append((m["name"], resolved, tuple(keys), f"methods[{i}]"))
+
+    seeds = _as_list(matrix.get("seeds", [0]), "seeds")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"seeds: expected a list of integers, got {seeds!r}")
+
+    return [
+        Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
+             backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"],
+             method=name, hparams=hp, seed=s, backbone_training=training, evaluation=evaluation, swept=swept,
+             where=where)
+        for d in datasets for b in backbones for (name, hp, swept, where) in methods for s in seeds
+    ]

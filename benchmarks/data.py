@@ -1,0 +1,316 @@
+"""Datasets and the three disjoint splits every cell uses: train, calibration, test.
+
+Registry: ``digits`` (default; scikit-learn's 1,797 real 8x8 digits, shipped with the package, no
+download), ``cifar10``, ``cifar100``, ``svhn`` (torchvision, from ``root``) and ``synthetic`` (for tests).
+
+Every split is held in memory as an :class:`ImageDataset` (uint8 or [0, 1] float images, normalised on
+access), so a split materialises with one vectorised op (:func:`to_tensors`) and no PIL round trip.
+
+Splits (docs/MEASUREMENT.md, "Accuracy"): seeded, stratified (sklearn ``train_test_split``) and disjoint.
+Calibration is held out of the training data; datasets with an official test set use it as ``test``,
+the others (digits, synthetic) split a stratified test set off first with ``test_fraction``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from methods.base import UserError, did_you_mean
+
+DEFAULT_DATASET = "digits"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a backbone needs to know about a dataset; ``mean``/``std`` are per channel, on [0, 1] pixels."""
+
+    name: str
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] | None = None
+
+
+class ImageDataset(Dataset):
+    """In-memory images [N, C, H, W] (uint8 0..255 or float 0..1) and labels [N].
+
+    ``__getitem__`` returns ``(normalised float image [C, H, W], int label)``. With ``augment`` it first
+    applies a random crop (zero padding 4, i.e. black, as torchvision's ``RandomCrop``) and a horizontal
+    flip; the randomness comes from torch's global RNG, which DataLoader workers seed from the loader's
+    generator and the training loop seeds with ``torch.manual_seed`` in the main process.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                 *, augment: bool = False):
+        self.images, self.labels, self.augment = images, labels.long(), augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _scale(self, x: Tensor) -> Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x = self.images[i]
+        if self.augment:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (4, 4, 4, 4))
+            top, left = torch.randint(0, 9, (2,)).tolist()
+            x = x[:, top:top + h, left:left + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return self._scale(x), int(self.labels[i])
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All images normalised (never augmented) and labels, in one vectorised op."""
+        return self._scale(self.images), self.labels
+
+
+@dataclass
+class Splits:
+    """The three disjoint splits and the indices that made them.
+
+    ``train_indices`` and ``calibration_indices`` index the dataset's training pool (the official train
+    set, or for digits/synthetic the whole dataset); ``test_indices`` index the official test set, or
+    the whole dataset for digits/synthetic. ``augment`` says whether train really is augmented.
+    """
+
+    train: ImageDataset
+    calibration: ImageDataset
+    test: ImageDataset
+    info: DatasetInfo
+    train_indices: np.ndarray
+    calibration_indices: np.ndarray
+    test_indices: np.ndarray
+    augment: bool = False
+
+
+@dataclass
+class _Raw:
+    info: DatasetInfo
+    images: Tensor
+    labels: Tensor
+    test_images: Tensor | None = None  # official test set, when the dataset has one
+    test_labels: Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders: (root, download, **options) -> _Raw
+
+DIGITS_NAMES = tuple(str(d) for d in range(10))
+# Fixed constants rather than train-split statistics, so DatasetInfo does not depend on the seed:
+# the mean/std of all 1,797 images after the 32 px bilinear upscale (0.3053 / 0.3236; a test recomputes
+# them). Two scalars carry no label information worth speaking of.
+DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3236
+
+
+def _load_digits(root: Path, download: bool) -> _Raw:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16  # pixels are 0..16
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp_(0, 1)
+    return _Raw(dataset_info("digits"), x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target))
+
+
+def _synthetic_info(num_classes: int = 4, n: int = 240, image_size: int = 16, noise: float = 0.5) -> DatasetInfo:
+    return DatasetInfo("synthetic", num_classes, (3, image_size, image_size), (0.5,) * 3, (0.25,) * 3,
+                       tuple(f"class{k}" for k in range(num_classes)))
+
+
+def _load_synthetic(root: Path, download: bool, num_classes: int = 4, n: int = 240, image_size: int = 16,
+                    noise: float = 0.5) -> _Raw:
+    # A smooth random prototype per class plus Gaussian noise whose scale varies per sample (0.2..1.2 x
+    # ``noise``), so some samples are easy and some hard, as an early-exit benchmark needs. The data is
+    # fixed (generator seed 0); the split seed only decides which sample goes to which split.
+    g = torch.Generator().manual_seed(0)
+    protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
+                           align_corners=False)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    scale = noise * (0.2 + torch.rand(n, 1, 1, 1, generator=g))
+    x = (protos[labels] + scale * torch.randn(n, 3, image_size, image_size, generator=g)).clamp_(0, 1)
+    return _Raw(_synthetic_info(num_classes, n, image_size, noise), x, labels)
+
+
+def _missing(name: str, expected: list[Path]) -> UserError:
+    absent = [str(p) for p in expected if not p.exists()]
+    what = f"not found at {', '.join(absent)}" if absent else \
+        f"failed their md5 check (corrupted or incomplete) at {', '.join(map(str, expected))}"
+    return UserError(f"dataset: {name} files {what}; pass `download: true` in the matrix (or --download) to "
+                     f"fetch them, or put the official archive's contents there")
+
+
+def _torchvision(name: str, root: Path, download: bool) -> _Raw:
+    import torchvision.datasets as tvd
+
+    if name == "svhn":
+        root = root / "svhn"
+        expected = [root / "train_32x32.mat", root / "test_32x32.mat"]
+        make = lambda train: tvd.SVHN(str(root), split="train" if train else "test", download=download)
+    else:
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        expected = [root / cls.base_folder]
+        make = lambda train: cls(str(root), train=train, download=download)
+    try:
+        train, test = make(True), make(False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        raise _missing(name, expected) from None
+    except OSError as e:  # no network, disk full, ...
+        raise UserError(f"dataset: downloading {name} into {root} failed ({e}); check the network, or put the "
+                        f"official files at {', '.join(map(str, expected))} and run without download") from None
+
+    def arrays(ds: Any) -> tuple[Tensor, Tensor]:
+        if name == "svhn":  # already [N, C, H, W]; torchvision maps label 10 to digit 0
+            return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets)
+
+    (x, y), (xt, yt) = arrays(train), arrays(test)
+    classes = DIGITS_NAMES if name == "svhn" else tuple(train.classes)
+    mean, std = _STATS[name]
+    return _Raw(DatasetInfo(name, len(classes), (3, 32, 32), mean, std, classes), x, y, xt, yt)
+
+
+# Per-channel training-set statistics on [0, 1] pixels (pixel-level std, as commonly published).
+_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+_LOADERS: dict[str, Callable[..., _Raw]] = {
+    "digits": _load_digits,
+    "cifar10": lambda root, download: _torchvision("cifar10", root, download),
+    "cifar100": lambda root, download: _torchvision("cifar100", root, download),
+    "svhn": lambda root, download: _torchvision("svhn", root, download),
+    "synthetic": _load_synthetic,
+}
+_OPTIONS: dict[str, dict[str, type]] = {"synthetic": {"num_classes": int, "n": int, "image_size": int, "noise": float}}
+_AUGMENT = {"cifar10", "cifar100"}  # crop + flip; never flip digits or house numbers
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets, sorted."""
+    return sorted(_LOADERS)
+
+
+def default_root() -> Path:
+    """Where torchvision datasets live: ``$EXITBENCH_DATA`` or ``~/.cache/exitbench/data``."""
+    return Path(os.environ.get("EXITBENCH_DATA") or "~/.cache/exitbench/data").expanduser()
+
+
+def _check(name: str, options: dict[str, Any]) -> None:
+    if name not in _LOADERS:
+        raise UserError(f"dataset: unknown dataset {name!r}; {did_you_mean(name, list_datasets())}")
+    allowed = _OPTIONS.get(name, {})
+    for key, value in options.items():
+        if key not in allowed:
+            hint = did_you_mean(key, list(allowed)) if allowed else f"{name} takes no options"
+            raise UserError(f"dataset.{key}: unknown option for {name}; {hint}")
+        kind = allowed[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise UserError(f"dataset.{key}: expected {kind.__name__}, got {value!r}")
+    if name == "synthetic":
+        o = {"num_classes": 4, "n": 240, "image_size": 16, "noise": 0.5, **options}
+        if o["num_classes"] < 2 or o["image_size"] < 4 or o["noise"] < 0 or o["n"] < 4 * o["num_classes"]:
+            raise UserError(f"dataset: synthetic needs num_classes >= 2, image_size >= 4, noise >= 0 and "
+                            f"n >= 4 * num_classes; got {o}")
+
+
+def dataset_info(name: str = DEFAULT_DATASET, **options: Any) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` without loading any data (for building backbones)."""
+    _check(name, options)
+    if name == "synthetic":
+        return _synthetic_info(**options)
+    if name == "digits":
+        return DatasetInfo("digits", 10, (3, 32, 32), (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, DIGITS_NAMES)
+    mean, std = _STATS[name]
+    n = 100 if name == "cifar100" else 10
+    return DatasetInfo(name, n, (3, 32, 32), mean, std, None)  # class names come with the files
+
+
+def _split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int, field: str):
+    from sklearn.model_selection import train_test_split  # lazy: sklearn adds ~1.5 s to every CLI start
+
+    try:
+        return train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels[indices])
+    except ValueError as e:  # a class too rare, or fewer held-out samples than classes
+        raise UserError(f"{field}: cannot make a stratified split of {len(indices)} samples "
+                        f"({len(np.unique(labels))} classes) with {field}={fraction} ({e}); use more data or "
+                        f"a larger fraction") from None
+
+
+def load_splits(name: str = DEFAULT_DATASET, *, root: str | Path | None = None, seed: int = 0,
+                calibration_fraction: float = 0.1, test_fraction: float = 0.3, download: bool = False,
+                augment: bool = False, **options: Any) -> Splits:
+    """Load dataset ``name`` and cut it into seeded, stratified, disjoint train / calibration / test.
+
+    ``calibration_fraction`` of the training pool is held out as calibration. ``test_fraction`` is used
+    only by datasets without an official test set (digits, synthetic), and is taken first, from the whole
+    dataset. ``root`` (default :func:`default_root`) holds the torchvision files; they are downloaded only
+    with ``download=True``, otherwise missing files raise :class:`UserError` naming the expected path.
+    ``augment`` adds random crop (pad 4) + horizontal flip to CIFAR's train split; it is a no-op for the
+    other datasets (see ``Splits.augment``). ``options`` are dataset-specific (synthetic: ``num_classes``,
+    ``n``, ``image_size``, ``noise``).
+    """
+    _check(name, options)
+    for field, f in (("calibration_fraction", calibration_fraction), ("test_fraction", test_fraction)):
+        if not 0 < f < 1:
+            raise UserError(f"{field}: must be between 0 and 1 (exclusive), got {f!r}")
+    raw = _LOADERS[name](Path(root).expanduser() if root is not None else default_root(), download, **options)
+    labels = raw.labels.numpy()
+    pool = np.arange(len(labels))
+    if raw.test_images is None:
+        pool, test_idx = _split(labels, pool, test_fraction, seed, "test_fraction")
+        test_x, test_y = raw.images[test_idx], raw.labels[test_idx]
+    else:
+        test_idx = np.arange(len(raw.test_labels))
+        test_x, test_y = raw.test_images, raw.test_labels
+    train_idx, cal_idx = _split(labels, pool, calibration_fraction, seed, "calibration_fraction")
+    aug = augment and name in _AUGMENT
+    m, s = raw.info.mean, raw.info.std
+    return Splits(
+        train=ImageDataset(raw.images[train_idx], raw.labels[train_idx], m, s, augment=aug),
+        calibration=ImageDataset(raw.images[cal_idx], raw.labels[cal_idx], m, s),
+        test=ImageDataset(test_x, test_y, m, s),
+        info=raw.info, train_indices=train_idx, calibration_indices=cal_idx, test_indices=test_idx, augment=aug)
+
+
+def to_tensors(dataset: Dataset, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """Materialise a split as (images [N, C, H, W] float, labels [N] long).
+
+    An :class:`ImageDataset` is normalised in one op and never augmented; any other dataset is read
+    through a DataLoader in order.
+    """
+    if isinstance(dataset, ImageDataset):
+        return dataset.tensors()
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    return torch.cat(xs), torch.cat(ys).long()
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader whose shuffling order (and worker seeds) come from a generator seeded with ``seed``."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+
+
+__all__ = [
+    "DEFAULT_DATASET", "DatasetInfo", "ImageDataset", "Splits", "dataset_info", "default_root", "list_datasets",
+    "load_splits", "make_loader", "to_tensors",
+]

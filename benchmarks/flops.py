@@ -1,0 +1,191 @@
+"""MACs per block and per exit head, and exit cost tables (docs/MEASUREMENT.md, "FLOPs (MACs)").
+
+Every number here is multiply-accumulates at batch 1. The counter of record is ptflops with
+``backend='aten'``: it counts the aten ops ``convolution``, ``mm``/``addmm``/``bmm``/``matmul``
+(bias adds of convs and linears included). Its default ``pytorch`` backend is wrong for timm models
+(it misses timm's Linear subclasses and double-counts functional ReLU/pooling).
+
+The cross-check is ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2). The two agree within
+1 % on CNNs (they differ only by bias adds). They do NOT agree on ViTs: timm runs attention through
+``F.scaled_dot_product_attention``, whose ``QK^T`` and ``AV`` matmuls ptflops-aten does not see and
+FlopCounterMode does (about +5.6 % for a ViT-Tiny with 65 tokens at 32 px / patch 4, more with more
+tokens). ViT numbers in results are therefore ptflops-aten numbers *without* attention matmuls, the
+same convention as published ptflops tables; use ``flop_counter_macs`` to see the other view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ptflops import get_model_complexity_info
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from methods.base import ExitPoint, StagedBackbone, UserError
+
+ACCOUNTINGS = ("strict", "paper")
+
+
+class _Opaque(nn.Module):
+    """Hides ``inner`` from ``named_children``.
+
+    Why: ptflops 0.7.5 (aten backend) registers forward hooks on the model's children and never
+    removes them, so counting a block would leave hooks on it for good (slower forwards, a leak).
+    With no visible children there is nothing to hook; the count is the same.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def _probe_input(module: nn.Module, shape: Sequence[int]) -> Tensor:
+    p = next(module.parameters(), None)
+    return torch.zeros((1, *shape), dtype=p.dtype if p is not None else torch.float32,
+                       device=p.device if p is not None else "cpu")
+
+
+def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of ``module`` on one sample of per-sample shape ``input_shape`` (ptflops, aten backend).
+
+    ``input_shape`` excludes the batch: (C, H, W) for images and CNN features, (tokens, C) for ViT
+    features. The module runs once in eval mode under ``no_grad``; its training mode is restored.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            macs, _ = get_model_complexity_info(
+                _Opaque(module), tuple(int(s) for s in input_shape), as_strings=False, print_per_layer_stat=False,
+                backend="aten", input_constructor=lambda shape: _probe_input(module, shape))
+            if macs is None:
+                # ptflops prints and swallows the exception; run once more so the real error surfaces.
+                module(_probe_input(module, input_shape))
+                raise RuntimeError(f"ptflops could not count {type(module).__name__} on input {tuple(input_shape)}")
+    finally:
+        module.train(was_training)
+    return int(macs)
+
+
+def flop_counter_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of ``module`` on one sample by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).
+
+    Counts matmuls, convolutions and fused attention, but no bias adds. Used to cross-check
+    :func:`count_macs`; see the module docstring for where the two differ.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(_probe_input(module, input_shape))
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+@torch.no_grad()
+def block_shapes(backbone: StagedBackbone) -> list[tuple[int, ...]]:
+    """Per-sample output shape of every block: one batch-1 forward in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        x = _probe_input(backbone, backbone.input_size)
+        shapes = []
+        for block in backbone.blocks:
+            x = block(x)
+            shapes.append(tuple(x.shape[1:]))
+    finally:
+        backbone.train(was_training)
+    return shapes
+
+
+def measure_backbone(backbone: StagedBackbone, shapes: Sequence[tuple[int, ...]] | None = None) -> None:
+    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (ptflops-aten, batch 1).
+
+    Each block is counted on its true input shape (the previous block's output; ``shapes`` from
+    :func:`block_shapes` saves a forward when the caller has them), so the blocks and the head sum
+    exactly to the whole network's MACs.
+    """
+    shapes = list(shapes) if shapes is not None else block_shapes(backbone)
+    inputs = [tuple(backbone.input_size), *shapes[:-1]]
+    backbone.block_macs = [count_macs(b, s) for b, s in zip(backbone.blocks, inputs)]
+    backbone.head_macs = count_macs(backbone.head, shapes[-1])
+    backbone.macs = sum(backbone.block_macs) + backbone.head_macs
+
+
+def head_macs(head: nn.Module, exit_point: ExitPoint) -> int:
+    """MACs of an exit head attached at ``exit_point`` (ptflops-aten, batch 1)."""
+    return count_macs(head, exit_point.feature_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost tables
+
+
+@dataclass
+class CostTable:
+    """Cost of leaving at each exit (N early exits + the final one), absolute and relative to the
+    plain backbone's MACs ``F``.
+
+    ``paper``: backbone prefix + the head taken (as PTEENet/EENet report); the final exit is 1 exactly.
+    ``strict``: backbone prefix + every head evaluated on the way, rejected ones included; the final
+    exit costs F plus all early heads. Never mix the two in one column.
+    """
+
+    strict: list[float]
+    paper: list[float]
+    macs_strict: list[int]
+    macs_paper: list[int]
+    backbone_macs: int
+
+    def relative(self, accounting: str) -> list[float]:
+        """The relative column for ``accounting`` ('strict' or 'paper')."""
+        if accounting not in ACCOUNTINGS:
+            raise UserError(f"accounting: unknown {accounting!r}; use one of {', '.join(ACCOUNTINGS)}")
+        return self.strict if accounting == "strict" else self.paper
+
+
+def cost_table(backbone: StagedBackbone, exits: Sequence[ExitPoint], head_macs_list: Sequence[int]) -> CostTable:
+    """The cost table for early ``exits`` (in depth order) with heads costing ``head_macs_list`` MACs.
+
+    Needs ``backbone.macs`` (filled by :func:`measure_backbone`); the final exit is the backbone itself.
+    """
+    if len(exits) != len(head_macs_list):
+        raise ValueError(f"{len(exits)} exits need {len(exits)} head MACs, got {len(head_macs_list)}")
+    total = int(backbone.macs)
+    if total <= 0:
+        raise ValueError("backbone.macs is not measured; call benchmarks.flops.measure_backbone first")
+    prefixes = [int(e.macs_cumulative) for e in exits]
+    heads = [int(h) for h in head_macs_list]
+    macs_paper = [p + h for p, h in zip(prefixes, heads)] + [total]
+    seen_heads = np.cumsum(heads).tolist() if heads else []
+    macs_strict = [p + s for p, s in zip(prefixes, seen_heads)] + [total + sum(heads)]
+    paper = [m / total for m in macs_paper[:-1]] + [1.0]  # exactly 1, not a rounded ratio
+    strict = [m / total for m in macs_strict]
+    return CostTable(strict=strict, paper=paper, macs_strict=[int(m) for m in macs_strict],
+                     macs_paper=macs_paper, backbone_macs=total)
+
+
+def expected_rel_macs(exit_fractions: Sequence[float] | np.ndarray, table: CostTable,
+                      accounting: str) -> float | np.ndarray:
+    """Mean relative cost when a fraction ``exit_fractions[k]`` of samples leaves at exit k.
+
+    ``exit_fractions`` has one entry per exit (final last) and sums to 1; a 2-D array [G, K] (one row
+    per operating point) gives G costs at once. This is an estimate from MACs, not a measurement.
+    """
+    costs = np.asarray(table.relative(accounting), dtype=np.float64)
+    fractions = np.asarray(exit_fractions, dtype=np.float64)
+    if fractions.shape[-1] != costs.shape[0]:
+        raise ValueError(f"exit_fractions has {fractions.shape[-1]} exits, the cost table {costs.shape[0]}")
+    out = fractions @ costs
+    return float(out) if out.ndim == 0 else out
+
+
+__all__ = ["ACCOUNTINGS", "CostTable", "block_shapes", "cost_table", "count_macs", "expected_rel_macs",
+           "flop_counter_macs", "head_macs", "measure_backbone"]

@@ -1,0 +1,90 @@
+"""Timing protocol for the real dynamic forward against the plain backbone (docs/MEASUREMENT.md).
+
+Both variants run on the same inputs, interleaved repeat by repeat so that drift in machine load
+hits both alike. A repeat times one pass over a fixed set of batches; we report the median and IQR
+of the per-batch time. ``realisation = (1 - latency_ratio) / (1 - macs_ratio)``: the share of the
+MACs saved on these very inputs that became wall-clock time saved.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import MultiExitNet, Policy
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q * 100) - 1] if len(xs) > 1 else xs[0]
+
+
+def _pass(fn: Callable[[Tensor], object], batches: list[Tensor], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for b in batches:
+        fn(b)
+    _sync(device)  # around the whole call: heads and gating included
+    return time.perf_counter() - start
+
+
+def _stats(seconds: list[float], n_batches: int) -> dict:
+    ms = [s * 1e3 / n_batches for s in seconds]
+    return {"median_ms": statistics.median(ms), "iqr_ms": _quantile(ms, 0.75) - _quantile(ms, 0.25),
+            "p90_ms": _quantile(ms, 0.90), "repeats": len(ms)}
+
+
+def realisation(latency_ratio: float, macs_ratio: float) -> float | None:
+    """(1 - latency_ratio) / (1 - macs_ratio); None when no MACs are saved (undefined)."""
+    return None if macs_ratio >= 1 - 1e-9 else (1 - latency_ratio) / (1 - macs_ratio)
+
+
+@torch.no_grad()
+def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
+                    strict_costs: Sequence[float], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
+                    warmup: int = 2, max_samples_batch1: int = 64, threads: int | None = None) -> list[dict]:
+    """Time the plain backbone and ``net.forward_dynamic`` on ``images`` for each batch size.
+
+    For batch size b > 1 we use as many full batches as ``images`` holds (one smaller batch when it
+    holds fewer than b); at b = 1 the first ``max_samples_batch1`` samples one by one. Returns one
+    record per (variant, batch size); the dynamic record carries the exit fractions on these inputs,
+    the strict MACs ratio they imply, the latency ratio and the realisation.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = images.device
+    backbone.eval()
+    net.eval()
+    records: list[dict] = []
+    for b in batch_sizes:
+        n = min(len(images), max_samples_batch1) if b == 1 else max(b, len(images) // b * b)
+        batches = list(torch.split(images[:n], b))
+        exit_idx = torch.cat([net.forward_dynamic(x, policy)[1] for x in batches])
+        fractions = torch.bincount(exit_idx.cpu(), minlength=net.num_exits).double() / len(exit_idx)
+        macs_ratio = float(fractions @ torch.tensor(strict_costs, dtype=torch.float64))
+        run_backbone = backbone.__call__
+        run_dynamic = lambda x: net.forward_dynamic(x, policy)
+        for _ in range(warmup):
+            _pass(run_backbone, batches, device)
+            _pass(run_dynamic, batches, device)
+        t_backbone, t_dynamic = [], []
+        for _ in range(repeats):
+            t_backbone.append(_pass(run_backbone, batches, device))
+            t_dynamic.append(_pass(run_dynamic, batches, device))
+        common = {"batch_size": b, "n_batches": len(batches), "samples": len(exit_idx), "device": str(device),
+                  "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+        base = {"variant": "backbone", **common, **_stats(t_backbone, len(batches))}
+        dyn = {"variant": "dynamic", **common, **_stats(t_dynamic, len(batches))}
+        ratio = dyn["median_ms"] / base["median_ms"]
+        dyn.update({"latency_ratio": ratio, "macs_ratio_strict": macs_ratio,
+                    "realisation": realisation(ratio, macs_ratio), "exit_fractions": fractions.tolist()})
+        records += [base, dyn]
+    return records

@@ -1,0 +1,128 @@
+"""Traces: every exit's logits and scores for one data split, recorded in one pass, and the offline
+evaluation of threshold policies on them (vectorised over a grid of thresholds).
+
+Every sweep, calibration and figure is computed from traces, never by re-running the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from methods.base import MultiExitNet
+from methods.policies import first_exit, score_matrix
+
+
+@dataclass
+class Trace:
+    """One split's record: ``logits`` [E, N, classes] for E exits (final last), ``confidence``
+    [E, N] or None, ``labels`` [N]."""
+
+    logits: Tensor
+    labels: Tensor
+    confidence: Tensor | None = None
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[0]
+
+    def __len__(self) -> int:
+        return self.logits.shape[1]
+
+    def scores(self, score: str) -> Tensor:
+        """[E-1, N] early-exit scores under the named exit score."""
+        conf = list(self.confidence) if self.confidence is not None else None
+        return score_matrix(score, list(self.logits), conf)
+
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(-1)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
+        if self.confidence is not None:
+            tensors["confidence"] = self.confidence.contiguous()
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        t = load_file(str(path))
+        return cls(t["logits"], t["labels"], t.get("confidence"))
+
+
+@torch.no_grad()
+def collect_trace(net: MultiExitNet, images: Tensor, labels: Tensor, batch_size: int = 256) -> Trace:
+    """One ``forward_all`` pass over ``images`` in eval mode."""
+    was_training = net.training
+    net.eval()
+    logits: list[list[Tensor]] = []
+    confs: list[list[Tensor]] = []
+    for start in range(0, len(images), batch_size):
+        out = net.forward_all(images[start:start + batch_size])
+        logits.append([lg.float() for lg in out.logits])
+        if out.confidence is not None:
+            confs.append([c.float() for c in out.confidence])
+    net.train(was_training)
+    stacked = torch.stack([torch.cat(col) for col in zip(*logits)])
+    conf = torch.stack([torch.cat(col) for col in zip(*confs)]) if confs else None
+    return Trace(stacked.cpu(), labels.cpu(), None if conf is None else conf.cpu())
+
+
+def threshold_grid(calibration: Trace, score: str, n: int = 100) -> Tensor:
+    """A grid of ``n`` shared thresholds from the calibration scores' quantiles, plus +inf
+    ("never leave early"), ascending. Quantiles put the grid where the scores are, whatever the
+    score's range (max-softmax in (0, 1], negative entropy in [-log K, 0])."""
+    pooled = calibration.scores(score).flatten().double()
+    q = torch.quantile(pooled, torch.linspace(0, 1, n - 1, dtype=torch.float64))
+    return torch.cat([torch.unique(q), torch.tensor([float("inf")], dtype=torch.float64)])
+
+
+@dataclass
+class Sweep:
+    """Metrics of a policy per threshold setting (arrays over G settings)."""
+
+    thresholds: Tensor  # [G] shared or [G, K] per exit
+    accuracy: Tensor  # [G]
+    agreement: Tensor  # [G] with the final exit's prediction
+    exit_fractions: Tensor  # [G, E]
+    rel_macs_strict: Tensor  # [G], expected MACs / backbone MACs
+    rel_macs_paper: Tensor  # [G]
+
+    def row(self, g: int) -> dict:
+        """One setting as plain JSON-ready numbers."""
+        th = self.thresholds[g]
+        return {
+            "threshold": th.tolist() if th.dim() else _num(th.item()),
+            "accuracy": self.accuracy[g].item(),
+            "agreement": self.agreement[g].item(),
+            "rel_macs_strict": self.rel_macs_strict[g].item(),
+            "rel_macs_paper": self.rel_macs_paper[g].item(),
+            "exit_fractions": self.exit_fractions[g].tolist(),
+        }
+
+
+def _num(x: float) -> float | str:
+    return "inf" if x == float("inf") else x
+
+
+def evaluate(trace: Trace, score: str, thresholds: Tensor, strict: list[float], paper: list[float]) -> Sweep:
+    """Evaluate the threshold policy for every setting in ``thresholds`` on ``trace`` at once.
+
+    ``strict`` and ``paper`` are the relative cost of leaving at each exit (E values) under the two
+    accountings; expected relative MACs are the exit fractions weighted by them.
+    """
+    exit_idx = first_exit(trace.scores(score), thresholds)  # [G, N]
+    preds = trace.predictions()  # [E, N]
+    chosen = preds.gather(0, exit_idx)  # [G, N]: prediction at the chosen exit
+    fractions = torch.nn.functional.one_hot(exit_idx, trace.num_exits).double().mean(1)  # [G, E]
+    return Sweep(
+        thresholds=thresholds,
+        accuracy=(chosen == trace.labels[None]).double().mean(1),
+        agreement=(chosen == preds[-1][None]).double().mean(1),
+        exit_fractions=fractions,
+        rel_macs_strict=fractions @ torch.tensor(strict, dtype=torch.float64),
+        rel_macs_paper=fractions @ torch.tensor(paper, dtype=torch.float64),
+    )

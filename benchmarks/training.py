@@ -1,0 +1,99 @@
+"""Shared training loops: the backbone on a cell's dataset, and any method through its loss.
+
+Every method trains through :func:`fit` (``Method.fit``'s default) unless its procedure differs, so
+budgets (epochs, optimizer, learning rate, batch size, wall time) mean the same thing for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from methods.base import Budget, ExitOutputs, UserError
+
+LossFn = Callable[[Any, Tensor, nn.Module], Tensor]
+
+
+def make_optimizer(params: list[nn.Parameter], budget: Budget) -> torch.optim.Optimizer:
+    name = budget.optimizer.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=budget.lr, betas=budget.betas, weight_decay=budget.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=budget.lr, betas=budget.betas, weight_decay=budget.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=budget.lr, momentum=0.9, nesterov=True, weight_decay=budget.weight_decay)
+    raise UserError(f"optimizer: unknown optimizer {budget.optimizer!r}; use adam, adamw or sgd")
+
+
+def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: dict[str, DataLoader],
+        budget: Budget, *, schedule: str = "none") -> dict:
+    """Train ``model`` on ``loaders['train']`` for ``budget.epochs`` (or until ``budget.max_seconds``).
+
+    ``loss_fn(model(x), y, model)`` is minimised over ``params``. ``schedule`` is ``none`` (the
+    reference settings of the methods) or ``cosine``. Returns the stats recorded in results.
+    """
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    opt = make_optimizer(params, budget)
+    steps = budget.epochs * len(loaders["train"])
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+             if schedule == "cosine" else None)
+    losses: list[float] = []
+    start = time.perf_counter()
+    stopped_early = False
+    for _ in range(budget.epochs):
+        model.train()
+        total, count = 0.0, 0
+        for x, y in loaders["train"]:
+            loss = loss_fn(model(x), y, model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        losses.append(total / max(count, 1))
+        if budget.max_seconds is not None and time.perf_counter() - start > budget.max_seconds:
+            stopped_early = len(losses) < budget.epochs
+            break
+    model.eval()
+    seconds = time.perf_counter() - start
+    return {
+        "budget": asdict(budget) | {"schedule": schedule},
+        "epochs_run": len(losses),
+        "stopped_by_wall_time": stopped_early,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(len(losses), 1),
+        "loss_per_epoch": losses,
+    }
+
+
+def method_trainer(net: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: dict[str, DataLoader],
+                   budget: Budget) -> dict:
+    """The trainer handed to ``Method.fit``: the shared loop without a schedule (as the references)."""
+    return fit(net, loss_fn, params, loaders, budget)
+
+
+def _cross_entropy(logits: Tensor | ExitOutputs, y: Tensor, model: nn.Module) -> Tensor:
+    return nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+
+
+def train_backbone(backbone: nn.Module, loaders: dict[str, DataLoader], budget: Budget) -> dict:
+    """Train a plain classifier with cross-entropy (label smoothing 0.1) and a cosine schedule."""
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    return fit(backbone, _cross_entropy, params, loaders, budget, schedule="cosine")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Logits of a plain classifier over ``images`` in eval mode."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
