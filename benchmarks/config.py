@@ -174,7 +174,7 @@ def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
     import timm  # kept out of import time: `exitbench --help` should be instant
 
-    from benchmarks.data import list_datasets
+    from benchmarks.data import dataset_info, list_datasets
     from methods.base import get_method
 
     _check_keys(matrix, _TOP, "")
@@ -186,10 +186,13 @@ def expand(matrix: dict) -> list[Cell]:
     datasets = []
     for i, d in enumerate(_as_list(matrix.get("datasets", ["digits"]), "datasets")):
         d = _as_entry(d, f"datasets[{i}]")
-        _check_keys(d, _DATASET, f"datasets[{i}]")
         if d["name"] not in list_datasets():
             raise UserError(f"datasets[{i}].name: unknown dataset {d['name']!r}; "
                             f"{did_you_mean(d['name'], list_datasets())}")
+        try:  # dataset-specific options (e.g. synthetic's n, num_classes) are checked by the dataset
+            dataset_info(d["name"], **{k: v for k, v in d.items() if k not in _DATASET})
+        except UserError as e:
+            raise UserError(f"datasets[{i}]: {e}") from None
         datasets.append(d)
 
     backbones = []

@@ -212,8 +212,8 @@ class MultiExitNet(nn.Module):
         if self.freeze_backbone:
             # A frozen backbone stays in eval mode: BatchNorm statistics must not drift and dropout
             # must not run while branches train (the PTEENet reference code gets this wrong).
-            for m in (*self.stages, self.heads[-1]):
-                m.eval()
+            self.stages.eval()
+            self.heads[-1].eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:

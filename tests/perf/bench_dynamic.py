@@ -1,0 +1,76 @@
+"""pytest-benchmark suite (``tox -e bench``; not part of the default test run).
+
+1. ``forward_dynamic`` against the plain backbone on the same batch (resnet18, small-image stem,
+   32 px, batch 256, untrained PTEENet heads with thresholds that send about half the batch out at
+   the first exit and a quarter at the second — the set-up of docs/MEASUREMENT.md).
+2. A 100-threshold sweep on a trace against one network pass over the same data.
+
+Each benchmark also times its reference in the same run and stores the ratio in ``extra_info``
+(printed with ``--benchmark-json`` or ``--benchmark-verbose``); ratios, not absolute times, are the
+targets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks.backbones import create_backbone
+from benchmarks.flops import cost_table, head_macs
+from benchmarks.traces import collect_trace, evaluate, threshold_grid
+from methods.base import get_method
+from methods.policies import ThresholdPolicy
+
+torch.set_num_threads(2)
+
+
+def _median_seconds(fn, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    bb = create_backbone("resnet18", num_classes=10, input_size=(3, 32, 32)).eval()
+    method = get_method("pteenet")(n_exits=3, placement="linear")
+    exits = method.place_exits(bb)
+    net = method.build(bb, exits, 10).eval()
+    table = cost_table(bb, exits, [head_macs(h, e) for h, e in zip(net.heads[:-1], exits)])
+    x = torch.randn(256, 3, 32, 32)
+    trace = collect_trace(net, x, torch.zeros(256, dtype=torch.long))
+    s = trace.scores("confidence")
+    # thresholds: half the batch leaves at exit 0, half of the rest at exit 1, nobody at exit 2
+    t0 = float(s[0].quantile(0.5))
+    rest = s[1][s[0] < t0]
+    policy = ThresholdPolicy("confidence", (t0, float(rest.quantile(0.5)), float("inf")))
+    return bb, net, x, policy, trace, table
+
+
+def test_forward_dynamic_vs_backbone(benchmark, setup):
+    bb, net, x, policy, _, _ = setup
+    with torch.no_grad():
+        base = _median_seconds(lambda: bb(x))
+    benchmark.group = "dynamic forward, resnet18 32px batch 256"
+    benchmark.pedantic(net.forward_dynamic, args=(x, policy), rounds=5, warmup_rounds=1)
+    benchmark.extra_info["backbone_median_s"] = base
+    benchmark.extra_info["ratio_vs_backbone"] = benchmark.stats.stats.median / base
+
+
+def test_trace_sweep_vs_network_pass(benchmark, setup):
+    _, net, x, _, trace, table = setup
+    grid = threshold_grid(trace, "confidence", n=100)
+    with torch.no_grad():
+        one_pass = _median_seconds(lambda: net.forward_all(x))
+    benchmark.group = "100-threshold sweep on a 256-sample trace"
+    benchmark(evaluate, trace, "confidence", grid, table.strict, table.paper)
+    benchmark.extra_info["network_pass_median_s"] = one_pass
+    benchmark.extra_info["ratio_vs_network_pass"] = benchmark.stats.stats.median / one_pass

@@ -1,0 +1,159 @@
+"""End to end: a tiny matrix through the CLI (result files, resume, errors recorded per cell), and
+every kind of bad input ending as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from benchmarks.cli import main
+from methods.base import register_method
+from methods.pteenet import PTEENet
+
+TINY = {
+    "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
+    "backbones": ["test_resnet"],
+    "methods": [{"name": "pteenet", "hparams": {"epochs": 2, "n_exits": 2, "placement": "linear"},
+                 "grid": {"lam": [0.5, 1.0]}}],
+    "seeds": [0],
+    "backbone_training": {"epochs": 2},
+    "evaluation": {"latency_batch_sizes": [1, 16], "latency_repeats": 2, "grid_size": 20, "threads": 1},
+}
+
+
+def _write(tmp_path, matrix, name="m.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(matrix) if isinstance(matrix, dict) else matrix)
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    args = ["run", _write(tmp, TINY), "--out", str(out), "--cache", str(tmp / "cache"), "--quiet"]
+    code = main(args)
+    return code, out, args
+
+
+def test_run_writes_results_summary_and_figure(quick_run):
+    code, out, _ = quick_run
+    assert code == 0
+    cells = sorted((out / "cells").glob("*.json"))
+    assert len(cells) == 2
+    r = json.loads(cells[0].read_text())
+    assert r["schema_version"] == 1 and r["status"] == "ok"
+    assert {"backbone", "dataset", "method", "hparams", "seed"} <= set(r["config"])
+    assert r["config"]["hparams"]["lam"] in (0.5, 1.0) and r["config"]["swept"] == ["lam"]
+    assert {"packages", "git_commit", "device", "threads"} <= set(r["env"])
+    assert 0 <= r["backbone"]["test_accuracy"] <= 1 and r["backbone"]["macs"] > 0
+    assert len(r["exits"]) == 3 and r["exits"][-1]["rel_macs_paper"] == 1.0
+    assert all(e["macs_cumulative"] > 0 and "test_accuracy" in e for e in r["exits"])
+    assert len(r["sweep"]["test"]["accuracy"]) == len(r["sweep"]["thresholds"]) > 2
+    op = r["operating_points"][0]
+    assert op["name"] == "within_1pt" and op["chosen_on"] == "calibration"
+    for split in ("calibration", "test"):
+        assert {"accuracy", "agreement", "rel_macs_strict", "rel_macs_paper", "exit_fractions"} <= set(op[split])
+        assert math.isclose(sum(op[split]["exit_fractions"]), 1.0)
+    # within 1 point on calibration, by construction
+    assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
+    lat = {(x["variant"], x["batch_size"]): x for x in r["latency"]}
+    assert set(lat) == {("backbone", 1), ("dynamic", 1), ("backbone", 16), ("dynamic", 16)}
+    for x in lat.values():
+        assert x["median_ms"] > 0 and x["iqr_ms"] >= 0 and x["repeats"] == 2
+    dyn = lat[("dynamic", 16)]
+    assert "realisation" in dyn and dyn["latency_ratio"] > 0
+    assert (out / "summary.csv").stat().st_size > 0 and (out / "accuracy_vs_macs.png").stat().st_size > 1000
+    assert all((out / p).exists() for p in r["traces"].values())
+
+
+def test_second_cell_reuses_the_cached_backbone(quick_run):
+    _, out, _ = quick_run
+    rs = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    assert sorted(r["backbone"]["training"]["cached"] for r in rs) == [False, True]
+    assert len({r["backbone"]["test_accuracy"] for r in rs}) == 1  # the very same weights
+
+
+def test_rerun_resumes_without_recomputing(quick_run, capsys):
+    _, out, args = quick_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert main(args) == 0
+    assert "2 reused" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
+
+
+@register_method
+class _Broken(PTEENet):
+    name = "broken_for_test"
+
+    def fit(self, net, loaders, budget, trainer):
+        raise RuntimeError("boom in fit")
+
+
+def test_an_error_in_one_cell_is_recorded_and_the_others_run(tmp_path):
+    m = {**TINY, "methods": [{"name": "broken_for_test", "hparams": {"epochs": 1, "n_exits": 2}},
+                             {"name": "pteenet", "hparams": {"epochs": 1, "n_exits": 2}}],
+         "evaluation": {**TINY["evaluation"], "latency": False}}
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, m), "--out", str(out), "--quiet"]) == 1
+    rs = {r["config"]["method"]: r for r in (json.loads(p.read_text()) for p in (out / "cells").glob("*.json"))}
+    assert rs["broken_for_test"]["status"] == "error" and "boom in fit" in rs["broken_for_test"]["error"]
+    assert rs["pteenet"]["status"] == "ok"
+    assert "error" in (out / "summary.csv").read_text()
+
+
+BAD = [
+    ({**TINY, "backbones": ["resnet181"]}, "backbones[0].name: unknown timm model 'resnet181'; did you mean"),
+    ({**TINY, "datasets": ["cifar11"]}, "datasets[0].name: unknown dataset 'cifar11'; did you mean 'cifar10'"),
+    ({**TINY, "methods": ["pteenett"]}, "methods[0].name: method: unknown method 'pteenett'; did you mean"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"lamda": 1}}]}, "did you mean 'lam'"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"n_exits": 12}}]}, "methods[0].hparams: placement"),
+    ({**TINY, "datasets": ["cifar10"]}, "download"),
+    ({**TINY, "evaluatoin": {}}, "evaluatoin: unknown key; did you mean 'evaluation'"),
+    ({**TINY, "backbones": [{"name": "test_resnet", "wieghts": "train"}]}, "backbones[0].wieghts: unknown key"),
+    ({**TINY, "backbones": [{"name": "test_resnet", "weights": "nope.pth"}]}, "backbones[0].weights: file 'nope.pth'"),
+    ("datasets: [digits\nbackbones: [", "malformed YAML at line"),
+]
+
+
+@pytest.mark.parametrize("matrix, message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, matrix, message):
+    code = main(["run", _write(tmp_path, matrix), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("exitbench: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_matrix_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "none.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_validate_and_list(tmp_path, capsys):
+    assert main(["validate", _write(tmp_path, TINY)]) == 0
+    assert "2 cells" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "pteenet" in out and "digits" in out and "test_vit" in out
+
+
+def test_operating_point_selection_is_on_calibration():
+    from benchmarks.runner import operating_points
+    from benchmarks.traces import Sweep
+
+    def sweep(acc, cost):
+        n = len(acc)
+        return Sweep(torch.arange(n, dtype=torch.float64), torch.tensor(acc, dtype=torch.float64),
+                     torch.ones(n, dtype=torch.float64), torch.full((n, 2), 0.5, dtype=torch.float64),
+                     torch.tensor(cost, dtype=torch.float64), torch.tensor(cost, dtype=torch.float64))
+
+    cal = sweep([0.80, 0.895, 0.90, 0.90], [0.3, 0.5, 0.7, 1.0])
+    test = sweep([0.99, 0.10, 0.50, 0.60], [0.3, 0.5, 0.7, 1.0])  # test must not influence the choice
+    op = operating_points(cal, test, backbone_cal_acc=0.90, drop=0.01)[0]
+    assert op["threshold"] == 1.0 and op["test"]["accuracy"] == 0.10
+    assert operating_points(cal, test, backbone_cal_acc=0.99, drop=0.01)[0]["feasible"] is False
