@@ -357,7 +357,7 @@ def stage_model(model: nn.Module, *, name: str = "", num_classes: int | None = N
 
     The blocks share the model's modules and parameters, so the model's own forward still works (the
     tests compare the two). Fills ``block_macs``, ``head_macs``, ``macs`` (ptflops-aten, batch 1) and
-    ``candidates``, with one batch-1 forward for the feature shapes and one for counting.
+    ``candidates`` in one batch-1 forward.
     """
     fam = _family_of(model, name or type(model).__name__)
     blocks, names, head = fam.cut(model)
@@ -367,8 +367,7 @@ def stage_model(model: nn.Module, *, name: str = "", num_classes: int | None = N
     backbone.small_stem = bool(getattr(model, "exitbench_small_stem", False))
     backbone.prefix_tokens = int(model.num_prefix_tokens) if fam.name == "vit" else 0
 
-    shapes = flops.block_shapes(backbone)
-    flops.measure_backbone(backbone, shapes)
+    shapes = flops.measure_blocks(backbone)
     cumulative = 0
     for i, (block_name, shape) in enumerate(zip(names[:-1], shapes[:-1])):
         cumulative += backbone.block_macs[i]
@@ -386,11 +385,15 @@ def create_backbone(name: str, num_classes: int, input_size: tuple[int, int, int
     ``small_stem=None`` turns the small-image stem on for inputs of 64 px or less. Weights: random
     init by default; ``pretrained=True`` downloads timm's weights; ``weights=PATH`` loads a local
     ``.safetensors`` / ``.pth`` / ``.pt`` file holding the timm model's state_dict (raw, or under
-    "state_dict" / "model"), or a file written by :func:`save_weights`. Extra keyword arguments go
-    to ``timm.create_model`` (e.g. ``drop_rate``, ``drop_path_rate``).
+    "state_dict" / "model"), or a file written by :func:`save_weights`. Pretrained weights with a
+    small stem: see :func:`create_timm_model`. Extra keyword arguments go to ``timm.create_model``
+    (e.g. ``drop_rate``, ``drop_path_rate``).
     """
     if pretrained and weights is not None:
         raise UserError("backbone: give either `pretrained: true` or `weights: PATH`, not both")
+    if str(weights) == "train":
+        raise UserError("weights: 'train' is resolved by the harness (it trains, then caches with save_weights); "
+                        "create_backbone takes None or a file path")
     size = _check_args(name, num_classes, input_size)
     small = resolve_small_stem(size, small_stem)
     state = _read_state_dict(weights)[0] if weights is not None else None  # before building: fail fast

@@ -30,7 +30,7 @@ ACCOUNTINGS = ("strict", "paper")
 
 
 class _Opaque(nn.Module):
-    """Hides ``inner`` from ``named_children``.
+    """Runs ``inner`` and keeps its output, hiding ``inner`` from ``named_children``.
 
     Why: ptflops 0.7.5 (aten backend) registers forward hooks on the model's children and never
     removes them, so counting a block would leave hooks on it for good (slower forwards, a leak).
@@ -40,9 +40,11 @@ class _Opaque(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         object.__setattr__(self, "inner", inner)
+        self.output: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x)
+        self.output = self.inner(x)
+        return self.output
 
 
 def _probe_input(module: nn.Module, shape: Sequence[int]) -> Tensor:
@@ -51,28 +53,34 @@ def _probe_input(module: nn.Module, shape: Sequence[int]) -> Tensor:
                        device=p.device if p is not None else "cpu")
 
 
+def _count(module: nn.Module, x: Tensor) -> tuple[int, Tensor]:
+    """(ptflops-aten MACs, output) of ``module`` on the batch-1 tensor ``x``, in eval mode, no grad."""
+    from ptflops import get_model_complexity_info  # lazy: importing ptflops costs seconds
+
+    wrapper = _Opaque(module)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            macs, _ = get_model_complexity_info(wrapper, tuple(x.shape[1:]), as_strings=False,
+                                                print_per_layer_stat=False, backend="aten",
+                                                input_constructor=lambda _: x)
+            if macs is None or wrapper.output is None:
+                # ptflops prints and swallows the exception; run once more so the real error surfaces.
+                module(x)
+                raise RuntimeError(f"ptflops could not count {type(module).__name__} on input {tuple(x.shape[1:])}")
+    finally:
+        module.train(was_training)
+    return int(macs), wrapper.output
+
+
 def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     """MACs of ``module`` on one sample of per-sample shape ``input_shape`` (ptflops, aten backend).
 
     ``input_shape`` excludes the batch: (C, H, W) for images and CNN features, (tokens, C) for ViT
     features. The module runs once in eval mode under ``no_grad``; its training mode is restored.
     """
-    from ptflops import get_model_complexity_info  # lazy: importing ptflops costs seconds
-
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            macs, _ = get_model_complexity_info(
-                _Opaque(module), tuple(int(s) for s in input_shape), as_strings=False, print_per_layer_stat=False,
-                backend="aten", input_constructor=lambda shape: _probe_input(module, shape))
-            if macs is None:
-                # ptflops prints and swallows the exception; run once more so the real error surfaces.
-                module(_probe_input(module, input_shape))
-                raise RuntimeError(f"ptflops could not count {type(module).__name__} on input {tuple(input_shape)}")
-    finally:
-        module.train(was_training)
-    return int(macs)
+    return _count(module, _probe_input(module, input_shape))[0]
 
 
 def flop_counter_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
@@ -91,34 +99,28 @@ def flop_counter_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-@torch.no_grad()
-def block_shapes(backbone: StagedBackbone) -> list[tuple[int, ...]]:
-    """Per-sample output shape of every block: one batch-1 forward in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        x = _probe_input(backbone, backbone.input_size)
-        shapes = []
-        for block in backbone.blocks:
-            x = block(x)
-            shapes.append(tuple(x.shape[1:]))
-    finally:
-        backbone.train(was_training)
+def measure_blocks(backbone: StagedBackbone) -> list[tuple[int, ...]]:
+    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (ptflops-aten, batch 1) and return the
+    per-sample output shape of every block.
+
+    One batch-1 pass: each block is counted on the previous block's real output, so every block sees
+    its true input shape and the blocks plus the head sum exactly to the whole network's MACs.
+    """
+    x = _probe_input(backbone, backbone.input_size)
+    block_macs, shapes = [], []
+    for block in backbone.blocks:
+        macs, x = _count(block, x)
+        block_macs.append(macs)
+        shapes.append(tuple(x.shape[1:]))
+    backbone.block_macs = block_macs
+    backbone.head_macs = _count(backbone.head, x)[0]
+    backbone.macs = sum(block_macs) + backbone.head_macs
     return shapes
 
 
-def measure_backbone(backbone: StagedBackbone, shapes: Sequence[tuple[int, ...]] | None = None) -> None:
-    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (ptflops-aten, batch 1).
-
-    Each block is counted on its true input shape (the previous block's output; ``shapes`` from
-    :func:`block_shapes` saves a forward when the caller has them), so the blocks and the head sum
-    exactly to the whole network's MACs.
-    """
-    shapes = list(shapes) if shapes is not None else block_shapes(backbone)
-    inputs = [tuple(backbone.input_size), *shapes[:-1]]
-    backbone.block_macs = [count_macs(b, s) for b, s in zip(backbone.blocks, inputs)]
-    backbone.head_macs = count_macs(backbone.head, shapes[-1])
-    backbone.macs = sum(backbone.block_macs) + backbone.head_macs
+def measure_backbone(backbone: StagedBackbone) -> None:
+    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (ptflops-aten, batch 1); see :func:`measure_blocks`."""
+    measure_blocks(backbone)
 
 
 def head_macs(head: nn.Module, exit_point: ExitPoint) -> int:
@@ -189,5 +191,5 @@ def expected_rel_macs(exit_fractions: Sequence[float] | np.ndarray, table: CostT
     return float(out) if out.ndim == 0 else out
 
 
-__all__ = ["ACCOUNTINGS", "CostTable", "block_shapes", "cost_table", "count_macs", "expected_rel_macs",
-           "flop_counter_macs", "head_macs", "measure_backbone"]
+__all__ = ["ACCOUNTINGS", "CostTable", "cost_table", "count_macs", "expected_rel_macs", "flop_counter_macs",
+           "head_macs", "measure_backbone", "measure_blocks"]
