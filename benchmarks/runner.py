@@ -69,6 +69,7 @@ def backbone_cache_path(cell: Cell, backbone: StagedBackbone, cache_dir: Path) -
 
 
 def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path) -> tuple[StagedBackbone, dict]:
+    torch.manual_seed(cell.seed)  # the initial weights are part of what the seed determines
     backbone = make_backbone(cell, splits)
     if cell.weights != "train":
         return backbone, {"weights": cell.weights}
@@ -80,7 +81,6 @@ def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path) -> tuple[Stage
     r = cell.backbone_training
     budget = Budget(epochs=r.epochs, optimizer=r.optimizer, lr=r.lr, weight_decay=r.weight_decay,
                     batch_size=r.batch_size)
-    torch.manual_seed(cell.seed)
     stats = train_backbone(backbone, {"train": make_loader(splits.train, r.batch_size, True, cell.seed)}, budget)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

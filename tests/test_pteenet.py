@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods.base import ExitOutputs, UserError, get_method
-from methods.pteenet import cost_aware_loss, cost_aware_mixture
+from methods.losses import cost_aware_loss, cost_aware_mixture
 
 
 def _outputs():

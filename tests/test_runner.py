@@ -157,3 +157,17 @@ def test_operating_point_selection_is_on_calibration():
     op = operating_points(cal, test, backbone_cal_acc=0.90, drop=0.01)[0]
     assert op["threshold"] == 1.0 and op["test"]["accuracy"] == 0.10
     assert operating_points(cal, test, backbone_cal_acc=0.99, drop=0.01)[0]["feasible"] is False
+
+
+def test_harness_trained_backbones_are_reproducible(tmp_path):
+    """Same cell, fresh caches, a disturbed global RNG: the very same weights."""
+    from benchmarks.config import expand
+    from benchmarks.data import load_splits
+    from benchmarks.runner import prepare_backbone
+
+    cell = expand({**TINY, "backbone_training": {"epochs": 1}})[0]
+    splits = load_splits("synthetic", n=160, num_classes=3, image_size=16)
+    a, _ = prepare_backbone(cell, splits, tmp_path / "c1")
+    torch.rand(100)
+    b, _ = prepare_backbone(cell, splits, tmp_path / "c2")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
