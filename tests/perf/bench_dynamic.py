@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.backbones import create_backbone
 from benchmarks.flops import cost_table, head_macs
+from benchmarks.latency import realisation
 from benchmarks.traces import collect_trace, evaluate, threshold_grid
 from methods.base import get_method
 from methods.policies import ThresholdPolicy
@@ -56,13 +57,17 @@ def setup():
 
 
 def test_forward_dynamic_vs_backbone(benchmark, setup):
-    bb, net, x, policy, _, _ = setup
+    bb, net, x, policy, _, table = setup
     with torch.no_grad():
         base = _median_seconds(lambda: bb(x))
     benchmark.group = "dynamic forward, resnet18 32px batch 256"
-    benchmark.pedantic(net.forward_dynamic, args=(x, policy), rounds=5, warmup_rounds=1)
-    benchmark.extra_info["backbone_median_s"] = base
-    benchmark.extra_info["ratio_vs_backbone"] = benchmark.stats.stats.median / base
+    _, exit_idx = benchmark.pedantic(net.forward_dynamic, args=(x, policy), rounds=5, warmup_rounds=1)
+    fractions = torch.bincount(exit_idx, minlength=net.num_exits).double() / len(exit_idx)
+    macs_ratio = float(fractions @ torch.tensor(table.strict, dtype=torch.float64))
+    ratio = benchmark.stats.stats.median / base
+    benchmark.extra_info.update({"backbone_median_s": base, "ratio_vs_backbone": ratio,
+                                 "macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
+                                 "exit_fractions": fractions.tolist()})
 
 
 def test_trace_sweep_vs_network_pass(benchmark, setup):
