@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"exitbench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("exitbench: interrupted; finished cells are saved and a rerun resumes", file=sys.stderr)
         return 130
