@@ -28,20 +28,19 @@ from typing import Any
 
 import yaml
 
-from methods.base import UserError, did_you_mean
+from methods.base import Budget, UserError, did_you_mean
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 
 
-@dataclass(frozen=True)
-class BackboneTraining:
-    """Recipe for backbones the harness trains itself (``weights: train``)."""
+@dataclass
+class BackboneTraining(Budget):
+    """The training budget of backbones the harness trains itself (``weights: train``)."""
 
     epochs: int = 15
     optimizer: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.05
-    batch_size: int = 128
 
 
 @dataclass(frozen=True)

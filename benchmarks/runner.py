@@ -29,7 +29,7 @@ from benchmarks.latency import measure_latency
 from benchmarks.results import HIGHER_IS_BETTER, SCHEMA_VERSION, env_fingerprint, read_result, write_json_atomic
 from benchmarks.traces import Sweep, collect_trace, evaluate, threshold_grid
 from benchmarks.training import method_trainer, predict_logits, train_backbone
-from methods.base import Budget, StagedBackbone, UserError, get_method
+from methods.base import StagedBackbone, UserError, get_method
 from methods.policies import ThresholdPolicy
 
 BACKBONE_RECIPE_VERSION = "1"  # bump when train_backbone changes in a way that changes weights
@@ -78,10 +78,9 @@ def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path) -> tuple[Stage
     if path.exists() and stats_path.exists():
         bb.load_weights(backbone, path)
         return backbone, {"weights": "train", "cache": str(path), "cached": True, **read_result(stats_path)}
-    r = cell.backbone_training
-    budget = Budget(epochs=r.epochs, optimizer=r.optimizer, lr=r.lr, weight_decay=r.weight_decay,
-                    batch_size=r.batch_size)
-    stats = train_backbone(backbone, {"train": make_loader(splits.train, r.batch_size, True, cell.seed)}, budget)
+    budget = cell.backbone_training
+    loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed)}
+    stats = train_backbone(backbone, loaders, budget)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     bb.save_weights(backbone, tmp)
