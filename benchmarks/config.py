@@ -5,6 +5,7 @@ A matrix file looks like ``benchmarks/matrices/quick.yaml``::
     datasets: [digits]                       # names, or {name, root, download, ...}
     backbones:                               # names, or {name, weights, small_stem}
       - {name: resnet10t, weights: train}    # weights: train (default) | pretrained | PATH
+    exits: {n_exits: 3, placement: linear}   # shared by every method (a method's hparams override)
     methods:
       - name: pteenet
         hparams: {epochs: 8}                 # fixed hyper-parameters
@@ -67,6 +68,7 @@ class Cell:
     method: str
     hparams: dict[str, Any]
     seed: int
+    init: str = "backbone"  # joint methods: start from the backbone's weights, or from scratch
     backbone_training: BackboneTraining = field(default_factory=BackboneTraining)
     evaluation: Evaluation = field(default_factory=Evaluation)
     swept: tuple[str, ...] = ()  # hyper-parameters the matrix sweeps (labels curves; not in the key)
@@ -98,10 +100,11 @@ def _short(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-_TOP = {"name", "description", "datasets", "backbones", "methods", "seeds", "backbone_training", "evaluation"}
+_TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "seeds", "backbone_training", "evaluation"}
+_EXITS = {"n_exits", "placement", "branch_depth"}  # shared by every method that has the hyper-parameter
 _DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
 _BACKBONE = {"name", "weights", "small_stem"}
-_METHOD = {"name", "hparams", "grid"}
+_METHOD = {"name", "hparams", "grid", "init"}
 
 
 def _check_keys(d: dict, allowed: set[str], where: str) -> None:
@@ -210,6 +213,11 @@ def expand(matrix: dict) -> list[Cell]:
             raise UserError(f"backbones[{i}].small_stem: expected auto, true or false, got {stem!r}")
         backbones.append({"name": b["name"], "weights": weights, "small_stem": None if stem == "auto" else stem})
 
+    shared_exits = matrix.get("exits") or {}
+    if not isinstance(shared_exits, dict):
+        raise UserError(f"exits: expected a mapping like {{n_exits: 3, placement: linear}}, got {shared_exits!r}")
+    _check_keys(shared_exits, _EXITS, "exits")
+
     methods = []
     for i, m in enumerate(_as_list(matrix.get("methods"), "methods")):
         m = _as_entry(m, f"methods[{i}]")
@@ -218,7 +226,14 @@ def expand(matrix: dict) -> list[Cell]:
             cls = get_method(m["name"])
         except UserError as e:
             raise UserError(f"methods[{i}].name: {e}") from None
-        fixed = m.get("hparams") or {}
+        init = m.get("init", "backbone")
+        if init not in ("backbone", "scratch"):
+            raise UserError(f"methods[{i}].init: expected backbone or scratch, got {init!r}")
+        if init == "scratch" and not cls.trains_backbone:
+            raise UserError(f"methods[{i}].init: scratch needs a method that trains the backbone; "
+                            f"{m['name']} keeps it frozen")
+        # the same exits for every method in a comparison, unless a method's hparams say otherwise
+        fixed = {k: v for k, v in shared_exits.items() if k in cls.hparams} | (m.get("hparams") or {})
         grid = m.get("grid") or {}
         for key, val in (("hparams", fixed), ("grid", grid)):
             if not isinstance(val, dict):
@@ -230,7 +245,7 @@ def expand(matrix: dict) -> list[Cell]:
                 resolved = cls(**hp).hp  # rejects unknown keys and bad choices
             except UserError as e:
                 raise UserError(f"methods[{i}]: {e}") from None
-            methods.append((m["name"], resolved, tuple(keys), f"methods[{i}]"))
+            methods.append((m["name"], resolved, init, tuple(keys), f"methods[{i}]"))
 
     seeds = _as_list(matrix.get("seeds", [0]), "seeds")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -239,7 +254,7 @@ def expand(matrix: dict) -> list[Cell]:
     return [
         Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
              backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"],
-             method=name, hparams=hp, seed=s, backbone_training=training, evaluation=evaluation, swept=swept,
-             where=where)
-        for d in datasets for b in backbones for (name, hp, swept, where) in methods for s in seeds
+             method=name, hparams=hp, init=init, seed=s, backbone_training=training, evaluation=evaluation,
+             swept=swept, where=where)
+        for d in datasets for b in backbones for (name, hp, init, swept, where) in methods for s in seeds
     ]

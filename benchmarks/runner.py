@@ -137,7 +137,10 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
     except UserError as e:
         raise UserError(f"{cell.where}.hparams: {e}") from None
     torch.manual_seed(cell.seed)  # same head initialisation for the same cell
-    net = method.build(copy.deepcopy(backbone) if method.trains_backbone else backbone, exits, num_classes)
+    start_from = backbone
+    if method.trains_backbone:  # joint training changes the backbone: keep the reference intact
+        start_from = make_backbone(cell, splits, weights=False) if cell.init == "scratch" else copy.deepcopy(backbone)
+    net = method.build(start_from, exits, num_classes)
     h_macs = [head_macs(h, e) for h, e in zip(net.heads[:-1], exits)]
     table = cost_table(backbone, exits, h_macs)
     net.rel_costs = torch.tensor(table.paper, dtype=torch.float32)

@@ -1,0 +1,45 @@
+"""Matrix expansion: shared exits, overrides, init, grids and field-path errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.config import expand
+from methods.base import UserError
+
+BASE = {"datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
+        "backbones": ["test_resnet"], "seeds": [0, 1]}
+
+
+def test_shared_exits_apply_to_every_method_unless_overridden():
+    cells = expand({**BASE, "exits": {"n_exits": 2, "placement": "linear"},
+                    "methods": [{"name": "pteenet"}, {"name": "pteenet", "hparams": {"placement": "pareto"}}]})
+    assert len(cells) == 4
+    assert [c.hparams["placement"] for c in cells] == ["linear", "linear", "pareto", "pareto"]
+    assert all(c.hparams["n_exits"] == 2 for c in cells)
+    assert len({c.key() for c in cells}) == 4 and len({c.slug() for c in cells}) == 4
+
+
+def test_grid_expands_and_records_the_swept_keys():
+    grid = {"lam": [0.5, 1], "loss": ["v1", "v2"]}
+    cells = expand({**BASE, "seeds": [0], "methods": [{"name": "pteenet", "grid": grid}]})
+    assert [(c.hparams["lam"], c.hparams["loss"]) for c in cells] == [(0.5, "v1"), (0.5, "v2"), (1, "v1"), (1, "v2")]
+    assert all(c.swept == ("lam", "loss") for c in cells)
+    assert "lam0.5-lossv1" in cells[0].slug()
+
+
+@pytest.mark.parametrize("matrix, message", [
+    ({"methods": [{"name": "pteenet", "init": "scratch"}]}, "methods[0].init: scratch needs a method that trains"),
+    ({"methods": [{"name": "pteenet", "init": "random"}]}, "methods[0].init: expected backbone or scratch"),
+    ({"exits": {"n_exit": 2}, "methods": ["pteenet"]}, "exits.n_exit: unknown key; did you mean 'n_exits'"),
+    ({"methods": ["pteenet"], "seeds": ["a"]}, "seeds: expected a list of integers"),
+    ({"methods": ["pteenet"], "evaluation": {"grid_size": "many"}}, "evaluation.grid_size: expected a number"),
+    ({"methods": ["pteenet"], "backbone_training": {"epoch": 2}}, "did you mean 'epochs'"),
+    ({"methods": [{"name": "pteenet", "grid": {"lam": [1], "bogus": [1]}}]}, "unknown hyper-parameter 'bogus'"),
+    ({"backbones": ["test_resnet"], "datasets": [{"name": "synthetic", "nn": 3}], "methods": ["pteenet"]},
+     "datasets[0]: dataset.nn: unknown option"),
+])
+def test_errors_name_the_field(matrix, message):
+    with pytest.raises(UserError) as e:
+        expand({**BASE, **matrix})
+    assert message in str(e.value)
