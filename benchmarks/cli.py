@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from methods.base import UserError
+from methods.errors import UserError
 
 DEFAULT_OUT = "exitbench_results"
 
@@ -102,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
     lst = sub.add_parser("list", help="methods, datasets and backbones")
     lst.set_defaults(func=cmd_list)
+
+    def cmd_report(args: argparse.Namespace) -> int:  # reports/ is imported only when used (matplotlib)
+        from reports.report import cmd_report
+        return cmd_report(args)
+
+    def cmd_compare(args: argparse.Namespace) -> int:
+        from reports.compare import cmd_compare
+        return cmd_compare(args)
+
+    rep = sub.add_parser("report", help="Markdown + HTML report, LaTeX tables and figures from stored results")
+    rep.add_argument("results", help="results directory (the --out of `exitbench run`, holding cells/*.json)")
+    rep.add_argument("--out", help="output directory (default: RESULTS/report)")
+    rep.add_argument("--paper-view", action="store_true",
+                     help="also plot accuracy vs cost reduction in paper accounting (the PTEENet/EENet view)")
+    rep.set_defaults(func=cmd_report)
+    cmp = sub.add_parser("compare", help="what changed between two results directories (exit code 0)")
+    cmp.add_argument("a", help="the baseline results directory")
+    cmp.add_argument("b", help="the results directory to compare with it")
+    cmp.add_argument("--k", type=float, default=2.0,
+                     help="significant: |change| > K x the pooled seed std (default 2)")
+    cmp.add_argument("--all", action="store_true", help="list unchanged metrics too")
+    cmp.add_argument("--out", help="also write the comparison (Markdown) to this file")
+    cmp.set_defaults(func=cmd_compare)
     return p
 
 

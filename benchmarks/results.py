@@ -132,6 +132,9 @@ def summary_rows(results: list[dict]) -> list[dict]:
         b = r["backbone"]
         lat = {(x["variant"], x["batch_size"]): x for x in r.get("latency", [])}
         for op in r.get("operating_points", []):
+            if not op.get("feasible", True):  # no threshold met the target on calibration
+                rows.append({**base, "operating_point": op["name"], "feasible": False})
+                continue
             row = {**base, "operating_point": op["name"], "threshold": op.get("threshold"),
                    "backbone_test_accuracy": b["test_accuracy"], "backbone_gmacs": b["macs"] / 1e9}
             for split in ("calibration", "test"):

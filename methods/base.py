@@ -9,7 +9,6 @@ builds heads and defines the training loss.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -18,24 +17,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from methods.errors import UserError, did_you_mean
+
 ENTRY_POINT_GROUP = "exitbench.methods"
-
-
-class UserError(ValueError):
-    """A mistake in user input (config, names, files). The CLI prints it as one line and exits 2.
-
-    Messages say what was wrong, where (a field path) and what to do.
-    """
-
-
-def did_you_mean(name: str, valid: Sequence[str]) -> str:
-    """A hint naming the valid names closest to ``name`` (or all of them when few)."""
-    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
-    if close:
-        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
-    shown = sorted(valid)
-    more = f" (and {len(shown) - 12} more)" if len(shown) > 12 else ""
-    return "valid names: " + ", ".join(shown[:12]) + more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +344,12 @@ class Method:
 _REGISTRY: dict[str, type[Method]] = {}
 _ENTRY_POINTS: dict[str, metadata.EntryPoint] | None = None
 # Used only when exitbench itself is not installed (no entry-point metadata), e.g. a bare checkout.
-_BUILTIN_FALLBACK = {"pteenet": "methods.pteenet:PTEENet"}
+_BUILTIN_FALLBACK = {
+    "pteenet": "methods.pteenet:PTEENet",
+    "branchynet": "methods.branchynet:BranchyNet",
+    "eenet": "methods.eenet:EENet",
+    "sdn": "methods.sdn:SDN",
+}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

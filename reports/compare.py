@@ -1,0 +1,251 @@
+"""``exitbench compare A B``: what changed between two results directories.
+
+Cells are matched by (dataset, backbone, method setting, seed) and metrics are compared per method
+setting over seeds. The direction of each metric comes from the results' declared ``higher_is_better``.
+A change is called significant only when it exceeds ``k`` times the pooled seed spread
+sqrt((s_A^2 + s_B^2) / 2), which needs at least two seeds on both sides; with one seed nothing is
+significant, and the report says so. New failures, missing cells, version and machine mismatches and
+changed configurations are flagged. The exit code is 0 whatever changed (2 for a bad path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reports import load
+
+Getter = Callable[[dict], float | None]
+
+
+@dataclass
+class Metric:
+    id: str
+    label: str
+    direction: str  # key into higher_is_better
+    scale: float
+    digits: int
+    get: Getter
+
+
+def metrics_for(results: list[dict]) -> list[Metric]:
+    """Every comparable metric present in ``results`` (stable order)."""
+    ms = [Metric("backbone.test_accuracy", "backbone test accuracy (%)", "test_accuracy", 100, 2,
+                 lambda r: (r.get("backbone") or {}).get("test_accuracy"))]
+    op = load.op_label(results)
+    for key, label, scale, digits in (("accuracy", "test accuracy (%)", 100, 2), ("agreement", "agreement (%)", 100, 2),
+                                      ("rel_macs_strict", "relative MACs, strict", 1, 4),
+                                      ("rel_macs_paper", "relative MACs, paper", 1, 4)):
+        ms.append(Metric(f"op.{key}", f"{op}: {label}", key, scale, digits,
+                         lambda r, k=key: load.op_value(r, k)))
+    for b in load.BUDGETS:
+        ms.append(Metric(f"budget.{b:g}", f"accuracy at {100 * b:g} % MACs (%)", "accuracy", 100, 2,
+                         lambda r, b=b: load.budget_accuracy(r, b)))
+    keys = sorted({(x.get("variant"), x.get("batch_size")) for r in load.ok(results) for x in r.get("latency") or []},
+                  key=lambda k: (str(k[0]), k[1] or 0))
+    for variant, bs in keys:
+        ms.append(Metric(f"latency.{variant}.b{bs}.median_ms", f"{variant} median ms, batch {bs}", "median_ms", 1, 3,
+                         lambda r, k=(variant, bs): (load.latency(r).get(k) or {}).get("median_ms")))
+        if variant == "dynamic":
+            for key in ("latency_ratio", "realisation"):
+                ms.append(Metric(f"latency.b{bs}.{key}", f"{key.replace('_', ' ')}, batch {bs}", key, 1, 3,
+                                 lambda r, k=key, b=bs: (load.latency(r).get(("dynamic", b)) or {}).get(k)))
+    ms.append(Metric("training.seconds_per_epoch", "training s/epoch", "seconds_per_epoch", 1, 3,
+                     lambda r: (r.get("training") or {}).get("seconds_per_epoch")))
+    return ms
+
+
+def _cell_key(r: dict) -> tuple:
+    return (*load.setting_key(r), str(load.seed(r)))
+
+
+def _cells(results: list[dict]) -> dict[tuple, dict]:
+    out: dict[tuple, dict] = {}
+    for r in results:
+        k = _cell_key(r)
+        if k not in out or r.get("_mtime", 0) > out[k].get("_mtime", 0):  # the newest file wins
+            out[k] = r
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _values(results: list[dict], field: Callable[[dict], object]) -> list[str]:
+    return sorted({str(v) for v in (field(r) for r in results) if v is not None}, key=load.natural_key)
+
+
+def flags(a: list[dict], b: list[dict]) -> list[str]:
+    """Failures, missing cells, version / machine mismatches and changed configurations."""
+    out = []
+    ca, cb = _cells(a), _cells(b)
+    name = lambda k: f"{k[1]} on {k[0]}, {k[2]}, seed {k[3]}"
+    for k in sorted(cb, key=load.natural_key):
+        rb, ra = cb[k], ca.get(k)
+        if rb.get("status") == "error":
+            why = str(rb.get("error") or "").strip().splitlines()[:1]
+            what = ("NEW FAILURE" if ra is not None and ra.get("status") != "error" else
+                    "still failing" if ra is not None else "failing (new cell)")
+            out.append(f"{what}: {name(k)}: {why[0] if why else 'no message'}")
+        elif ra is not None and ra.get("status") == "error" and rb.get("status") == "ok":
+            out.append(f"fixed: {name(k)} (an error in A, ok in B)")
+        elif rb.get("status") == "skipped" and ra is not None and ra.get("status") == "ok":
+            out.append(f"newly skipped: {name(k)}: {rb.get('reason')}")
+    missing = [k for k in ca if k not in cb]
+    if missing:
+        out.append(f"missing in B: {len(missing)} cells (" + "; ".join(name(k) for k in sorted(missing)[:4])
+                   + ("; ..." if len(missing) > 4 else "") + ")")
+    new = [k for k in cb if k not in ca]
+    if new:
+        out.append(f"only in B: {len(new)} cells (" + "; ".join(name(k) for k in sorted(new)[:4])
+                   + ("; ..." if len(new) > 4 else "") + ")")
+    okA, okB = load.ok(a), load.ok(b)
+    pkgs = sorted({p for r in okA + okB for p in ((r.get("env") or {}).get("packages") or {})})
+    checks: list[tuple[str, Callable[[dict], object]]] = [
+        (f"{p} version", lambda r, p=p: ((r.get("env") or {}).get("packages") or {}).get(p)) for p in pkgs]
+    checks += [("python", lambda r: (r.get("env") or {}).get("python")),
+               ("schema version", lambda r: r.get("schema_version")),
+               ("device", lambda r: (r.get("env") or {}).get("device")),
+               ("CPU", lambda r: (r.get("env") or {}).get("cpu")),
+               ("threads", lambda r: (r.get("env") or {}).get("threads"))]
+    for m in sorted({load.config(r).get("method") for r in okA + okB} - {None}):
+        checks.append((f"{m} method version", lambda r, m=m: load.config(r).get("method_version")
+                       if load.config(r).get("method") == m else None))
+    for what, field in checks:
+        va, vb = _values(okA, field), _values(okB, field)
+        if va and vb and va != vb:
+            kind = "machine mismatch (latencies not comparable)" if what in ("device", "CPU", "threads") \
+                else "version mismatch"
+            out.append(f"{kind}: {what} {' / '.join(va)} (A) vs {' / '.join(vb)} (B)")
+    ga, gb = _values(okA, lambda r: (r.get("env") or {}).get("git_commit")), \
+        _values(okB, lambda r: (r.get("env") or {}).get("git_commit"))
+    if ga and gb and ga != gb:
+        out.append(f"code: git commit {' / '.join(c[:10] for c in ga)} (A) vs {' / '.join(c[:10] for c in gb)} (B)")
+    da, db = load.directions(okA), load.directions(okB)
+    for k in sorted(set(da) & set(db)):
+        if da[k] != db[k]:
+            out.append(f"schema mismatch: higher_is_better[{k}] is {da[k]} in A and {db[k]} in B (B's is used)")
+    changed = []
+    ignore = {"method_version"}
+    for k in sorted(set(ca) & set(cb), key=load.natural_key):
+        fa, fb = _flat(load.config(ca[k])), _flat(load.config(cb[k]))
+        diff = sorted(x for x in set(fa) | set(fb) if x not in ignore and fa.get(x) != fb.get(x))
+        if diff:
+            changed.append(f"{name(k)}: " + ", ".join(f"{x} {fa.get(x)!r} -> {fb.get(x)!r}" for x in diff[:4])
+                           + (", ..." if len(diff) > 4 else ""))
+    if changed:
+        out.append(f"config changed in {len(changed)} matched cells: " + "; ".join(changed[:3])
+                   + ("; ..." if len(changed) > 3 else ""))
+    return out
+
+
+@dataclass
+class Change:
+    key: tuple
+    metric: Metric
+    higher: bool | None
+    a: tuple[float, float, int]
+    b: tuple[float, float, int]
+    verdict: str
+    significant: bool
+
+
+def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
+    """Per (method setting, metric) present on both sides, over the seeds both sides have: the change and
+    its verdict."""
+    hib = {**load.directions(load.ok(a)), **load.directions(load.ok(b))}
+    ga, gb = load.by_setting(a), load.by_setting(b)
+    out = []
+    mets = metrics_for(load.ok(a) + load.ok(b))
+    for key in sorted(set(ga) & set(gb), key=load.natural_key):
+        sa, sb = {load.seed(r): r for r in ga[key]}, {load.seed(r): r for r in gb[key]}
+        common = [x for x in sa if x in sb]  # the same seeds on both sides, or the means would differ by design
+        for m in mets:
+            va = load.mean_std(m.get(sa[x]) for x in common)
+            vb = load.mean_std(m.get(sb[x]) for x in common)
+            if not va[2] or not vb[2]:
+                continue
+            d = vb[0] - va[0]
+            higher = hib.get(m.direction)
+            if abs(d) * m.scale < 0.5 * 10 ** -m.digits:
+                verdict, sig = "unchanged", False
+            else:
+                better = None if higher is None else (d > 0) == higher
+                word = "changed" if better is None else "better" if better else "worse"
+                if va[2] < 2 or vb[2] < 2:
+                    verdict, sig = f"{word}, 1 seed (no spread)", False
+                else:
+                    pooled = math.sqrt((va[1] ** 2 + vb[1] ** 2) / 2)
+                    sig = abs(d) > k * pooled
+                    verdict = f"**{word.upper()}**" if sig else f"{word}, within seed spread"
+                if better is None:
+                    verdict += " (direction not declared)"
+            out.append(Change(key, m, higher, va, vb, verdict, sig))
+    return out
+
+
+def _fmt(v: tuple[float, float, int], m: Metric) -> str:
+    mean, std, n = v
+    s = f"{mean * m.scale:.{m.digits}f}"
+    return s + (f" ± {std * m.scale:.{m.digits}f}" if n > 1 else "") + f" (n={n})"
+
+
+def render(a_dir: str | Path, b_dir: str | Path, a: list[dict], b: list[dict], k: float = 2.0,
+           show_all: bool = False) -> str:
+    cs = changes(a, b, k)
+    fl = flags(a, b)
+    moved = [c for c in cs if c.verdict != "unchanged"]
+    sig = [c for c in cs if c.significant]
+    nb = sum((c.higher is not None and (c.b[0] - c.a[0] > 0) == c.higher) for c in sig)
+
+    def counts(rs: list[dict]) -> str:
+        return f"{len(rs)} cells, {len(load.ok(rs))} ok"
+
+    lines = ["# exitbench compare", "", f"- A: `{a_dir}` ({counts(a)})", f"- B: `{b_dir}` ({counts(b)})",
+             f"- significant: |change| > {k:g} × pooled seed std, sqrt((s_A² + s_B²) / 2), with at least 2 seeds "
+             "on both sides; only seeds present on both sides are compared; direction from the results' "
+             "higher_is_better", "", "## Flags", ""]
+    lines += [f"- {f}" for f in fl] or ["- none"]
+    lines += ["", f"## Changes: {len(moved)} of {len(cs)} metrics moved; {len(sig)} significant "
+                  f"({nb} better, {len(sig) - nb} worse)", ""]
+    rows = cs if show_all else moved
+    if rows:
+        lines += ["| dataset | backbone | method | metric | better | A | B | change | verdict |",
+                  "| :--- | :--- | :--- | :--- | :---: | ---: | ---: | ---: | :--- |"]
+        for c in rows:
+            arrow = "?" if c.higher is None else "↑" if c.higher else "↓"
+            d = (c.b[0] - c.a[0]) * c.metric.scale
+            lines.append(f"| {c.key[0]} | {c.key[1]} | {c.key[2]} | {c.metric.label} | {arrow} | "
+                         f"{_fmt(c.a, c.metric)} | {_fmt(c.b, c.metric)} | {d:+.{c.metric.digits}f} | {c.verdict} |")
+    else:
+        lines.append("No metric moved." if cs else "No method setting has results on both sides.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        if args.k <= 0:
+            raise load.ReportError(f"--k must be positive, not {args.k:g}")
+        a, b = load.load_cells(args.a), load.load_cells(args.b)
+    except load.ReportError as e:
+        print(f"exitbench: error: {e}", file=sys.stderr)
+        return 2
+    text = render(args.a, args.b, a, b, args.k, args.all)
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0

@@ -1,0 +1,411 @@
+"""Figures from stored results, drawn with one style file (``exitbench.mplstyle``).
+
+Every series varies colour, line style and marker together so that figures survive grayscale print,
+and every figure carries a footnote with the environment the numbers were measured in (device, torch
+and timm versions, date). Each function returns a matplotlib Figure (or None when the results hold
+nothing to draw); :func:`save` writes it as PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from reports import load  # noqa: E402
+from reports.tables import risk_aggregate  # noqa: E402
+
+STYLE = Path(__file__).with_name("exitbench.mplstyle")
+FOOT_FONTSIZE = 6.5
+
+
+@contextlib.contextmanager
+def style():
+    with plt.style.context(STYLE):
+        yield
+
+
+def _cycle() -> list[dict]:
+    with style():
+        return list(plt.rcParams["axes.prop_cycle"])
+
+
+def series_styles(labels: list[str]) -> dict[str, dict]:
+    """label -> plot kwargs (color, linestyle, marker); past the cycle's length markers turn hollow."""
+    cyc = _cycle()
+    out = {}
+    for i, lab in enumerate(labels):
+        kw = dict(cyc[i % len(cyc)])
+        if i >= len(cyc):
+            kw["markerfacecolor"] = "white"
+        out[lab] = kw
+    return out
+
+
+def rule_styles(rules: list[str]) -> dict[str, dict]:
+    """Risk-control rules: the cycle for the selection rules, fixed gray styles for the two baselines."""
+    special = {"oracle": {"color": "0.55", "linestyle": "-", "marker": "", "linewidth": 3.0, "alpha": 0.55},
+               "random": {"color": "0.45", "linestyle": (0, (1, 1.5)), "marker": "x"}}
+    base = series_styles([r for r in load.RULE_ORDER if r not in special]
+                         + [r for r in rules if r not in load.RULE_ORDER])
+    return {r: special.get(r) or base[r] for r in rules}
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+def _panels(n: int, ncols: int = 3, w: float = 4.0, h: float = 3.1):
+    ncols = max(1, min(n, ncols))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _finish(fig, handles: list, labels: list[str], note: str, ncol: int | None = None,
+            handler_map: dict | None = None) -> None:
+    """Grow the figure at the bottom for a shared legend and the environment footnote, then lay out."""
+    w, h = fig.get_size_inches()
+    foot = textwrap.wrap(note, width=int(w * 19)) or [""]
+    foot_h = 0.1 + 0.115 * len(foot)
+    leg_h, rows = 0.0, 0
+    if handles:
+        longest = max(len(lab) for lab in labels)
+        per_col = 0.55 + 0.065 * longest  # inches per legend column at 7.5 pt
+        ncol = ncol or max(1, min(len(labels), int(w * 0.95 // per_col)))
+        rows = math.ceil(len(labels) / ncol)
+        leg_h = 0.12 + 0.2 * rows
+    fig.set_size_inches(w, h + foot_h + leg_h)
+    H = h + foot_h + leg_h
+    fig.tight_layout(rect=(0, (foot_h + leg_h) / H, 1, 1), h_pad=1.2, w_pad=1.0)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, (foot_h - 0.02) / H), ncol=ncol,
+                   frameon=False, handler_map=handler_map or {}, columnspacing=1.6)
+    fig.text(0.008, 0.06 / H, "\n".join(foot), fontsize=FOOT_FONTSIZE, color="0.3", ha="left", va="bottom",
+             linespacing=1.25)
+
+
+def _collect(handles: dict, ax) -> None:
+    for hd, lab in zip(*ax.get_legend_handles_labels()):
+        if not lab.startswith("_"):
+            handles.setdefault(lab, hd)
+
+
+def save(fig, out_dir: str | Path, stem: str) -> list[Path]:
+    """PNG (150 dpi) and PDF (fonts embedded, no creation date: byte-stable across runs)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
+    fig.savefig(png, metadata={"Software": None})
+    fig.savefig(pdf, metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    plt.close(fig)
+    return [png, pdf]
+
+
+def _seeds_note(results: list[dict]) -> str:
+    counts = sorted({len(v) for v in load.by_setting(results).values()})
+    if not counts:
+        return ""
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    return f"; {n} seed{'s' if counts[-1] > 1 else ''} per method"
+
+
+# ------------------------------------------------------------------------------------ accuracy vs cost
+
+def accuracy_vs_macs(results: list[dict], view: str = "strict"):
+    """Test accuracy vs strict relative MACs per (dataset, backbone): one curve per method setting (mean
+    over seeds, interpolated on a common MACs grid, with a ± std band), the calibrated within-drop
+    operating point, and the backbone as a reference. ``view="paper"``: accuracy vs cost reduction in
+    paper accounting, as PTEENet/EENet plot it."""
+    if view not in ("strict", "paper"):
+        raise ValueError(f"view must be 'strict' or 'paper', not {view!r}")
+    cells = [r for r in load.ok(results) if (r.get("sweep") or {}).get("test")]
+    if not cells:
+        return None
+    xkey = "rel_macs_strict" if view == "strict" else "rel_macs_paper"
+    tx = (lambda x: np.asarray(x)) if view == "strict" else (lambda x: 100 * (1 - np.asarray(x)))
+    labels = load.settings(cells)
+    st = series_styles(labels)
+    oplabel = load.op_label(cells)
+    with style():
+        panels = load.group(cells, load.panel_key)
+        fig, axes = _panels(len(panels))
+        handles: dict = {}
+        band = False
+        for ax, ((ds, bb), rs) in zip(axes, panels.items()):
+            for label, seeds in load.group(rs, load.setting).items():
+                mc = load.mean_curve([load.test_curve(r, xkey) for r in seeds])
+                if mc is None:
+                    continue
+                x, m, s = mc
+                kw = st[label]
+                ax.plot(tx(x), 100 * m, label=label, markevery=0.1, **kw)
+                if len(seeds) > 1:
+                    ax.fill_between(tx(x), 100 * (m - s), 100 * (m + s), color=kw["color"], alpha=0.16, lw=0)
+                    band = True
+                pts = [(load.op_value(r, xkey), load.op_value(r, "accuracy")) for r in seeds]
+                pts = [p for p in pts if None not in p]
+                if pts:
+                    px, py = np.array([p[0] for p in pts]), 100 * np.array([p[1] for p in pts])
+                    err = (np.std(tx(px), ddof=1), np.std(py, ddof=1)) if len(pts) > 1 else (None, None)
+                    ax.errorbar(float(np.mean(tx(px))), float(py.mean()), xerr=err[0], yerr=err[1], fmt="o",
+                                ms=8, mfc="none", mec=kw["color"], ecolor=kw["color"], mew=1.3, zorder=4)
+            per_seed = {load.seed(r): r["backbone"].get("test_accuracy") for r in rs}
+            bm, bs, bn = load.mean_std(per_seed.values())
+            if bn:
+                ax.errorbar(1.0 if view == "strict" else 0.0, 100 * bm, yerr=100 * bs if bn > 1 else None,
+                            fmt="*", color="black", ms=11, zorder=5, label="backbone")
+            if view == "strict":
+                ax.axvline(1.0, color="0.6", lw=0.8, ls=":", zorder=0)
+                ax.set_xlabel("relative MACs (strict accounting)")
+            else:
+                ax.set_xlabel("cost reduction (%, paper accounting)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"{bb} on {ds}")
+            _collect(handles, ax)
+        extra = [Line2D([], [], ls="", marker="o", ms=8, mfc="none", mec="0.2", mew=1.3)]
+        names = [f"{oplabel} (chosen on calibration)"]
+        if band:
+            extra.append(Patch(color="0.5", alpha=0.25, lw=0))
+            names.append("± std over seeds")
+        order = [lab for lab in labels if lab in handles] + [k for k in handles if k not in labels]
+        _finish(fig, [handles[k] for k in order] + extra, order + names, load.env_note(cells) + _seeds_note(cells))
+    return fig
+
+
+# --------------------------------------------------------------------------------- exit distribution
+
+def exit_distribution(results: list[dict]):
+    """Fraction of test samples leaving at each exit, per method setting, at the calibrated within-drop
+    operating point (mean over seeds); the test accuracy and strict MACs of that point above each bar."""
+    cells = [r for r in load.ok(results) if load.operating_point(r)]
+    if not cells:
+        return None
+    oplabel = load.op_label(cells)
+    panels = load.group(cells, load.panel_key)
+    n_bars = max(len(load.group(rs, load.setting)) for rs in panels.values())
+    n_exits = max(len(r.get("exits") or []) for r in cells) or 1
+    with style():
+        fig, axes = _panels(len(panels), w=max(3.0, 0.75 * n_bars + 1.6), h=3.3)
+        cmap = plt.get_cmap("cividis")
+        hatches = ["", "////", "....", "xxx", "\\\\\\\\", "++", "oo"]
+        cats = [f"exit {i + 1}" for i in range(n_exits - 1)] + ["final exit"]
+        look = {c: {"facecolor": cmap(0.08 + 0.8 * i / max(n_exits - 2, 1)), "hatch": hatches[i % len(hatches)]}
+                for i, c in enumerate(cats[:-1])}
+        look["final exit"] = {"facecolor": "0.93", "hatch": ""}
+        for ax, ((ds, bb), rs) in zip(axes, panels.items()):
+            groups = load.group(rs, load.setting)
+            shift = (n_bars - len(groups)) / 2
+            for j0, seeds in enumerate(groups.values()):
+                j = j0 + shift
+                fr = [load.op_value(r, "exit_fractions") for r in seeds]
+                fr = [f for f in fr if f]
+                if not fr:
+                    ax.text(j, 0.5, "infeasible", rotation=90, ha="center", va="center", fontsize=7, color="0.3")
+                    continue
+                k = max(len(f) for f in fr)
+                mean = np.mean([np.pad(f, (0, k - len(f))) for f in fr if len(f) == k], axis=0)
+                bottom = 0.0
+                for i, v in enumerate(mean):
+                    cat = "final exit" if i == k - 1 else f"exit {i + 1}"
+                    ax.bar(j, v, 0.68, bottom=bottom, edgecolor="0.15", linewidth=0.6, label=cat, **look[cat])
+                    bottom += v
+                acc = load.mean_std(load.op_value(r, "accuracy") for r in seeds)[0]
+                macs = load.mean_std(load.op_value(r, "rel_macs_strict") for r in seeds)[0]
+                ax.text(j, 1.02, f"{100 * acc:.1f}%\n{macs:.2f}×", ha="center", va="bottom", fontsize=6.5)
+            ax.set_xticks(np.arange(len(groups)) + shift, list(groups), rotation=25 if n_bars > 2 else 0,
+                          ha="right" if n_bars > 2 else "center", fontsize=7.5)
+            ax.set_xlim(-0.6, n_bars - 0.4)
+            ax.set_ylim(0, 1.22)
+            ax.set_yticks(np.linspace(0, 1, 6))
+            ax.grid(axis="x", visible=False)
+            ax.set_ylabel("fraction of test samples")
+            ax.set_title(f"{bb} on {ds}")
+        handles = [Patch(edgecolor="0.15", linewidth=0.6, **look[c]) for c in cats]
+        note = (f"At the {oplabel} operating point (chosen on calibration); above the bars: test accuracy and "
+                f"strict relative MACs. " + load.env_note(cells) + _seeds_note(cells))
+        _finish(fig, handles, cats, note)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- latency
+
+_FILLS = ["none", "full", "left", "bottom", "right", "top"]
+
+
+def _bar_look(fill: str, color) -> dict:
+    if fill == "full":
+        return {"facecolor": color, "edgecolor": color, "hatch": ""}
+    if fill == "none":
+        return {"facecolor": "white", "edgecolor": color, "hatch": "////"}
+    return {"facecolor": "white", "edgecolor": color, "hatch": "...."}
+
+
+def latency(results: list[dict]):
+    """Per (dataset, backbone): measured time ratio vs MACs ratio of the real early-exit forward (one
+    marker per method setting, fill per batch size, mean ± std over seeds), and the realisation
+    (1 - time ratio) / (1 - MACs ratio) as bars with their values."""
+    cells = [r for r in load.ok(results) if any(x.get("variant") == "dynamic" for x in r.get("latency") or [])]
+    if not cells:
+        return None
+    labels = load.settings(cells)
+    st = series_styles(labels)
+    bss = load.batch_sizes(cells)
+    fill = {b: _FILLS[i % len(_FILLS)] if len(bss) > 1 else "full" for i, b in enumerate(bss)}
+    panels = load.group(cells, load.panel_key)
+    n_bars = max(len(load.group(rs, load.setting)) for rs in panels.values())
+    with style():
+        w_right = max(3.6, 0.55 * n_bars * len(bss) + 1.4)
+        fig, axes = plt.subplots(len(panels), 2, figsize=(4.0 + w_right, 3.2 * len(panels)), squeeze=False,
+                                 gridspec_kw={"width_ratios": [4.0, w_right]})
+        handles: dict = {}
+        for (left, right), ((ds, bb), rs) in zip(axes, panels.items()):
+            groups = load.group(rs, load.setting)
+            lo, hi = 1.0, 1.0
+            real_vals = []
+            width = 0.8 / max(len(bss), 1)
+            shift = (n_bars - len(groups)) / 2
+            for j0, (label, seeds) in enumerate(groups.items()):
+                j = j0 + shift
+                kw = st[label]
+                path = []
+                for i, b in enumerate(bss):
+                    dyn = [load.latency(r).get(("dynamic", b)) for r in seeds]
+                    dyn = [d for d in dyn if d]
+                    if not dyn:
+                        continue
+                    mx = load.mean_std(d.get("macs_ratio_strict") for d in dyn)
+                    ty = load.mean_std(d.get("latency_ratio") for d in dyn)
+                    if mx[2] and ty[2]:
+                        left.errorbar(mx[0], ty[0], xerr=mx[1] if mx[2] > 1 else None,
+                                      yerr=ty[1] if ty[2] > 1 else None, ls="", marker=kw["marker"],
+                                      color=kw["color"], fillstyle=fill[b], ms=7, mew=1.2, zorder=4)
+                        path.append((b, mx[0], ty[0]))
+                        lo, hi = min(lo, mx[0], ty[0]), max(hi, mx[0], ty[0])
+                    re_ = load.mean_std(d.get("realisation") for d in dyn)
+                    x = j + (i - (len(bss) - 1) / 2) * width
+                    if re_[2]:
+                        right.bar(x, re_[0], width * 0.92, linewidth=1.0, **_bar_look(fill[b], kw["color"]))
+                        spread = re_[1] if re_[2] > 1 else 0.0
+                        if spread:
+                            right.errorbar(x, re_[0], yerr=spread, fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2)
+                        real_vals.append((x, re_[0], spread))
+                    else:
+                        right.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6.5)
+                if len(path) > 1:
+                    left.plot([p[1] for p in path], [p[2] for p in path], color=kw["color"],
+                              ls=kw["linestyle"], marker="", lw=0.8, alpha=0.7, zorder=3)
+                handles.setdefault(label, Line2D([], [], color=kw["color"], ls=kw["linestyle"], lw=0.8,
+                                                 marker=kw["marker"], ms=6))
+            pad = 0.05 * (hi - lo + 0.1)
+            lim = (lo - pad, hi + pad)
+            left.plot(lim, lim, color="0.45", lw=0.9, ls="--", marker="", zorder=1)
+            left.axhline(1.0, color="0.6", lw=0.9, ls=":", zorder=1)
+            left.set_xlim(lim)
+            left.set_ylim(min(lim[0], left.get_ylim()[0]), max(lim[1], left.get_ylim()[1]))
+            left.set_xlabel("MACs ratio (strict, timed inputs)")
+            left.set_ylabel("time ratio (measured)")
+            left.set_title(f"{bb} on {ds}: time vs MACs")
+            vals = [v for _, v, _ in real_vals]
+            top = max(1.25, min(max(vals, default=1.0), 2.5) + 0.3)
+            bottom = min(0.0, max(min(vals, default=0.0), -1.5)) - 0.15
+            for x, v, sp in real_vals:
+                clipped = v > top + 0.2 or v < bottom
+                y = (top + 0.05 if v > top + 0.2 else bottom + 0.05 if v < bottom
+                     else v + sp + 0.03 if v >= 0 else v - sp - 0.03)
+                right.text(x, y, f"{v:.2f}" + (" ↑" if v > top + 0.2 else " ↓" if v < bottom else ""), ha="center",
+                           va="bottom" if v >= 0 else "top", fontsize=6.5, rotation=90 if len(bss) > 2 else 0,
+                           bbox={"fc": "white", "ec": "none", "pad": 0.6} if clipped else None)
+            right.axhline(1.0, color="0.45", lw=0.9, ls="--")
+            right.axhline(0.0, color="0.2", lw=0.8)
+            right.set_ylim(bottom, top + 0.25)
+            right.set_xticks(np.arange(len(groups)) + shift, list(groups), rotation=25 if n_bars > 2 else 0,
+                             ha="right" if n_bars > 2 else "center", fontsize=7.5)
+            right.set_xlim(-0.6, n_bars - 0.4)
+            right.grid(axis="x", visible=False)
+            right.set_ylabel("realisation")
+            right.set_title("realisation = (1 − time ratio) / (1 − MACs ratio)")
+        handles["time ratio = MACs ratio"] = Line2D([], [], color="0.45", lw=0.9, ls="--")
+        handles["no speed-up"] = Line2D([], [], color="0.6", lw=0.9, ls=":")
+        for b in bss:
+            handles[f"batch {b}"] = (Line2D([], [], ls="", marker="o", color="0.3", fillstyle=fill[b], ms=6),
+                                     Patch(linewidth=1.0, **_bar_look(fill[b], "0.3")))
+        devs = sorted({str(x.get("device")) for r in cells for x in r.get("latency") or []})
+        note = (f"Timed on {', '.join(devs)}: median over repeats of the real early-exit forward vs the backbone "
+                f"on the same inputs. " + load.env_note(cells)
+                + _seeds_note(cells))
+        _finish(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})
+    return fig
+
+
+# -------------------------------------------------------------------------------------- risk control
+
+def risk_groups(results: list[dict]) -> dict[tuple, list[dict]]:
+    """Risk-control rows grouped by (dataset, backbone, setting, n_cal)."""
+    return load.group(load.risk_rows(results), lambda x: (x["dataset"], x["backbone"], x["setting"], x["n_cal"]))
+
+
+def risk_control(rows: list[dict], title: str, note: str):
+    """One risk-control group: per risk (columns), test risk vs eps with the diagonal, violation
+    frequency vs delta with the diagonal, and relative MACs vs eps; one line per rule."""
+    if not rows:
+        return None
+    agg = risk_aggregate(rows)
+    risks = load.ordered((x.get("risk") for x in rows), load.RISK_ORDER)
+    rules = load.ordered((x.get("rule") for x in rows), load.RULE_ORDER)
+    epss = sorted(set(load.finite(x.get("eps") for x in rows)))
+    deltas = sorted(set(load.finite(x.get("delta") for x in rows)))
+    d_rep, e_rep = load.representative(deltas, 0.1), load.representative(epss, 0.05)
+    st = rule_styles(rules)
+    with style():
+        fig, axes = plt.subplots(3, len(risks), figsize=(3.3 * len(risks) + 0.3, 8.4), squeeze=False)
+        handles: dict = {}
+        for c, risk in enumerate(risks):
+            a_risk, a_viol, a_macs = axes[0][c], axes[1][c], axes[2][c]
+            for rule in rules:
+                kw = {"ms": 4.5, **st[rule]}
+                pts = [(e, agg.get((rule, risk, e, d_rep))) for e in epss]
+                pts = [(e, a) for e, a in pts if a]
+                if pts:
+                    e = [p[0] for p in pts]
+                    a_risk.plot(e, [p[1]["test_risk_mean"] for p in pts], label=rule, **kw)
+                    a_macs.plot(e, [p[1]["rel_macs_strict_mean"] for p in pts], label=rule, **kw)
+                pv = [(d, agg.get((rule, risk, e_rep, d))) for d in deltas]
+                pv = [(d, a) for d, a in pv if a]
+                if pv:
+                    a_viol.plot([p[0] for p in pv], [p[1]["violation_freq"] for p in pv], label=rule, **kw)
+                _collect(handles, a_risk)
+                _collect(handles, a_viol)
+            top = max(epss)
+            a_risk.plot([0, top], [0, top], color="0.35", lw=1.0, ls=(0, (4, 2)), marker="", zorder=1)
+            a_risk.set_xlim(0, top * 1.08)
+            dtop = max(deltas)
+            a_viol.plot([0, dtop], [0, dtop], color="0.35", lw=1.0, ls=(0, (4, 2)), marker="", zorder=1)
+            a_viol.set_xlim(0, dtop * 1.15)
+            a_viol.set_ylim(-0.03, min(1.03, max(a_viol.get_ylim()[1], dtop * 1.3)))
+            a_macs.axhline(1.0, color="0.45", lw=0.9, ls=":")
+            a_macs.set_xlim(0, top * 1.08)
+            a_risk.set_title(risk)
+            a_risk.set_xlabel("ε (target risk)")
+            a_viol.set_xlabel("δ")
+            a_macs.set_xlabel("ε (target risk)")
+            if c == 0:
+                a_risk.set_ylabel(f"test risk (δ = {d_rep:g})")
+                a_viol.set_ylabel(f"P(test risk > ε), ε = {e_rep:g}")
+                a_macs.set_ylabel(f"relative MACs, strict (δ = {d_rep:g})")
+        fig.suptitle(title, fontsize=10)
+        order = [r for r in rules if r in handles]
+        diag = Line2D([], [], color="0.35", lw=1.0, ls=(0, (4, 2)))
+        _finish(fig, [handles[r] for r in order] + [diag], order + ["diagonal: ε, δ"], note)
+    return fig

@@ -1,0 +1,220 @@
+"""``exitbench report RESULTS_DIR``: Markdown and self-contained HTML reports, LaTeX tables, figures.
+
+The report is assembled once as a list of blocks (headings, paragraphs, tables, figures) and rendered
+twice, so ``report.md`` and ``report.html`` always say the same thing. Layout of ``--out``::
+
+    report.md  report.html  tables/*.tex *.md (+ risk_control.csv)  figures/*.png *.pdf
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from reports import figures, load, tables
+
+
+@dataclass
+class Fig:
+    stem: str
+    caption: str
+
+
+Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", Table) | ("figure", Fig)
+
+
+def _failures(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        if r.get("status") != "ok":
+            what = r.get("error") or r.get("reason") or "no message recorded"
+            what = str(what).strip().splitlines()[0] if str(what).strip() else "no message recorded"
+            out.append(f"`{r.get('cell') or Path(r.get('_path', '?')).stem}`: {r.get('status')}: {what}")
+    return out
+
+
+def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False,
+          log=None) -> dict[str, list[Path] | Path]:
+    """Write the whole report for ``results_dir`` into ``out_dir``; returns the paths written."""
+    results = load.load_cells(results_dir)
+    out = Path(out_dir)
+    fig_dir, tab_dir = out / "figures", out / "tables"
+    written: dict = {"figures": [], "tables": []}
+    good = load.ok(results)
+    blocks: list[Block] = [("h1", f"exitbench report: {Path(results_dir).resolve().name}")]
+    n_set = len(load.by_setting(results))
+    blocks.append(("p", f"{len(results)} cell results in `{results_dir}`: {len(good)} ok, "
+                        f"{sum(r.get('status') == 'error' for r in results)} errors, "
+                        f"{sum(r.get('status') == 'skipped' for r in results)} skipped; {n_set} method settings. "
+                        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."))
+    blocks.append(("p", f"Environment: {load.env_note(results)}."))
+
+    def figure(fig, stem: str, caption: str) -> None:
+        if fig is None:
+            return
+        written["figures"] += figures.save(fig, fig_dir, stem)
+        blocks.append(("figure", Fig(stem, caption)))
+        if log:
+            log(f"figure {stem}")
+
+    def table(t: tables.Table) -> None:
+        tab_dir.mkdir(parents=True, exist_ok=True)
+        for ext, text in (("tex", tables.to_latex(t)), ("md", tables.to_markdown(t))):
+            p = tab_dir / f"{t.name}.{ext}"
+            p.write_text(text)
+            written["tables"].append(p)
+        blocks.append(("table", t))
+
+    if good:
+        oplabel = load.op_label(good)
+        blocks.append(("h2", "Accuracy versus cost"))
+        figure(figures.accuracy_vs_macs(good), "accuracy_vs_macs",
+               "Test accuracy against strict relative MACs (every head evaluated on the way counts). One curve "
+               "per method setting: the threshold sweep on test, mean over seeds on a common MACs grid with a "
+               f"± std band; circles: the {oplabel} operating point chosen on calibration; star: the backbone.")
+        if paper_view:
+            figure(figures.accuracy_vs_macs(good, view="paper"), "accuracy_vs_cost_reduction",
+                   "The PTEENet/EENet view: test accuracy against cost reduction in paper accounting (the "
+                   "backbone prefix plus only the head taken; rejected heads are free).")
+        blocks.append(("h2", "Accuracy at a MACs budget"))
+        table(tables.budget_table(good))
+        blocks.append(("h2", f"Methods at the {oplabel} operating point"))
+        table(tables.summary_table(good))
+        blocks.append(("h2", "Where samples exit"))
+        figure(figures.exit_distribution(good), "exit_distribution",
+               f"Fraction of test samples leaving at each exit at the {oplabel} operating point (mean over "
+               "seeds).")
+        if load.batch_sizes(good):
+            blocks.append(("h2", "Latency"))
+            figure(figures.latency(good), "latency",
+                   "Measured wall-clock of the real early-exit forward relative to the backbone against the "
+                   "MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved became "
+                   "time saved.")
+        _risk_section(good, blocks, figure, table, tab_dir, written)
+    fails = _failures(results)
+    if fails:
+        blocks.append(("h2", "Failed and skipped cells"))
+        blocks.append(("ul", fails))
+    blocks.append(("h2", "Files"))
+    blocks.append(("p", "LaTeX tables (booktabs) are in `tables/`, every figure as PNG and PDF in `figures/`."))
+
+    out.mkdir(parents=True, exist_ok=True)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(to_markdown(blocks))
+    page.write_text(to_html(blocks, fig_dir))
+    written["report"] = [md, page]
+    return written
+
+
+def _risk_section(good, blocks, figure, table, tab_dir: Path, written: dict) -> None:
+    groups = figures.risk_groups(good)
+    if not groups:
+        return
+    blocks.append(("h2", "Risk control"))
+    blocks.append(("p", "Thresholds chosen to bound a risk on calibration, over random calibration/test splits. "
+                        "Top: mean test risk against the target ε (it should stay under the diagonal); middle: "
+                        "the fraction of splits whose test risk exceeded ε against δ (UCB and LTT promise at "
+                        "most δ); bottom: the cost of the chosen thresholds. One line per selection rule; "
+                        "oracle (best threshold on test) and random exits are contrasts."))
+    rows_csv = []
+    for (ds, bb, lab, n_cal), rows in groups.items():
+        name = f"{bb} on {ds}, {lab}, n_cal = {n_cal}"
+        stem = load.slug("risk_control", ds, bb, lab, f"ncal{n_cal}")
+        blocks.append(("h3", name))
+        members = [r for r in good if load.setting_key(r) == (ds, bb, lab)]
+        figure(figures.risk_control(rows, name, load.env_note(members)), stem, f"Risk control: {name}.")
+        table(tables.risk_table(rows, stem.replace("risk_control", "risk", 1), f"Risk control: {name}"))
+        for k, a in sorted(tables.risk_aggregate(rows).items(), key=lambda kv: load.natural_key(kv[0])):
+            rows_csv.append({"dataset": ds, "backbone": bb, "method": lab, "n_cal": n_cal, "rule": k[0],
+                             "risk": k[1], "eps": k[2], "delta": k[3], **a})
+    p = tab_dir / "risk_control.csv"
+    with p.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows_csv[0]))
+        w.writeheader()
+        w.writerows(rows_csv)
+    written["tables"].append(p)
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for kind, x in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + x)
+        elif kind == "p":
+            out.append(x)
+        elif kind == "ul":
+            out.append("\n".join(f"- {i}" for i in x))
+        elif kind == "table":
+            out.append(f"**{x.title}.**\n\n" + tables.to_markdown(x).rstrip())
+        elif kind == "figure":
+            out.append(f"![{x.stem}](figures/{x.stem}.png)\n\n*{x.caption}* ([PDF](figures/{x.stem}.pdf))")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
+color:#1a1a1a;line-height:1.45}
+h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ccc;padding-bottom:.2em}h3{margin-top:1.4em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.88em;font-variant-numeric:tabular-nums}
+th,td{padding:.25em .7em}thead th{border-top:2px solid #222;border-bottom:1px solid #222}
+tbody tr:last-child td{border-bottom:2px solid #222}tr.group td{border-top:1px solid #999}
+td.r,th.r{text-align:right}td.l,th.l{text-align:left}
+p.note{font-size:.82em;color:#444;margin:.2em 0}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.88em;color:#333;margin-top:.3em}code{font-size:.92em;background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _inline(text: str) -> str:
+    s = html.escape(text)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+
+
+def to_html(blocks: list[Block], fig_dir: Path) -> str:
+    """One file with every figure embedded as a base64 PNG."""
+    title = next((x for k, x in blocks if k == "h1"), "exitbench report")
+    body = []
+    for kind, x in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{_inline(x)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(x)}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in x) + "</ul>")
+        elif kind == "table":
+            body.append(f"<p><strong>{html.escape(x.title)}.</strong></p>" + tables.to_html(x))
+        elif kind == "figure":
+            data = base64.b64encode((fig_dir / f"{x.stem}.png").read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(x.stem)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{_inline(x.caption)}</figcaption></figure>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def cmd_report(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out) if args.out else Path(args.results) / "report"
+    try:
+        written = build(args.results, out, paper_view=args.paper_view)
+    except load.ReportError as e:
+        print(f"exitbench: error: {e}", file=sys.stderr)
+        return 2
+    n_fig = sum(p.suffix == ".png" for p in written["figures"])
+    print(f"exitbench: report of {args.results} -> {out} ({n_fig} figures, "
+          f"{sum(p.suffix == '.tex' for p in written['tables'])} LaTeX tables) in {time.perf_counter() - t0:.1f} s")
+    for p in written["report"]:
+        print(f"  {p}")
+    return 0

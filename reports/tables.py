@@ -1,0 +1,328 @@
+"""Tables from stored results, rendered to Markdown, LaTeX (booktabs) and HTML.
+
+A table is built once (:class:`Table`: cells with their text and bold flag, groups, notes) and each
+renderer only formats it, so the three outputs always show the same numbers. Values are mean ± std over
+seeds (sample std; a single seed shows the mean alone). "Best" is decided on the displayed (rounded)
+means, so equal-looking numbers are bold together.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from reports import load
+
+DASH = "—"
+
+
+@dataclass
+class Cell:
+    text: str
+    bold: bool = False
+
+
+@dataclass
+class Table:
+    name: str  # file stem, LaTeX label
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    align: str  # one of l/r per column
+    group_starts: list[int] = field(default_factory=list)  # rows that open a group (a rule above them)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- formatting
+
+def fmt_pm(values: Iterable, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
+    """``"96.7 ± 0.4"`` (or ``"96.7"`` for one value, ``"—"`` for none) and the rounded mean."""
+    m, s, n = load.mean_std(values)
+    if n == 0:
+        return DASH, math.nan
+    m, s = m * scale, s * scale
+    text = f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+    return text, round(m, digits)
+
+
+def _bold_best(rows: list[list[Cell]], means: list[list[float]], columns: dict[int, bool]) -> None:
+    """Bold the best mean per column (``columns``: index -> higher is better) among ``rows``."""
+    for j, higher in columns.items():
+        vals = [m[j] for m in means if not math.isnan(m[j])]
+        if len(vals) < 2:
+            continue
+        best = max(vals) if higher else min(vals)
+        for row, m in zip(rows, means):
+            if not math.isnan(m[j]) and m[j] == best:
+                row[j].bold = True
+
+
+def _group_cells(ds: str, bb: str, first: bool) -> list[Cell]:
+    return [Cell(ds if first else ""), Cell(bb if first else "")]
+
+
+# -------------------------------------------------------------------------------------------- tables
+
+def budget_table(results: list[dict], budgets: tuple[float, ...] = load.BUDGETS) -> Table:
+    """Test accuracy (%) of each method at fractions of the backbone's MACs; thresholds chosen on
+    calibration (the most accurate one whose calibration strict MACs fit the budget)."""
+    cols = ["dataset", "backbone", "method", "seeds", *[f"{100 * b:g} % MACs" for b in budgets]]
+    rows, starts, partial = [], [], False
+    by_panel = load.group(load.ok(results), load.panel_key)
+    for (ds, bb), cells in by_panel.items():
+        starts.append(len(rows))
+        bb_acc = _per_seed(cells, lambda r: r["backbone"].get("test_accuracy"))
+        base_txt, _ = fmt_pm(bb_acc, 100)
+        ref = [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(len(bb_acc)))]
+        ref += [Cell(base_txt if b >= 1.0 else DASH) for b in budgets]
+        rows.append(ref)
+        block, means = [], []
+        for label, seeds in load.group(cells, load.setting).items():
+            row = [*_group_cells(ds, bb, False), Cell(label), Cell(str(len(seeds)))]
+            mrow = [math.nan] * 4
+            for b in budgets:
+                accs = [load.budget_accuracy(r, b) for r in seeds]
+                got = [a for a in accs if a is not None]
+                text, m = fmt_pm(got, 100)
+                if got and len(got) < len(accs):
+                    text += f" ({len(got)}/{len(accs)})"
+                    partial = True
+                row.append(Cell(text))
+                mrow.append(m)
+            block.append(row)
+            means.append(mrow)
+        _bold_best(block, means, {4 + i: True for i in range(len(budgets))})
+        rows += block
+    notes = ["Test accuracy (%) at the most accurate threshold whose calibration cost (strict MACs, relative "
+             "to the backbone) fits the budget; mean ± std over seeds; best method per column in bold.",
+             f"{DASH}: no threshold meets the budget on calibration (infeasible)."]
+    if partial:
+        notes.append("(k/n): the budget is met in k of n seeds; the mean is over those k.")
+    return Table("budget", "Accuracy at a MACs budget", cols, rows, "lllr" + "r" * len(budgets), starts, notes)
+
+
+def summary_table(results: list[dict]) -> Table:
+    """Per method setting at the calibrated within-drop operating point: accuracy, agreement, relative
+    MACs (both accountings, separate columns), measured time ratio per batch size, training time."""
+    hib = load.directions(results)
+    bss = load.batch_sizes(results)
+    oplabel = load.op_label(results)
+
+    def arrow(key: str) -> str:
+        return " ↑" if hib.get(key, True) else " ↓"
+
+    cols = ["dataset", "backbone", "method", "seeds", "acc. (%)" + arrow("accuracy"),
+            "agree. (%)" + arrow("agreement"), "MACs strict" + arrow("rel_macs_strict"),
+            "MACs paper" + arrow("rel_macs_paper"), *[f"time b={b}" + arrow("latency_ratio") for b in bss],
+            "train (s) ↓"]
+    # column index -> (extractor over one seed, scale, digits, higher is better)
+    specs: list[tuple[Callable[[dict], float | None], float, int, bool]] = [
+        (lambda r: load.op_value(r, "accuracy"), 100, 1, hib.get("accuracy", True)),
+        (lambda r: load.op_value(r, "agreement"), 100, 1, hib.get("agreement", True)),
+        (lambda r: load.op_value(r, "rel_macs_strict"), 1, 3, hib.get("rel_macs_strict", False)),
+        (lambda r: load.op_value(r, "rel_macs_paper"), 1, 3, hib.get("rel_macs_paper", False)),
+    ]
+    for b in bss:
+        specs.append((lambda r, b=b: (load.latency(r).get(("dynamic", b)) or {}).get("latency_ratio")
+                      if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
+    specs.append((lambda r: (r.get("training") or {}).get("seconds"), 1, 1, False))
+
+    rows, starts, partial = [], [], False
+    for (ds, bb), cells in load.group(load.ok(results), load.panel_key).items():
+        starts.append(len(rows))
+        bt = _per_seed(cells, lambda r: (r["backbone"].get("training") or {}).get("seconds"))
+        bb_acc = _per_seed(cells, lambda r: r["backbone"].get("test_accuracy"))
+        ref = [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(len(bb_acc))),
+               Cell(fmt_pm(bb_acc, 100)[0]), Cell("100.0"),
+               Cell("1.000"), Cell("1.000"), *[Cell("1.00") for _ in bss], Cell(fmt_pm(bt)[0])]
+        rows.append(ref)
+        block, means = [], []
+        for label, seeds in load.group(cells, load.setting).items():
+            row = [*_group_cells(ds, bb, False), Cell(label), Cell(str(len(seeds)))]
+            mrow = [math.nan] * 4
+            feasible = sum(_op_feasible(r) for r in seeds)
+            for k, (get, scale, digits, _) in enumerate(specs):
+                text, m = fmt_pm((get(r) for r in seeds), scale, digits)
+                if k == 0 and 0 < feasible < len(seeds):
+                    text += f" ({feasible}/{len(seeds)})"
+                    partial = True
+                elif k == 0 and feasible == 0:
+                    text = "infeasible"
+                row.append(Cell(text))
+                mrow.append(m)
+            block.append(row)
+            means.append(mrow)
+        _bold_best(block, means, {4 + k: s[3] for k, s in enumerate(specs)})
+        rows += block
+    notes = [f"At the {oplabel} operating point: the cheapest threshold (strict MACs) whose calibration accuracy "
+             f"is {oplabel[len('within '):]} or less below the backbone's, reported on test; mean ± std over seeds; "
+             "best per column in bold.",
+             "MACs: relative to the backbone; strict counts every head evaluated on the way, paper only the "
+             "head taken. time b=N: measured wall-clock of the real early-exit forward over the backbone's, "
+             "batch size N" + (f" ({_devices(results)})" if bss else "") + ".",
+             "train: the method's own training; post-trained methods exclude the backbone's training "
+             "(its row shows that)."]
+    if partial:
+        notes.append("(k/n): the accuracy target is met on calibration in k of n seeds; means are over those k.")
+    align = "lllr" + "r" * (len(cols) - 4)
+    return Table("summary", f"Methods at the {oplabel} operating point", cols, rows, align, starts, notes)
+
+
+def _per_seed(cells: list[dict], get: Callable[[dict], float | None]) -> list:
+    """One value per seed: the backbone is shared by every method setting of a seed."""
+    return list({load.seed(r): get(r) for r in cells}.values())
+
+
+def _op_feasible(r: dict) -> bool:
+    op = load.operating_point(r)
+    return bool(op) and bool(op.get("feasible", True)) and "test" in op
+
+
+def _devices(results: list[dict]) -> str:
+    devs = sorted({str(x.get("device")) for r in load.ok(results) for x in r.get("latency") or []})
+    return ", ".join(devs)
+
+
+def risk_aggregate(rows: list[dict]) -> dict[tuple, dict]:
+    """Risk rows averaged over seeds, keyed (rule, risk, eps, delta)."""
+    acc: dict[tuple, list[dict]] = {}
+    for x in rows:
+        acc.setdefault((x.get("rule"), x.get("risk"), x.get("eps"), x.get("delta")), []).append(x)
+    out = {}
+    for k, xs in acc.items():
+        agg = {"n_seeds": len(xs), "trials": xs[0].get("trials")}
+        for f in ("test_risk_mean", "test_risk_std", "violation_freq", "mean_exit_index", "rel_macs_strict_mean",
+                  "lambda_mean"):
+            agg[f] = load.mean_std(x.get(f) for x in xs)[0]
+        out[k] = agg
+    return out
+
+
+def violates(rule: str, agg: dict, eps: float, delta: float) -> bool:
+    """Whether a rule broke its own promise beyond trial noise (two binomial / standard errors)."""
+    trials = agg.get("trials") or 100
+    if rule in load.HIGH_PROBABILITY_RULES:
+        v = agg["violation_freq"]
+        return not math.isnan(v) and v > delta + 2 * math.sqrt(delta * (1 - delta) / trials)
+    if rule in load.EXPECTATION_RULES:
+        m, s = agg["test_risk_mean"], agg["test_risk_std"]
+        return not math.isnan(m) and m > eps + 2 * (0 if math.isnan(s) else s) / math.sqrt(trials)
+    return False
+
+
+def risk_table(rows: list[dict], name: str, title: str, eps: float | None = None,
+               delta: float | None = None) -> Table:
+    """One risk-control group at one (eps, delta): per risk and rule, test risk, violation frequency,
+    relative MACs, mean exit and lambda. Bold: the cheapest deployable rule that kept its guarantee."""
+    eps = load.representative((x.get("eps") for x in rows), 0.05) if eps is None else eps
+    delta = load.representative((x.get("delta") for x in rows), 0.1) if delta is None else delta
+    agg = risk_aggregate(rows)
+    cols = ["risk", "rule", "test risk", "P(risk > ε)", "rel. MACs ↓", "mean exit", "λ"]
+    out, starts, flagged = [], [], False
+    for risk in load.ordered((x.get("risk") for x in rows), load.RISK_ORDER):
+        starts.append(len(out))
+        block, cand = [], []
+        for rule in load.ordered((x.get("rule") for x in rows), load.RULE_ORDER):
+            a = agg.get((rule, risk, eps, delta))
+            if a is None:
+                continue
+            bad = violates(rule, a, eps, delta)
+            flagged |= bad
+            risk_txt = f"{a['test_risk_mean']:.3f}"
+            if not math.isnan(a["test_risk_std"]):
+                risk_txt += f" ± {a['test_risk_std']:.3f}"
+            row = [Cell(risk if not block else ""), Cell(rule + (" †" if bad else "")), Cell(risk_txt),
+                   Cell(_f(a["violation_freq"], 2)), Cell(_f(a["rel_macs_strict_mean"], 3)),
+                   Cell(_f(a["mean_exit_index"], 2)), Cell(_f(a["lambda_mean"], 2))]
+            block.append(row)
+            if rule not in load.BASELINE_RULES and not bad and not math.isnan(a["rel_macs_strict_mean"]):
+                cand.append((round(a["rel_macs_strict_mean"], 3), row))
+        if cand:
+            best = min(c[0] for c in cand)
+            for m, row in cand:
+                if m == best:
+                    row[4].bold = True
+        out += block
+    trials = sorted({x.get("trials") for x in rows if x.get("trials")})
+    n_cal = sorted({x.get("n_cal") for x in rows if x.get("n_cal")})
+    notes = [f"ε = {eps:g}, δ = {delta:g}; n_cal = {', '.join(map(str, n_cal)) or '?'}; "
+             f"{', '.join(map(str, trials)) or '?'} random calibration/test splits; test risk: mean ± std over "
+             "splits; P(risk > ε): the fraction of splits whose test risk exceeded ε; means over seeds.",
+             "Bold: the cheapest rule (strict MACs relative to the backbone) that is deployable and kept its "
+             "guarantee (naive, oracle and random are contrasts)."]
+    if flagged:
+        notes.append("†: broke its guarantee beyond trial noise (UCB/LTT: P(risk > ε) > δ; CRC: mean test "
+                     "risk > ε; by more than two standard errors).")
+    return Table(name, title, cols, out, "llrrrrr", starts, notes)
+
+
+def _f(v: float, digits: int) -> str:
+    return DASH if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------- renderers
+
+def to_markdown(t: Table, notes: bool = True) -> str:
+    def cell(c: Cell) -> str:
+        s = c.text.replace("|", "\\|")
+        return f"**{s}**" if c.bold and s else s
+
+    sep = ["---:" if a == "r" else ":---" for a in t.align]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in t.columns) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    if notes and t.notes:
+        lines += [""] + [f"{n}  " if i < len(t.notes) - 1 else n for i, n in enumerate(t.notes)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_UNICODE = {"±": r"\ensuremath{\pm}", "—": "--", "†": r"\ensuremath{^\dagger}", "↑": r"\ensuremath{\uparrow}",
+                  "↓": r"\ensuremath{\downarrow}", "ε": r"\ensuremath{\varepsilon}", "δ": r"\ensuremath{\delta}",
+                  "λ": r"\ensuremath{\lambda}", "×": r"\ensuremath{\times}", "≤": r"\ensuremath{\le}",
+                  ">": r"\ensuremath{>}", "<": r"\ensuremath{<}"}
+
+
+def latex_escape(s: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in s)
+    for u, tex in _LATEX_UNICODE.items():
+        out = out.replace(u, tex)
+    return out
+
+
+def to_latex(t: Table) -> str:
+    """A ``table`` float with a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``)."""
+    def cell(c: Cell) -> str:
+        s = latex_escape(c.text)
+        return rf"\textbf{{{s}}}" if c.bold and s else s
+
+    lines = ["% Generated by `exitbench report`; needs \\usepackage{booktabs}.", r"\begin{table}[t]",
+             r"\centering", r"\small", rf"\caption{{{latex_escape(t.title)}}}", rf"\label{{tab:{t.name}}}",
+             rf"\begin{{tabular}}{{{t.align}}}", r"\toprule",
+             " & ".join(latex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
+    for i, row in enumerate(t.rows):
+        if i in t.group_starts and i > 0:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(cell(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if t.notes:
+        lines += [r"\par\smallskip", r"{\footnotesize " + " ".join(latex_escape(n) for n in t.notes) + "}"]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(t: Table) -> str:
+    def cell(c: Cell, a: str) -> str:
+        s = html.escape(c.text)
+        return f'<td class="{a}">' + (f"<strong>{s}</strong>" if c.bold and s else s) + "</td>"
+
+    head = "".join(f'<th class="{a}">{html.escape(c)}</th>' for c, a in zip(t.columns, t.align))
+    body = []
+    for i, row in enumerate(t.rows):
+        cls = ' class="group"' if i in t.group_starts and i > 0 else ""
+        body.append(f"<tr{cls}>" + "".join(cell(c, a) for c, a in zip(row, t.align)) + "</tr>")
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in t.notes)
+    return (f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f"{notes}\n")
