@@ -3,6 +3,10 @@
 Heads take the features at an exit point: a map [B, C, H, W] for CNNs, or tokens [B, T, C] for ViTs,
 which are turned into a map (prefix tokens dropped, patch tokens laid out on their square grid) so
 that the same conv branch serves both.
+
+Heads: ``ConvBranch`` (PTEENet's conv2 branch; depth 0 = EENet's "pool" head; BranchyNet's branch
+without the confidence output), ``BNPoolBranch`` (EENet's "bnpool") and ``SDNHead`` (SDN's
+internal classifier with ``MixedPool``).
 """
 
 from __future__ import annotations
@@ -66,3 +70,61 @@ class ConvBranch(nn.Module):
         if self.confidence is None:
             return logits
         return logits, torch.sigmoid(self.confidence(z)).squeeze(-1)
+
+
+class BNPoolBranch(ConvBranch):
+    """EENet's "bnpool" head: BN -> ReLU -> global average pool -> classifier (+ sigmoid confidence).
+
+    The BatchNorm is a registered submodule, so it trains, its running statistics are saved and it
+    follows ``train()``/``eval()`` (the EENet reference creates it outside the module tree).
+    """
+
+    def __init__(self, exit_point: ExitPoint, num_classes: int, confidence: bool = True):
+        super().__init__(exit_point, num_classes, depth=0, confidence=confidence)
+        self.body = nn.Sequential(nn.BatchNorm2d(exit_point.channels), nn.ReLU(inplace=True))
+
+
+def map_side(exit_point: ExitPoint) -> int:
+    """Side of the square map that :func:`to_map` makes at ``exit_point`` (H of a CNN map)."""
+    shape = exit_point.feature_shape
+    if len(shape) == 2:
+        return math.isqrt(shape[0] - exit_point.prefix_tokens)
+    return shape[1]
+
+
+class MixedPool(nn.Module):
+    """SDN's mixed pooling: ``alpha * maxpool(x) + (1 - alpha) * avgpool(x)`` down to ``size x size``.
+
+    ``alpha`` is one learned, unconstrained scalar drawn from U(0, 1) at init, as in the SDN code
+    (Lee et al. 2016's "mixed" pooling). Pooling is adaptive so any map larger than ``size`` reduces to
+    exactly ``size x size`` (the reference uses kernel = stride = side // 4, which drops border
+    pixels when the side is not a multiple of 4 and leaves 5-7 px maps unreduced). Maps with side
+    <= ``size`` pass through unchanged and have no ``alpha`` (the reference does the same below 4 px).
+    """
+
+    def __init__(self, in_side: int, size: int = 4):
+        super().__init__()
+        self.size = size
+        pools = in_side > size
+        self.out_side = size if pools else in_side
+        self.alpha = nn.Parameter(torch.rand(1)) if pools else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.alpha is None:
+            return x
+        mx = nn.functional.adaptive_max_pool2d(x, self.size)
+        avg = nn.functional.adaptive_avg_pool2d(x, self.size)
+        return self.alpha * mx + (1 - self.alpha) * avg
+
+
+class SDNHead(nn.Module):
+    """SDN's internal classifier: mixed max/avg pooling to a small map, flatten, Linear -> logits."""
+
+    def __init__(self, exit_point: ExitPoint, num_classes: int, pool_size: int = 4):
+        super().__init__()
+        self.adapt = to_map(exit_point)
+        self.pool = MixedPool(map_side(exit_point), pool_size)
+        self.classifier = nn.Linear(exit_point.channels * self.pool.out_side ** 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.adapt(x)).flatten(1))
