@@ -95,7 +95,7 @@ class Sweep:
         """One setting as plain JSON-ready numbers."""
         th = self.thresholds[g]
         return {
-            "threshold": th.tolist() if th.dim() else _num(th.item()),
+            "threshold": [_num(x) for x in th.tolist()] if th.dim() else _num(th.item()),
             "accuracy": self.accuracy[g].item(),
             "agreement": self.agreement[g].item(),
             "rel_macs_strict": self.rel_macs_strict[g].item(),

@@ -297,6 +297,7 @@ class Method:
     score: ClassVar[str] = "max_softmax"
     scores: ClassVar[tuple[str, ...]] = ("max_softmax", "neg_entropy")
     trains_backbone: ClassVar[bool] = False
+    per_exit_thresholds: ClassVar[bool] = False  # calibrate one threshold per exit (e.g. BranchyNet's T_n)
     hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init__(self, **hparams: Any):

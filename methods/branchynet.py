@@ -65,6 +65,7 @@ class BranchyNet(Method):
     score = "neg_entropy"
     scores = ("neg_entropy", "max_softmax")
     trains_backbone = True
+    per_exit_thresholds = True  # one entropy threshold T_n per exit, screened on calibration
     hparams = {
         "n_exits": HParam(3, "number of early exits"),
         "placement": HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions"),

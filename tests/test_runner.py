@@ -171,3 +171,18 @@ def test_harness_trained_backbones_are_reproducible(tmp_path):
     torch.rand(100)
     b, _ = prepare_backbone(cell, splits, tmp_path / "c2")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_per_exit_thresholds_are_screened_on_calibration_and_timed(tmp_path):
+    """BranchyNet's operating point has one threshold per exit, chosen on calibration, and its
+    latency is measured with exactly those thresholds."""
+    m = {**TINY, "methods": [{"name": "branchynet", "hparams": {"epochs": 1, "n_exits": 2, "placement": "linear"}}]}
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, m), "--out", str(out), "--quiet"]) == 0
+    r = json.loads(next((out / "cells").glob("*.json")).read_text())
+    op = r["operating_points"][0]
+    assert op["name"] == "within_1pt_per_exit" and op["chosen_on"] == "calibration"
+    assert isinstance(op["threshold"], list) and len(op["threshold"]) == 2
+    assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
+    assert op.get("latency") and {x["variant"] for x in r["latency"]} == {"backbone", "dynamic"}
+    assert r["config"]["trains_backbone"] is True
