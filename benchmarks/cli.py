@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["latency"] = False
     if overrides:  # part of the cell's key: results made with other settings are not reused
         cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
+    cells = _risk_overrides(args, cells)
     out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
     done = sum(cell_path(out, c).exists() for c in cells)
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
@@ -57,6 +58,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     for p in [out / "cells", *paths]:
         print(f"  {p}")
     return 1 if counts["error"] else 0
+
+
+def _csv(text: str, kind: type = str) -> tuple:
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
+    """``--rc-*`` options override (and switch on) the matrix's risk_control block."""
+    from benchmarks.config import RiskControl
+
+    if args.no_risk_control:
+        return [replace(c, risk_control=RiskControl(enabled=False)) for c in cells]
+    given = {"rules": args.rc_rules and _csv(args.rc_rules), "risks": args.rc_risks and _csv(args.rc_risks),
+             "eps": args.rc_eps and _csv(args.rc_eps, float), "delta": args.rc_delta, "trials": args.rc_trials}
+    given = {k: v for k, v in given.items() if v is not None and v != ""}
+    if not given:
+        return cells
+    out = []
+    for c in cells:
+        base = c.risk_control if c.risk_control.enabled else RiskControl()
+        rc = replace(base, enabled=True, **given)
+        rc.check("--rc options")
+        out.append(replace(c, risk_control=rc))
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -95,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads for training and timing (default: the matrix's)")
     run.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    rc = run.add_argument_group("risk control (override the matrix's risk_control block and switch it on)")
+    rc.add_argument("--rc-rules", help="comma-separated: naive,crc,ucb-wsr,ucb-hb,ucb-hoeffding,ltt,ucb-wsr-macs,"
+                                       "ltt-per-exit")
+    rc.add_argument("--rc-risks", help="comma-separated: gap-prediction,gap-brier,consistency-prediction,"
+                                       "consistency-brier")
+    rc.add_argument("--rc-eps", help="comma-separated tolerated risks, e.g. 0.01,0.05,0.1")
+    rc.add_argument("--rc-delta", type=float, help="failure probability (default 0.1)")
+    rc.add_argument("--rc-trials", type=int, help="random calibration/test splits (default 100)")
+    rc.add_argument("--no-risk-control", action="store_true", help="skip the risk-control protocol")
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a matrix without running it")
     val.add_argument("matrix", nargs="?", default=None)

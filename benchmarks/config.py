@@ -13,6 +13,7 @@ A matrix file looks like ``benchmarks/matrices/quick.yaml``::
     seeds: [0]
     backbone_training: {epochs: 15}          # how harness-trained backbones are trained
     evaluation: {grid_size: 100, latency_batch_sizes: [1, 256]}
+    risk_control: {rules: [crc, ucb-wsr, ltt], eps: [0.05], delta: 0.1}   # optional
 
 Every key is checked; a mistake raises :class:`UserError` naming the field (``methods[0].hparams.lr``)
 and the fix.
@@ -57,6 +58,34 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class RiskControl:
+    """The risk-control trial protocol run on each cell's traces (docs/RISK_CONTROL.md)."""
+
+    enabled: bool = True
+    rules: tuple[str, ...] = ("naive", "crc", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs",
+                              "ltt-per-exit")
+    risks: tuple[str, ...] = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")
+    eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
+    delta: float = 0.1
+    trials: int = 100
+    n_cal: int = 0  # 0: as large as the held-out data allows, up to 1000
+
+    def check(self, where: str = "risk_control") -> None:
+        from benchmarks.risk_protocol import PROTOCOL_RULES as RULES  # torch: kept out of import time
+        from methods.risk_control import RISKS
+
+        for key, valid in (("rules", RULES), ("risks", RISKS)):
+            for name in getattr(self, key):
+                if name not in valid:
+                    raise UserError(f"{where}.{key}: unknown {key[:-1]} {name!r}; {did_you_mean(name, list(valid))}")
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (*self.eps, self.delta))
+        if not numbers or not all(0 < e < 1 for e in self.eps) or not 0 < self.delta < 1:
+            raise UserError(f"{where}: eps values and delta must lie strictly between 0 and 1")
+        if self.trials < 1 or self.n_cal < 0:
+            raise UserError(f"{where}: trials must be >= 1 and n_cal >= 0 (0 = as many as the data allows)")
+
+
+@dataclass(frozen=True)
 class Cell:
     """One dataset x backbone x method (+ hyper-parameters) x seed."""
 
@@ -71,6 +100,7 @@ class Cell:
     init: str = "backbone"  # joint methods: start from the backbone's weights, or from scratch
     backbone_training: BackboneTraining = field(default_factory=BackboneTraining)
     evaluation: Evaluation = field(default_factory=Evaluation)
+    risk_control: RiskControl = field(default_factory=lambda: RiskControl(enabled=False))
     swept: tuple[str, ...] = ()  # hyper-parameters the matrix sweeps (labels curves; not in the key)
     where: str = "methods[0]"  # the matrix field this cell's method came from, for error messages
 
@@ -79,6 +109,7 @@ class Cell:
         d.pop("where")
         d["swept"] = list(self.swept)
         d["evaluation"]["latency_batch_sizes"] = list(self.evaluation.latency_batch_sizes)
+        d["risk_control"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["risk_control"].items()}
         return d
 
     def key(self) -> str:
@@ -100,7 +131,8 @@ def _short(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-_TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "seeds", "backbone_training", "evaluation"}
+_TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "seeds", "backbone_training", "evaluation",
+        "risk_control"}
 _EXITS = {"n_exits", "placement", "branch_depth"}  # shared by every method that has the hyper-parameter
 _DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
 _BACKBONE = {"name", "weights", "small_stem"}
@@ -184,6 +216,11 @@ def expand(matrix: dict) -> list[Cell]:
     evaluation = _dataclass_from(Evaluation, matrix.get("evaluation"), "evaluation")
     if any(b < 1 for b in evaluation.latency_batch_sizes):
         raise UserError("evaluation.latency_batch_sizes: batch sizes must be positive integers")
+    # a `risk_control` block turns the protocol on (with its defaults for what it leaves out)
+    rc = matrix.get("risk_control")
+    risk_control = (RiskControl(enabled=False) if rc is None or rc is False
+                    else _dataclass_from(RiskControl, {} if rc is True else rc, "risk_control"))
+    risk_control.check()
 
     datasets = []
     for i, d in enumerate(_as_list(matrix.get("datasets", ["digits"]), "datasets")):
@@ -255,6 +292,6 @@ def expand(matrix: dict) -> list[Cell]:
         Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
              backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"],
              method=name, hparams=hp, init=init, seed=s, backbone_training=training, evaluation=evaluation,
-             swept=swept, where=where)
+             risk_control=risk_control, swept=swept, where=where)
         for d in datasets for b in backbones for (name, hp, init, swept, where) in methods for s in seeds
     ]

@@ -50,10 +50,11 @@ def realisation(latency_ratio: float, macs_ratio: float) -> float | None:
 @torch.no_grad()
 def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
                     strict_costs: Sequence[float], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
-                    warmup: int = 2, max_samples_batch1: int = 64, threads: int | None = None) -> list[dict]:
+                    warmup: int = 2, max_samples_batch1: int = 32, max_batches: int = 1,
+                    threads: int | None = None) -> list[dict]:
     """Time the plain backbone and ``net.forward_dynamic`` on ``images`` for each batch size.
 
-    For batch size b > 1 we use as many full batches as ``images`` holds (one smaller batch when it
+    For batch size b > 1 we use up to ``max_batches`` full batches (one smaller batch when ``images``
     holds fewer than b); at b = 1 the first ``max_samples_batch1`` samples one by one. Returns one
     record per (variant, batch size); the dynamic record carries the exit fractions on these inputs,
     the strict MACs ratio they imply, the latency ratio and the realisation.
@@ -65,7 +66,7 @@ def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, imag
     net.eval()
     records: list[dict] = []
     for b in batch_sizes:
-        n = min(len(images), max_samples_batch1) if b == 1 else max(b, len(images) // b * b)
+        n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
         batches = list(torch.split(images[:n], b))
         exit_idx = torch.cat([net.forward_dynamic(x, policy)[1] for x in batches])
         fractions = torch.bincount(exit_idx.cpu(), minlength=net.num_exits).double() / len(exit_idx)

@@ -27,6 +27,7 @@ from benchmarks.data import Splits, load_splits, make_loader, to_tensors
 from benchmarks.flops import cost_table, head_macs
 from benchmarks.latency import measure_latency
 from benchmarks.results import HIGHER_IS_BETTER, SCHEMA_VERSION, env_fingerprint, read_result, write_json_atomic
+from benchmarks.risk_protocol import run_protocol
 from benchmarks.traces import Sweep, Trace, collect_trace, evaluate, threshold_grid
 from benchmarks.training import method_trainer, predict_logits, train_backbone
 from methods.base import StagedBackbone, UserError, get_method
@@ -198,6 +199,14 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
                                   repeats=ev.latency_repeats, threads=ev.threads)
         headline["latency"] = True
 
+    risk = None
+    if cell.risk_control.enabled:  # offline, on the traces: seconds, not network passes
+        rc = cell.risk_control
+        risk = run_protocol(traces["calibration"], traces["test"], table.strict,
+                            score="confidence" if method.score == "confidence" else "max_softmax",
+                            rules=rc.rules, risks=rc.risks, eps=rc.eps, delta=rc.delta, n_cal=rc.n_cal or None,
+                            trials=rc.trials, seed=cell.seed)
+
     test_preds = traces["test"].predictions()
     cal_preds = traces["calibration"].predictions()
     exit_rows = []
@@ -233,6 +242,7 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
                   "test": _sweep_dict(test_sweep), "calibration": _sweep_dict(cal_sweep)},
         "operating_points": points,
         "latency": latency,
+        **({"risk_control": risk} if risk is not None else {}),
         "traces": {s: f"traces/{cell.slug()}.{s}.safetensors" for s in traces},
         "seconds": time.perf_counter() - start,
     }

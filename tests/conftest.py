@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.traces import Trace
 from methods.base import ExitPoint, StagedBackbone
 
 
@@ -48,3 +49,23 @@ def tiny_backbone(num_classes: int = 5, side: int = 16) -> StagedBackbone:
 @pytest.fixture
 def tiny():
     return tiny_backbone()
+
+
+def midpoint_thresholds(scores: torch.Tensor) -> tuple[float, ...]:
+    """Per-exit thresholds half-way between two observed scores, so float noise cannot flip a decision."""
+    out = []
+    for s in scores:
+        v = s.sort().values
+        i = len(v) // 2
+        out.append(float((v[i - 1] + v[i]) / 2))
+    return tuple(out)
+
+
+def synthetic_trace(n: int = 800, exits: int = 4, classes: int = 5, seed: int = 0) -> Trace:
+    """A trace whose later exits are more often right (random logits + a growing true-class boost)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(exits, n, classes, generator=g)
+    for e in range(exits):
+        logits[e, torch.arange(n), labels] += (0.8 + 0.8 * e) * torch.rand(n, generator=g) * 4
+    return Trace(logits, labels)

@@ -19,7 +19,7 @@ from methods.base import (
 )
 from methods.heads import ConvBranch
 from methods.policies import ThresholdPolicy, first_exit
-from tests.conftest import tiny_backbone
+from tests.conftest import midpoint_thresholds, tiny_backbone
 
 
 def test_placement_distributions_and_explicit_lists(tiny):
@@ -64,14 +64,6 @@ def test_forward_all_final_exit_is_the_backbone(tiny):
     assert all(((c > 0) & (c < 1)).all() for c in out.confidence[:-1])
 
 
-def _midpoint_thresholds(scores: torch.Tensor) -> tuple[float, ...]:
-    """Per-exit thresholds half-way between two observed scores, so float noise cannot flip a decision."""
-    out = []
-    for s in scores:
-        v = s.sort().values
-        i = len(v) // 2
-        out.append(float((v[i - 1] + v[i]) / 2))
-    return tuple(out)
 
 
 @pytest.mark.parametrize("score", ["max_softmax", "neg_entropy", "confidence"])
@@ -80,7 +72,7 @@ def test_forward_dynamic_equals_the_trace(tiny, score):
     x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 5, (64,))
     trace = collect_trace(net, x, y, batch_size=64)
     scores = trace.scores(score)
-    thresholds = _midpoint_thresholds(scores)
+    thresholds = midpoint_thresholds(scores)
     expected_exit = first_exit(scores, torch.tensor([thresholds]))[0]
     expected_pred = trace.predictions().gather(0, expected_exit[None])[0]
     logits, exit_idx = net.forward_dynamic(x, ThresholdPolicy(score, thresholds))
@@ -99,7 +91,7 @@ def test_forward_dynamic_really_stops_early(tiny):
     assert torch.all(idx == 0) and seen == []
     _, idx = net.forward_dynamic(x, ThresholdPolicy("max_softmax", (float("inf"),) * 2))  # nobody leaves
     assert torch.all(idx == 2) and seen == [32]
-    thr = _midpoint_thresholds(collect_trace(net, x, torch.zeros(32, dtype=torch.long)).scores("max_softmax"))
+    thr = midpoint_thresholds(collect_trace(net, x, torch.zeros(32, dtype=torch.long)).scores("max_softmax"))
     seen.clear()
     _, idx = net.forward_dynamic(x, ThresholdPolicy("max_softmax", thr))
     assert seen == [int((idx == 2).sum())] and 0 < seen[0] < 32

@@ -18,6 +18,7 @@ from methods.calibration import (
     quantile_grid,
     sweep_metrics,
 )
+from tests.conftest import synthetic_trace
 
 STRICT = [0.3, 1.1]  # one early exit + the final one
 
@@ -101,12 +102,7 @@ def test_geometric_thresholds_follow_msdnet():
 
 
 def _correct_trace(n=600, exits=4, classes=5, seed=0) -> Trace:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    logits = torch.randn(exits, n, classes, generator=g)
-    for e in range(exits):
-        logits[e, torch.arange(n), labels] += (0.8 + 0.8 * e) * torch.rand(n, generator=g) * 4
-    return Trace(logits, labels)
+    return synthetic_trace(n, exits, classes, seed)
 
 
 def test_coordinate_descent_is_feasible_locally_optimal_and_beats_shared():

@@ -27,6 +27,7 @@ from benchmarks.flops import cost_table, head_macs
 from benchmarks.traces import collect_trace
 from methods.base import _BUILTIN_FALLBACK, ENTRY_POINT_GROUP, Method, UserError, get_method, list_methods
 from methods.policies import ThresholdPolicy, first_exit
+from tests.conftest import midpoint_thresholds
 
 BACKBONES = ("test_resnet", "test_vit", "test_efficientnet")
 NUM_CLASSES = 5
@@ -158,14 +159,6 @@ def test_training_steps_lower_the_loss_and_respect_freezing(method_name, backbon
         assert not net.stages.training and not net.heads[-1].training, "a frozen backbone must stay in eval mode"
 
 
-def _midpoint_thresholds(scores: torch.Tensor) -> tuple[float, ...]:
-    """Per-exit thresholds half-way between two observed scores, so float noise cannot flip a decision."""
-    out = []
-    for s in scores:
-        v = s.sort().values
-        i = len(v) // 2
-        out.append(float((v[i - 1] + v[i]) / 2))
-    return tuple(out)
 
 
 @pytest.mark.parametrize("method_name, backbone_name", CASES)
@@ -175,7 +168,7 @@ def test_forward_dynamic_equals_the_trace(method_name, backbone_name):
     trace = collect_trace(net, x, y)
     for score in m.scores:
         scores = trace.scores(score)
-        thresholds = _midpoint_thresholds(scores)
+        thresholds = midpoint_thresholds(scores)
         expected_exit = first_exit(scores, torch.tensor([thresholds]))[0]
         expected_pred = trace.predictions().gather(0, expected_exit[None])[0]
         logits, exit_idx = net.forward_dynamic(x, ThresholdPolicy(score, thresholds))

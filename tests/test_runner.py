@@ -22,6 +22,7 @@ TINY = {
     "seeds": [0],
     "backbone_training": {"epochs": 2},
     "evaluation": {"latency_batch_sizes": [1, 16], "latency_repeats": 2, "grid_size": 20, "threads": 1},
+    "risk_control": {"rules": ["crc", "ucb-wsr", "ltt"], "risks": ["gap-prediction"], "eps": [0.1], "trials": 20},
 }
 
 
@@ -69,6 +70,10 @@ def test_run_writes_results_summary_and_figure(quick_run):
     assert "realisation" in dyn and dyn["latency_ratio"] > 0
     assert (out / "summary.csv").stat().st_size > 0 and (out / "accuracy_vs_macs.png").stat().st_size > 1000
     assert all((out / p).exists() for p in r["traces"].values())
+    rc = r["risk_control"]
+    assert rc["trials"] == 20 and rc["delta"] == 0.1 and rc["score"] == "confidence" and rc["n_cal"] > 0
+    assert {row["rule"] for row in rc["rows"]} == {"crc", "ucb-wsr", "ltt", "oracle", "random"}
+    assert all(0 <= row["violation_freq"] <= 1 and row["eps"] == 0.1 for row in rc["rows"])
 
 
 def test_second_cell_reuses_the_cached_backbone(quick_run):
@@ -117,6 +122,8 @@ BAD = [
     ({**TINY, "backbones": [{"name": "test_resnet", "wieghts": "train"}]}, "backbones[0].wieghts: unknown key"),
     ({**TINY, "backbones": [{"name": "test_resnet", "weights": "nope.pth"}]}, "backbones[0].weights: file 'nope.pth'"),
     ("datasets: [digits\nbackbones: [", "malformed YAML at line"),
+    ({**TINY, "risk_control": {"rules": ["crcc"]}}, "risk_control.rules: unknown rule 'crcc'; did you mean 'crc'"),
+    ({**TINY, "risk_control": {"eps": [1.5]}}, "risk_control: eps values and delta must lie strictly between"),
 ]
 
 
@@ -186,3 +193,8 @@ def test_per_exit_thresholds_are_screened_on_calibration_and_timed(tmp_path):
     assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
     assert op.get("latency") and {x["variant"] for x in r["latency"]} == {"backbone", "dynamic"}
     assert r["config"]["trains_backbone"] is True
+
+
+def test_risk_control_cli_options_are_checked(tmp_path, capsys):
+    code = main(["run", _write(tmp_path, TINY), "--out", str(tmp_path / "o"), "--rc-rules", "crc,lttt"])
+    assert code == 2 and "--rc options.rules: unknown rule 'lttt'" in capsys.readouterr().err
