@@ -175,7 +175,8 @@ def op_label(results: Iterable[dict]) -> str:
     for r in ok(results):
         op = operating_point(r)
         if op:
-            m = re.fullmatch(r"within_(.+)pt", str(op["name"]))
+            # within_1pt, or within_1pt_per_exit for methods calibrated with one threshold per exit
+            m = re.fullmatch(r"within_(.+?)pt(_per_exit)?", str(op["name"]))
             return f"within {m.group(1)} pt" if m else str(op["name"])
     return "within 1 pt"
 
