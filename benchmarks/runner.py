@@ -215,7 +215,7 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         exit_rows.append({
             "name": exits[k].name if early else "final",
             "block_index": exits[k].index if early else len(backbone.blocks) - 1,
-            "macs_cumulative": (exits[k].macs_cumulative + h_macs[k]) if early else backbone.macs,
+            "macs_cumulative": exits[k].macs_cumulative if early else backbone.macs,  # backbone prefix
             "head_macs": h_macs[k] if early else backbone.head_macs,
             "rel_macs_strict": table.strict[k], "rel_macs_paper": table.paper[k],
             "calibration_accuracy": (cal_preds[k] == cal_y).double().mean().item(),
