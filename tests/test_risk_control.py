@@ -274,7 +274,8 @@ def test_calibrate_returns_a_deployable_policy(rule):
 # ----------------------------------------------------------------------------------------------
 # The trial protocol
 
-ROW_KEYS = {"rule", "risk", "eps", "test_risk_mean", "test_risk_std", "violation_freq", "mean_exit_index",
+ROW_KEYS = {"rule", "risk", "eps", "test_risk_mean", "test_risk_std", "violation_freq", "pool_risk_mean",
+            "violation_freq_pool", "mean_exit_index",
             "rel_macs_strict_mean", "lambda_mean"}
 
 
@@ -291,6 +292,8 @@ def test_protocol_schema_baselines_and_runtime():
         assert set(row) == ROW_KEYS and row["rule"] in rules and row["risk"] in RISKS
         assert 0 <= row["violation_freq"] <= 1 and 0 <= row["mean_exit_index"] <= 3
         assert (row["lambda_mean"] is None) == (row["rule"] == "random")
+        has_pool = row["rule"] not in ("random", "ltt-per-exit")  # one shared lambda: its pool risk is defined
+        assert (row["violation_freq_pool"] is not None) == has_pool
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
     by = {(r["rule"], r["risk"], r["eps"]): r for r in out["rows"]}
     for risk in RISKS:
