@@ -106,9 +106,9 @@ class _VitHead(nn.Module):
 
     def __init__(self, vit: nn.Module):
         super().__init__()
-        for attr in ("norm", "attn_pool", "fc_norm", "head_drop", "head", "global_pool", "num_prefix_tokens",
-                     "pool_include_prefix"):
+        for attr in ("norm", "attn_pool", "fc_norm", "head_drop", "head", "global_pool", "num_prefix_tokens"):
             setattr(self, attr, getattr(vit, attr))
+        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)  # timm >= 1.0.16 only
 
     def forward(self, x: Tensor) -> Tensor:
         from timm.models.vision_transformer import VisionTransformer

@@ -1,32 +1,62 @@
-"""MACs per block and per exit head, and exit cost tables (docs/MEASUREMENT.md, "FLOPs (MACs)").
+"""MACs per block and per exit head, and exit cost tables (docs/measurement.md, "MACs").
 
-Every number here is multiply-accumulates at batch 1. The counter of record is ptflops with
-``backend='aten'``: it counts the aten ops ``convolution``, ``mm``/``addmm``/``bmm``/``matmul``
-(bias adds of convs and linears included). Its default ``pytorch`` backend is wrong for timm models
-(it misses timm's Linear subclasses and double-counts functional ReLU/pooling).
+Every number here is multiply-accumulates at batch 1, from one counter on every torch version,
+named ``ptflops-aten+attention`` in results:
 
-The cross-check is ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2). The two agree within
-1 % on CNNs (they differ only by bias adds). They do NOT agree on ViTs: timm runs attention through
-``F.scaled_dot_product_attention``, whose ``QK^T`` and ``AV`` matmuls ptflops-aten does not see and
-FlopCounterMode does: ViT-Tiny at 32 px / patch 4 (65 tokens) is 347.0 M by ptflops-aten and 365.1 M
-(+5.2 %) by FlopCounterMode, and the gap grows with the token count. ViT numbers in results are
-ptflops-aten numbers *without* attention matmuls, the convention of published ptflops tables;
-``flop_counter_macs`` gives the other view.
+- ptflops with ``backend='aten'`` counts the aten ops ``convolution``, ``mm``/``addmm``/``bmm``/
+  ``matmul`` (bias adds of convs and linears included). Its default ``pytorch`` backend is wrong for
+  timm models (it misses timm's Linear subclasses and double-counts functional ReLU/pooling).
+- Attention matmuls are counted here, analytically: ``F.scaled_dot_product_attention`` (timm's fused
+  attention) dispatches to a fused kernel on some torch versions and devices and to a decomposed
+  ``bmm`` path on others, so neither ptflops-aten nor FlopCounterMode sees it the same way everywhere.
+  While counting, every call is replaced by one that adds ``QK^T`` and ``AV`` (``L*S*(E + Ev)`` per
+  head) and runs the original with the counters switched off, so its inner ops are never counted twice.
+  Unfused attention (``q @ k.transpose``, ``attn @ v``) is ordinary ``bmm`` that ptflops-aten counts.
+  ViT-Tiny at 32 px / patch 4 (65 tokens) is 346.99 M by ptflops-aten alone and 365.2 M with attention
+  (+ 12 x 2 x 65^2 x 192).
+
+The cross-check is ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) with the same attention
+counting. The two agree within 1 % on CNNs and ViTs (they differ only by bias adds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
 from methods.base import ExitPoint, StagedBackbone, UserError
 
 ACCOUNTINGS = ("strict", "paper")
+MACS_COUNTER = "ptflops-aten+attention"  # recorded beside every MACs number in results
+
+
+@contextmanager
+def _attention_counted() -> Iterator[list[int]]:
+    """While active, ``F.scaled_dot_product_attention`` adds its QK^T and AV MACs to the yielded
+    one-element list and runs with every dispatch mode (ptflops', FlopCounterMode) switched off."""
+    original = F.scaled_dot_product_attention
+    tally = [0]
+
+    def counted(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+        # q [..., L, E], k [..., S, E], v [..., S, Ev]: L*S*E for QK^T and L*S*Ev for AV per head
+        tally[0] += math.prod(q.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        with _disable_current_modes():
+            return original(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        yield tally
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 class _Opaque(nn.Module):
@@ -54,14 +84,15 @@ def _probe_input(module: nn.Module, shape: Sequence[int]) -> Tensor:
 
 
 def _count(module: nn.Module, x: Tensor) -> tuple[int, Tensor]:
-    """(ptflops-aten MACs, output) of ``module`` on the batch-1 tensor ``x``, in eval mode, no grad."""
+    """(MACs, output) of ``module`` on the batch-1 tensor ``x``, in eval mode, no grad: ptflops-aten
+    plus the attention matmuls (see the module docstring)."""
     from ptflops import get_model_complexity_info  # lazy: importing ptflops costs seconds
 
     wrapper = _Opaque(module)
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _attention_counted() as attention:
             macs, _ = get_model_complexity_info(wrapper, tuple(x.shape[1:]), as_strings=False,
                                                 print_per_layer_stat=False, backend="aten",
                                                 input_constructor=lambda _: x)
@@ -71,11 +102,11 @@ def _count(module: nn.Module, x: Tensor) -> tuple[int, Tensor]:
                 raise RuntimeError(f"ptflops could not count {type(module).__name__} on input {tuple(x.shape[1:])}")
     finally:
         module.train(was_training)
-    return int(macs), wrapper.output
+    return int(macs) + attention[0], wrapper.output
 
 
 def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
-    """MACs of ``module`` on one sample of per-sample shape ``input_shape`` (ptflops, aten backend).
+    """MACs of ``module`` on one sample of per-sample shape ``input_shape`` (ptflops-aten + attention).
 
     ``input_shape`` excludes the batch: (C, H, W) for images and CNN features, (tokens, C) for ViT
     features. The module runs once in eval mode under ``no_grad``; its training mode is restored.
@@ -86,21 +117,21 @@ def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
 def flop_counter_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     """MACs of ``module`` on one sample by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).
 
-    Counts matmuls, convolutions and fused attention, but no bias adds. Used to cross-check
-    :func:`count_macs`; see the module docstring for where the two differ.
+    Counts matmuls and convolutions, but no bias adds; attention is counted as in :func:`count_macs`
+    (so the cross-check does not depend on which attention kernel this torch dispatches to).
     """
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), _attention_counted() as attention, FlopCounterMode(display=False) as counter:
             module(_probe_input(module, input_shape))
     finally:
         module.train(was_training)
-    return int(counter.get_total_flops()) // 2
+    return int(counter.get_total_flops()) // 2 + attention[0]
 
 
 def measure_blocks(backbone: StagedBackbone) -> list[tuple[int, ...]]:
-    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (ptflops-aten, batch 1) and return the
+    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (:func:`count_macs`, batch 1) and return the
     per-sample output shape of every block.
 
     One batch-1 pass: each block is counted on the previous block's real output, so every block sees
@@ -119,12 +150,12 @@ def measure_blocks(backbone: StagedBackbone) -> list[tuple[int, ...]]:
 
 
 def measure_backbone(backbone: StagedBackbone) -> None:
-    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (ptflops-aten, batch 1); see :func:`measure_blocks`."""
+    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (batch 1); see :func:`measure_blocks`."""
     measure_blocks(backbone)
 
 
 def head_macs(head: nn.Module, exit_point: ExitPoint) -> int:
-    """MACs of an exit head attached at ``exit_point`` (ptflops-aten, batch 1)."""
+    """MACs of an exit head attached at ``exit_point`` (:func:`count_macs`, batch 1)."""
     return count_macs(head, exit_point.feature_shape)
 
 
@@ -191,5 +222,6 @@ def expected_rel_macs(exit_fractions: Sequence[float] | np.ndarray, table: CostT
     return float(out) if out.ndim == 0 else out
 
 
-__all__ = ["ACCOUNTINGS", "CostTable", "cost_table", "count_macs", "expected_rel_macs", "flop_counter_macs",
+__all__ = ["ACCOUNTINGS", "MACS_COUNTER", "CostTable", "cost_table", "count_macs", "expected_rel_macs",
+           "flop_counter_macs",
            "head_macs", "measure_backbone", "measure_blocks"]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from benchmarks import backbones as bb
 from benchmarks.config import Cell
 from benchmarks.data import Splits, load_splits, make_loader, to_tensors
-from benchmarks.flops import cost_table, head_macs
+from benchmarks.flops import MACS_COUNTER, cost_table, head_macs
 from benchmarks.latency import measure_latency
 from benchmarks.results import HIGHER_IS_BETTER, SCHEMA_VERSION, env_fingerprint, read_result, write_json_atomic
 from benchmarks.risk_protocol import run_protocol
@@ -233,7 +233,7 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         "data": {"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
                  "num_classes": num_classes, "input_size": list(splits.info.input_size)},
         "backbone": {"name": cell.backbone, "test_accuracy": bb_test_acc, "calibration_accuracy": bb_cal_acc,
-                     "macs": backbone.macs, "macs_counter": "ptflops-aten", "blocks": len(backbone.blocks),
+                     "macs": backbone.macs, "macs_counter": MACS_COUNTER, "blocks": len(backbone.blocks),
                      "small_stem": getattr(backbone, "small_stem", None), "training": backbone_stats},
         "exits": exit_rows,
         "training": train_stats,
