@@ -62,13 +62,13 @@ class RiskControl:
     """The risk-control trial protocol run on each cell's traces (docs/RISK_CONTROL.md)."""
 
     enabled: bool = True
-    rules: tuple[str, ...] = ("naive", "crc", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs",
+    rules: tuple[str, ...] = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs",
                               "ltt-per-exit")
     risks: tuple[str, ...] = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")
     eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     delta: float = 0.1
     trials: int = 100
-    n_cal: int = 0  # 0: as large as the held-out data allows, up to 1000
+    n_cal: int = 0  # 0: a quarter of the pooled held-out data, up to 1000
 
     def check(self, where: str = "risk_control") -> None:
         from benchmarks.risk_protocol import PROTOCOL_RULES as RULES  # torch: kept out of import time

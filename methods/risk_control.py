@@ -17,9 +17,16 @@ failure, so what they certify is the interval [lambda_hat, 1] by construction; w
 the expected MACs fall as lambda falls, so the cheapest certified lambda *is* lambda_hat. ``naive`` and
 ``ucb-wsr-macs`` certify arbitrary subsets of the grid (not intervals); ``select(..., cost=...)`` then
 picks the cheapest member. ``ucb-wsr-macs`` buys that freedom with a union bound (WSR at delta / G on
-every lambda, valid without any monotonicity), so for a shared lambda it is never cheaper than the
-scan unless the empirical risk curve has a bump the scan cannot pass; it earns its keep on families
-whose cost is not ordered like the grid.
+every lambda). A fixed-sequence scan (``ltt``, ``ucb-hb``) needs no monotonicity either, so the union
+bound is not what makes it valid; with one shared lambda the expected cost falls with lambda, the scan's
+lambda_hat is already the cheapest it certifies, and ``ucb-wsr-macs`` is dominated: it can only win when
+the empirical risk curve has a bump the scan cannot pass (the union bound then still certifies lambdas
+below it). It earns its keep only on families whose cost is not ordered like the grid.
+
+CRC's guarantee needs each sample's loss to be monotone in lambda; gap losses are not (an early exit
+can be right where a later one is wrong). ``crc`` therefore applies the rule to the monotonised loss
+L~_i(lambda) = max over lambda' >= lambda of L_i(lambda') (a cumulative max from lambda = 1 down), which
+bounds the raw risk from above; ``crc-raw`` is the reference's rule on the raw loss, labelled as such.
 """
 
 from __future__ import annotations
@@ -55,9 +62,21 @@ RISKS: dict[str, Risk] = {r.name: r for r in (
     Risk("consistency-prediction", 0.0, 1.0, 1.0, False),
     Risk("consistency-brier", -2.0, 2.0, 2.0, False),
 )}
-SCAN_RULES = ("crc", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt")
+SCAN_RULES = ("crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt")
 SET_RULES = ("naive", "ucb-wsr-macs")
 RULES = ("naive", *SCAN_RULES, "ucb-wsr-macs")
+# What each rule promises, and under which assumption (docs/risk_control.md, "Rules").
+GUARANTEES: dict[str, str] = {
+    "naive": "none",
+    "crc": "E[R(lambda_hat)] <= eps; any loss (applied to the monotonised loss)",
+    "crc-raw": "E[R(lambda_hat)] <= eps only if every per-sample loss is monotone in lambda (the reference rule)",
+    "ucb-wsr": "P(R(lambda_hat) <= eps) >= 1 - delta; population risk monotone in lambda",
+    "ucb-hb": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",
+    "ucb-hoeffding": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",
+    "ltt": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",
+    "ucb-wsr-macs": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (union bound over the grid)",
+    "ltt-per-exit": "P(R(thresholds) <= eps) >= 1 - delta; none beyond iid (shape fitted on disjoint data)",
+}
 
 
 def get_risk(name: str) -> Risk:
@@ -237,18 +256,21 @@ class CalLosses:
 
     values: Tensor  # [..., G, n]; its order matters to WSR only
     mean: Tensor  # [..., G] signed empirical risk
-    unit_mean: Tensor  # [..., G] mean of to_unit(losses), for HB / LTT
+    unit_mean: Tensor  # [..., G] mean of to_unit(losses), for HB / LTT / Hoeffding
     bound: float
+    mono_mean: Tensor | None = None  # [..., G] mean of monotonise(losses), for CRC (None: = mean)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, losses: Tensor, risk: str) -> CalLosses:
-        return cls(losses, losses.double().mean(-1), to_unit(losses, risk).double().mean(-1), get_risk(risk).bound)
+        return cls(losses, losses.double().mean(-1), to_unit(losses, risk).double().mean(-1), get_risk(risk).bound,
+                   monotonise(losses.double()).mean(-1))
 
     @classmethod
-    def from_means(cls, mean: Tensor, unit_mean: Tensor, n: int, risk: str) -> CalLosses:
+    def from_means(cls, mean: Tensor, unit_mean: Tensor, n: int, risk: str,
+                   mono_mean: Tensor | None = None) -> CalLosses:
         """Statistics only (enough for every rule but the WSR ones, which read the losses in order)."""
-        return cls(torch.zeros(()).expand(*mean.shape, n), mean, unit_mean, get_risk(risk).bound)
+        return cls(torch.zeros(()).expand(*mean.shape, n), mean, unit_mean, get_risk(risk).bound, mono_mean)
 
     @property
     def n(self) -> int:
@@ -288,6 +310,12 @@ class CalLosses:
         return ok
 
 
+def monotonise(losses: Tensor) -> Tensor:
+    """L~(g) = max over g' <= g of L(g') along the grid dim (-2) of [..., G, n]: the grid descends from
+    lambda = 1, so this is the cumulative max from lambda = 1 down; non-decreasing as lambda falls."""
+    return losses.cummax(dim=-2).values
+
+
 def pointwise_ok(rule: str, losses: Tensor | CalLosses, eps: float, delta: float, risk: str) -> Tensor:
     """[..., G] bool: the rule's own test at every grid value, before any scanning."""
     r = get_risk(risk)
@@ -295,15 +323,18 @@ def pointwise_ok(rule: str, losses: Tensor | CalLosses, eps: float, delta: float
     n, b = cal.n, r.bound
     if rule == "naive":  # R_n <= eps
         return cal.mean <= eps
-    if rule == "crc":  # (n/(n+1)) R_n + B/(n+1) <= eps (CRC, Angelopoulos et al. 2024, Thm. 1)
-        return n / (n + 1) * cal.mean + b / (n + 1) <= eps
+    if rule in ("crc", "crc-raw"):  # (n/(n+1)) R_n + B/(n+1) <= eps (CRC, Angelopoulos et al. 2024, Thm. 1)
+        if rule == "crc" and cal.mono_mean is None:
+            raise ValueError("crc needs the monotonised means (CalLosses.of, or from_means(mono_mean=...))")
+        mean = cal.mean if rule == "crc-raw" else cal.mono_mean
+        return n / (n + 1) * mean + b / (n + 1) <= eps
     if rule in ("ucb-wsr", "ucb-wsr-macs"):
         # UCB <= eps is decided exactly by testing R = eps (K_i rises with R); the -macs variant needs
         # every lambda covered at once: a union bound over the G grid values
         d = delta if rule == "ucb-wsr" else delta / cal.mean.shape[-1]
         return cal.wsr_ok(eps / b, d)
-    if rule == "ucb-hoeffding":
-        return hoeffding_ucb(cal.mean, n, delta, r.hi - r.lo) <= eps
+    if rule == "ucb-hoeffding":  # on the clipped [0, 1] loss, as HB: width 1, not the signed range
+        return hoeffding_ucb(cal.unit_mean, n, delta, 1.0) <= eps / b
     if rule in ("ucb-hb", "ltt"):
         if eps >= b:
             return torch.ones(cal.mean.shape, dtype=torch.bool)
@@ -476,9 +507,9 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
 
 
 __all__ = [
-    "LAMBDAS", "RISKS", "RULES", "SCAN_RULES", "SET_RULES", "CalLosses", "Calibrated", "Risk", "binom_cdf", "brier",
-    "calibrate", "certified_set", "confidence_scores", "exit_index", "exit_losses", "family_mean_loss", "fit_shape",
-    "get_risk",
-    "hb_p_value", "hb_ucb", "hoeffding_ucb", "loss_matrix", "per_exit_family", "pointwise_ok", "scan_from_top",
-    "select", "shape_from_thresholds", "to_unit", "wsr_log_wealth", "wsr_ucb",
+    "GUARANTEES", "LAMBDAS", "RISKS", "RULES", "SCAN_RULES", "SET_RULES", "CalLosses", "Calibrated", "Risk",
+    "binom_cdf", "brier", "calibrate", "certified_set", "confidence_scores", "exit_index", "exit_losses",
+    "family_mean_loss", "fit_shape", "get_risk", "hb_p_value", "hb_ucb", "hoeffding_ucb", "loss_matrix", "monotonise",
+    "per_exit_family", "pointwise_ok", "scan_from_top", "select", "shape_from_thresholds", "to_unit",
+    "wsr_log_wealth", "wsr_ucb",
 ]

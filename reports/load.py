@@ -24,12 +24,13 @@ from methods.errors import UserError
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 RISK_ORDER = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")
-RULE_ORDER = ("naive", "crc", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit",
+RULE_ORDER = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit",
               "oracle", "random")
 # Rules that promise P(test risk > eps) <= delta, and the one that promises E[test risk] <= eps.
 HIGH_PROBABILITY_RULES = ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit")
 EXPECTATION_RULES = ("crc",)
-BASELINE_RULES = ("naive", "oracle", "random")  # no guarantee, or not deployable
+# no guarantee (crc-raw: only for monotone losses), or not deployable
+BASELINE_RULES = ("naive", "crc-raw", "oracle", "random")
 
 
 class ReportError(UserError):

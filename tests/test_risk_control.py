@@ -27,7 +27,9 @@ from methods.risk_control import (
     hb_p_value,
     hb_ucb,
     loss_matrix,
+    monotonise,
     per_exit_family,
+    pointwise_ok,
     scan_from_top,
     select,
     shape_from_thresholds,
@@ -274,26 +276,25 @@ def test_calibrate_returns_a_deployable_policy(rule):
 # ----------------------------------------------------------------------------------------------
 # The trial protocol
 
-ROW_KEYS = {"rule", "risk", "eps", "test_risk_mean", "test_risk_std", "violation_freq", "pool_risk_mean",
-            "violation_freq_pool", "mean_exit_index",
-            "rel_macs_strict_mean", "lambda_mean"}
+ROW_KEYS = {"rule", "risk", "eps", "guarantee", "test_risk_mean", "test_risk_std", "violation_freq",
+            "mean_exit_index", "rel_macs_strict_mean", "lambda_mean"}
 
 
 def test_protocol_schema_baselines_and_runtime():
     tr = _trace(n=1000, exits=4, classes=10, seed=4)
     cal, test = Trace(tr.logits[:, :500], tr.labels[:500]), Trace(tr.logits[:, 500:], tr.labels[500:])
     out = run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1])
-    assert set(out) == {"score", "delta", "n_cal", "n_test", "trials", "seconds", "rows"}
-    assert (out["score"], out["delta"], out["n_cal"], out["n_test"], out["trials"]) == ("max_softmax", 0.1, 500, 500,
-                                                                                       100)
+    assert set(out) == {"score", "delta", "n_cal", "population", "trials", "sampling", "allowance", "seconds", "rows"}
+    # n_cal small against the pool by default (the reference: 100 of 2000)
+    assert (out["score"], out["delta"], out["n_cal"], out["population"], out["trials"]) == ("max_softmax", 0.1, 250,
+                                                                                           1000, 100)
+    assert out["allowance"] == pytest.approx(2 * math.sqrt(0.1 * 0.9 / 100))
     rules = {*PROTOCOL_RULES, "oracle", "random"}
     assert len(out["rows"]) == len(RISKS) * 5 * len(rules)
     for row in out["rows"]:
         assert set(row) == ROW_KEYS and row["rule"] in rules and row["risk"] in RISKS
         assert 0 <= row["violation_freq"] <= 1 and 0 <= row["mean_exit_index"] <= 3
         assert (row["lambda_mean"] is None) == (row["rule"] == "random")
-        has_pool = row["rule"] not in ("random", "ltt-per-exit")  # one shared lambda: its pool risk is defined
-        assert (row["violation_freq_pool"] is not None) == has_pool
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
     by = {(r["rule"], r["risk"], r["eps"]): r for r in out["rows"]}
     for risk in RISKS:
@@ -305,11 +306,60 @@ def test_protocol_schema_baselines_and_runtime():
     assert by["random", "gap-prediction", 0.05]["test_risk_mean"] > 0.05
     assert out["seconds"] > 0  # its own timing is part of the result (speed is not a unit-test matter)
     json.dumps(out, allow_nan=False)  # JSON-ready
-    assert run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], n_cal=100, trials=3, rules=["crc"])["n_test"] == 900
+    assert run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], n_cal=100, trials=3, rules=["crc"])["n_cal"] == 100
     # learned confidence (EENet / PTEENet): pooled with the logits
     g = torch.Generator().manual_seed(0)
     cal.confidence, test.confidence = torch.rand(4, 500, generator=g), torch.rand(4, 500, generator=g)
     small = run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], score="confidence", trials=3, rules=["ltt", "ucb-wsr"])
     assert small["score"] == "confidence" and len(small["rows"]) == len(RISKS) * 5 * 4
     with pytest.raises(UserError, match="n_cal"):
-        run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], n_cal=1000)
+        run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], n_cal=1001)
+
+
+def _known_population(m: int, seed: int) -> Trace:
+    """A population of m samples, 3 early exits + a final one that is always right. At early exit l a
+    sample has max-softmax s ~ U(0.5, 1) and is wrong w.p. BETA * (1 - s) / (l + 1): later exits are
+    better, confidence is informative, and per-sample gap losses are not monotone in lambda."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.zeros(m, dtype=torch.long)
+    early = []
+    for lvl in range(3):
+        s = 0.5 + 0.5 * torch.rand(m, generator=g, dtype=torch.float64)
+        wrong = torch.rand(m, generator=g, dtype=torch.float64) < BETA * (1 - s) / (lvl + 1)
+        d = torch.log(s / (1 - s)).float()
+        logit = torch.stack([d / 2, -d / 2], -1)
+        early.append(torch.where(wrong[:, None], logit.flip(-1), logit))  # wrong: predicts class 1
+    final = torch.nn.functional.one_hot(y, 2).float() * 20
+    return Trace(torch.stack([*early, final]), y)
+
+
+def test_every_rule_keeps_its_guarantee_against_a_known_population_risk():
+    # The protocol draws calibration iid (with replacement) from the pool and judges the choice by the
+    # pool's exact risk: the pool is the known population. Every rule with a guarantee must keep it.
+    pop = _known_population(6000, seed=3)
+    half = Trace(pop.logits[:, :3000], pop.labels[:3000]), Trace(pop.logits[:, 3000:], pop.labels[3000:])
+    trials, delta, eps = 300, 0.1, 0.05
+    out = run_protocol(*half, [0.3, 0.55, 0.8, 1.1], n_cal=200, trials=trials, eps=[eps], delta=delta,
+                       risks=["gap-prediction", "consistency-brier"], rules=PROTOCOL_RULES)
+    slack = out["allowance"]
+    by = {(r["rule"], r["risk"]): r for r in out["rows"]}
+    for risk in ("gap-prediction", "consistency-brier"):
+        for rule in ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit"):
+            assert by[rule, risk]["violation_freq"] <= delta + slack, (rule, risk, by[rule, risk])
+        crc = by["crc", risk]
+        assert crc["test_risk_mean"] <= eps + 2 * crc["test_risk_std"] / math.sqrt(trials), crc
+        # and they exit early: the lambda = 1 fallback is not what keeps them safe
+        assert by["ltt-per-exit", risk]["rel_macs_strict_mean"] < 1.0
+        assert by["ucb-wsr", risk]["mean_exit_index"] < 3
+    assert by["naive", "gap-prediction"]["violation_freq"] > delta + slack, "naive has no guarantee"
+
+
+def test_crc_monotonises_non_monotone_losses():
+    # one sample right at lambda index 1 and 3, wrong at 2: the raw loss dips, the monotonised one does not
+    losses = torch.tensor([[0.0], [0.0], [1.0], [0.0]]).expand(4, 10).contiguous()
+    assert monotonise(losses)[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    cal = CalLosses.of(losses, "gap-prediction")
+    assert cal.mono_mean.tolist() == [0.0, 0.0, 1.0, 1.0] and cal.mean.tolist() == [0.0, 0.0, 1.0, 0.0]
+    # Hoeffding on the clipped [0, 1] loss: width 1, not the signed range 2
+    ok = pointwise_ok("ucb-hoeffding", torch.zeros(1, 100), 0.13, 0.1, "gap-prediction")
+    assert bool(ok[0]) == (math.sqrt(math.log(10) / 200) <= 0.13)
