@@ -34,27 +34,51 @@ def _cells(args: argparse.Namespace):
     return matrix, cells
 
 
+def _check_out(out: Path) -> None:
+    """--out must be a writable directory (or creatable): checked before anything trains."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a directory; give a directory for the results")
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        probe = out / "cells" / f".write-check.{os.getpid()}.tmp"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out: cannot write to {out} ({e.strerror or e}); choose a writable directory") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmarks.runner import cell_path, run_matrix
+    from benchmarks.results import check_schema
+    from benchmarks.runner import cell_path, existing, run_matrix
     from reports.summary import write_summary
 
     t0 = time.perf_counter()
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads: must be a positive number of CPU threads, got {args.threads}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_out(out)
     matrix, cells = _cells(args)
     overrides = {"threads": args.threads} if args.threads else {}
     if args.no_latency:
         overrides["latency"] = False
-    if overrides:  # part of the cell's key: results made with other settings are not reused
+    if overrides:  # evaluation only: finished cells are re-analysed, not retrained
         cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
     cells = _risk_overrides(args, cells)
-    out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
-    done = sum(cell_path(out, c).exists() for c in cells)
+    out = out or Path(DEFAULT_OUT) / matrix["name"]
+    _check_out(out)
+    stored = {c.slug(): existing(cell_path(out, c)) for c in cells}
+    for slug, r in stored.items():
+        if r is not None:
+            check_schema(r, cell_path(out, cells[0]).parent / f"{slug}.json")
+    done = sum(r is not None for r in stored.values())
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
     counts = run_matrix(cells, out, Path(args.cache) if args.cache else default_cache(),
-                        download=args.download, progress=not args.quiet)
+                        download=args.download, progress=not args.quiet, matrix=matrix["name"])
     paths = write_summary(out)
-    print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reused']} reused "
-          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reanalysed']} re-analysed, "
+          f"{counts['reused']} reused in {time.perf_counter() - t0:.0f} s")
     for p in [out / "cells", *paths]:
         print(f"  {p}")
     return 1 if counts["error"] else 0
@@ -151,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="Markdown + HTML report, LaTeX tables and figures from stored results")
     rep.add_argument("results", help="results directory (the --out of `exitbench run`, holding cells/*.json)")
     rep.add_argument("--out", help="output directory (default: RESULTS/report)")
+    rep.add_argument("--all", action="store_true", help="include cells that are not part of the latest run")
     rep.add_argument("--paper-view", action="store_true",
                      help="also plot accuracy vs cost reduction in paper accounting (the PTEENet/EENet view)")
     rep.set_defaults(func=cmd_report)
@@ -159,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("b", help="the results directory to compare with it")
     cmp.add_argument("--k", type=float, default=2.0,
                      help="significant: |change| > K x the pooled seed std (default 2)")
-    cmp.add_argument("--all", action="store_true", help="list unchanged metrics too")
+    cmp.add_argument("--unchanged", action="store_true", help="list unchanged metrics too")
+    cmp.add_argument("--all", action="store_true", help="include cells that are not part of the latest run")
     cmp.add_argument("--out", help="also write the comparison (Markdown) to this file")
     cmp.set_defaults(func=cmd_compare)
     return p

@@ -113,11 +113,20 @@ class Cell:
         return d
 
     def key(self) -> str:
-        """Short hash of everything that determines the result."""
+        """Short hash of everything that determines training and the trained weights (the cell's
+        identity). Evaluation-only settings (``evaluation``, ``risk_control``) are not in it: changing
+        them re-analyses a finished cell from its stored traces and weights instead of retraining."""
         d = self.to_dict()
-        d.pop("swept")
-        blob = json.dumps(d, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        for k in ("swept", "evaluation", "risk_control"):
+            d.pop(k)
+        return _hash(d)
+
+    def analysis_keys(self) -> dict[str, str]:
+        """One hash per evaluation stage: a stage whose key changed is recomputed on a rerun."""
+        ev = asdict(self.evaluation)
+        points = {k: ev[k] for k in ("grid_size", "accuracy_drop")}
+        latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads")}}
+        return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(asdict(self.risk_control))}
 
     def slug(self) -> str:
         """A readable, unique file stem: dataset__backbone__method-hparams__seedN__hash."""
@@ -125,6 +134,10 @@ class Cell:
         meth = f"{self.method}-{swept}" if swept else self.method
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in meth)[:80]
         return f"{self.dataset}__{self.backbone}__{safe}__seed{self.seed}__{self.key()}"
+
+
+def _hash(d: Any) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _short(v: Any) -> str:
@@ -213,9 +226,16 @@ def expand(matrix: dict) -> list[Cell]:
 
     _check_keys(matrix, _TOP, "")
     training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")
+    if training.epochs < 1 or training.batch_size < 1 or not training.lr > 0:
+        raise UserError(f"backbone_training: epochs and batch_size must be >= 1 and lr > 0 (got epochs="
+                        f"{training.epochs}, batch_size={training.batch_size}, lr={training.lr:g}); harness-trained "
+                        "backbones must be trained")
     evaluation = _dataclass_from(Evaluation, matrix.get("evaluation"), "evaluation")
     if any(b < 1 for b in evaluation.latency_batch_sizes):
         raise UserError("evaluation.latency_batch_sizes: batch sizes must be positive integers")
+    for k, low in (("threads", 1), ("latency_repeats", 1), ("grid_size", 2)):
+        if getattr(evaluation, k) < low:
+            raise UserError(f"evaluation.{k}: must be >= {low}, got {getattr(evaluation, k)}")
     # a `risk_control` block turns the protocol on (with its defaults for what it leaves out)
     rc = matrix.get("risk_control")
     risk_control = (RiskControl(enabled=False) if rc is None or rc is False
@@ -276,6 +296,10 @@ def expand(matrix: dict) -> list[Cell]:
             if not isinstance(val, dict):
                 raise UserError(f"methods[{i}].{key}: expected a mapping of hyper-parameter: value, got {val!r}")
         keys = list(grid)
+        for k in keys:
+            if _as_list(grid[k], f"methods[{i}].grid.{k}") == []:
+                raise UserError(f"methods[{i}].grid.{k}: empty list, which would give no cells; give at least one "
+                                "value or remove the key")
         for combo in itertools.product(*(_as_list(grid[k], f"methods[{i}].grid.{k}") for k in keys)):
             hp = {**fixed, **dict(zip(keys, combo))}
             try:
@@ -285,8 +309,8 @@ def expand(matrix: dict) -> list[Cell]:
             methods.append((m["name"], resolved, init, tuple(keys), f"methods[{i}]"))
 
     seeds = _as_list(matrix.get("seeds", [0]), "seeds")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise UserError(f"seeds: expected a list of integers, got {seeds!r}")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
 
     return [
         Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},

@@ -1,21 +1,40 @@
-"""Timing protocol for the real dynamic forward against the plain backbone (docs/MEASUREMENT.md).
+"""Timing protocol for the real dynamic forward against the plain backbone (docs/measurement.md).
 
-Both variants run on the same inputs, interleaved repeat by repeat so that drift in machine load
-hits both alike. A repeat times one pass over a fixed set of batches; we report the median and IQR
-of the per-batch time. ``realisation = (1 - latency_ratio) / (1 - macs_ratio)``: the share of the
-MACs saved on these very inputs that became wall-clock time saved.
+Both variants run on the same inputs, interleaved repeat by repeat, and the order alternates
+(backbone first on even repeats, dynamic first on odd ones) so that drift in machine load and
+cache warmth hit both alike. A repeat times one pass over a fixed set of batches; we report the
+median, IQR and p90 of the per-batch time. The latency ratio is the median of the per-repeat
+paired ratios (dynamic / backbone of the same repeat), which cancels load shared by a pair. A
+record whose IQR exceeds ``NOISY_IQR`` of its median is flagged ``noisy``.
+``realisation = (1 - latency_ratio) / (1 - macs_ratio)``: the share of the MACs saved on these
+very inputs that became wall-clock time saved; ``realisation_note`` says what its sign means.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from methods.base import MultiExitNet, Policy
+
+NOISY_IQR = 0.10  # a record whose IQR exceeds this share of its median is flagged noisy
+
+
+@contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block only; the caller's setting is restored."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -38,13 +57,25 @@ def _pass(fn: Callable[[Tensor], object], batches: list[Tensor], device: torch.d
 
 def _stats(seconds: list[float], n_batches: int) -> dict:
     ms = [s * 1e3 / n_batches for s in seconds]
-    return {"median_ms": statistics.median(ms), "iqr_ms": _quantile(ms, 0.75) - _quantile(ms, 0.25),
-            "p90_ms": _quantile(ms, 0.90), "repeats": len(ms)}
+    median, iqr = statistics.median(ms), _quantile(ms, 0.75) - _quantile(ms, 0.25)
+    return {"median_ms": median, "iqr_ms": iqr, "p90_ms": _quantile(ms, 0.90), "repeats": len(ms),
+            "noisy": bool(iqr > NOISY_IQR * median)}
 
 
 def realisation(latency_ratio: float, macs_ratio: float) -> float | None:
-    """(1 - latency_ratio) / (1 - macs_ratio); None when no MACs are saved (undefined)."""
-    return None if macs_ratio >= 1 - 1e-9 else (1 - latency_ratio) / (1 - macs_ratio)
+    """(1 - latency_ratio) / (1 - macs_ratio); None only when the MACs ratio is exactly 1 (undefined).
+    See :func:`realisation_note` for how to read it when MACs or time went up."""
+    return None if abs(1 - macs_ratio) < 1e-9 else (1 - latency_ratio) / (1 - macs_ratio)
+
+
+def realisation_note(latency_ratio: float, macs_ratio: float) -> str:
+    """A label for the realisation's sign: the number alone hides whether MACs or time went up."""
+    if abs(1 - macs_ratio) < 1e-9:
+        return "undefined: MACs ratio 1"
+    saved_macs, saved_time = macs_ratio < 1, latency_ratio < 1
+    if saved_macs:
+        return "MACs and time saved" if saved_time else "slowdown although MACs were saved"
+    return "MACs and time above the backbone" if not saved_time else "faster although MACs went up"
 
 
 @torch.no_grad()
@@ -59,8 +90,14 @@ def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, imag
     record per (variant, batch size); the dynamic record carries the exit fractions on these inputs,
     the strict MACs ratio they imply, the latency ratio and the realisation.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
+        return _measure(backbone, net, policy, images, strict_costs, batch_sizes, repeats, warmup,
+                        max_samples_batch1, max_batches)
+
+
+def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor, strict_costs: Sequence[float],
+             batch_sizes: Sequence[int], repeats: int, warmup: int, max_samples_batch1: int,
+             max_batches: int) -> list[dict]:
     device = images.device
     backbone.eval()
     net.eval()
@@ -77,15 +114,20 @@ def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, imag
             _pass(run_backbone, batches, device)
             _pass(run_dynamic, batches, device)
         t_backbone, t_dynamic = [], []
-        for _ in range(repeats):
-            t_backbone.append(_pass(run_backbone, batches, device))
-            t_dynamic.append(_pass(run_dynamic, batches, device))
+        for i in range(repeats):
+            if i % 2 == 0:  # alternate which variant goes first
+                t_backbone.append(_pass(run_backbone, batches, device))
+                t_dynamic.append(_pass(run_dynamic, batches, device))
+            else:
+                t_dynamic.append(_pass(run_dynamic, batches, device))
+                t_backbone.append(_pass(run_backbone, batches, device))
         common = {"batch_size": b, "n_batches": len(batches), "samples": len(exit_idx), "device": str(device),
                   "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
         base = {"variant": "backbone", **common, **_stats(t_backbone, len(batches))}
         dyn = {"variant": "dynamic", **common, **_stats(t_dynamic, len(batches))}
-        ratio = dyn["median_ms"] / base["median_ms"]
-        dyn.update({"latency_ratio": ratio, "macs_ratio_strict": macs_ratio,
-                    "realisation": realisation(ratio, macs_ratio), "exit_fractions": fractions.tolist()})
+        ratio = statistics.median(d / bk for d, bk in zip(t_dynamic, t_backbone))  # paired, per repeat
+        dyn.update({"latency_ratio": ratio, "ratio_of": "median of per-repeat paired ratios",
+                    "macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
+                    "realisation_note": realisation_note(ratio, macs_ratio), "exit_fractions": fractions.tolist()})
         records += [base, dyn]
     return records

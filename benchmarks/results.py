@@ -7,6 +7,7 @@ so reports can read results on any machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: setting_id, analysis keys, saved weights, population-judged risk control
 
 # Direction of every metric in the schema (lm-evaluation-harness style): comparisons and reports
 # read it instead of guessing.
@@ -75,11 +76,37 @@ def _git_commit() -> str | None:
         return None
 
 
+def tmp_path(path: str | Path) -> Path:
+    """The temporary sibling a writer fills before an atomic rename: ``.NAME.PID.tmp``. The PID lets
+    :func:`remove_orphans` tell a dead writer's leftovers from a live one's."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete temporary files in ``folder`` left by writers that are no longer running (a kill
+    between write and rename); returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        pid = p.name[:-4].rsplit(".", 1)[-1]
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = int(pid) != os.getpid()
+            except OSError:
+                alive = False
+        if not alive:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write ``data`` so that readers see the old file or the whole new one, never a torn write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, allow_nan=False, default=_jsonable)
@@ -104,14 +131,59 @@ def read_result(path: str | Path) -> dict:
         return json.load(f)
 
 
+def check_schema(result: dict, path: str | Path) -> None:
+    """A result written by a newer exitbench cannot be read safely: one-line UserError."""
+    from methods.errors import UserError
+
+    v = result.get("schema_version")
+    if isinstance(v, int) and v > SCHEMA_VERSION:
+        raise UserError(f"{path}: schema_version {v} is newer than this exitbench's ({SCHEMA_VERSION}); "
+                        "upgrade exitbench, or use another results directory")
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(results_dir: str | Path, matrix: str, cells: list[str]) -> None:
+    """Record which cells (file stems under cells/) the latest matrix run of ``results_dir`` covers;
+    reports and compare use these and list any other cells found as not part of the latest run."""
+    from datetime import datetime, timezone
+
+    write_json_atomic(Path(results_dir) / MANIFEST, {"schema_version": SCHEMA_VERSION, "matrix": matrix,
+                                                      "written": datetime.now(timezone.utc).isoformat(),
+                                                      "cells": list(cells)})
+
+
+def read_manifest(results_dir: str | Path) -> dict | None:
+    """The manifest of ``results_dir``, or None when there is none (results from before manifests)."""
+    p = Path(results_dir) / MANIFEST
+    try:
+        m = read_result(p)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("cells"), list) else None
+
+
 def result_paths(results_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(results_dir).glob("cells/*.json"))
 
 
-def load_results(results_dir: str | Path) -> list[dict]:
-    """Every cell result under ``results_dir/cells`` (unreadable files are skipped with a warning)."""
+def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split result ``paths`` into (part of the latest matrix run, not part of it) by the directory's
+    manifest; without a manifest every path counts as part of it."""
+    m = read_manifest(results_dir)
+    if m is None:
+        return list(paths), []
+    names = set(m["cells"])
+    return [p for p in paths if p.stem in names], [p for p in paths if p.stem not in names]
+
+
+def load_results(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
+    """Every cell result of the latest run under ``results_dir/cells`` (``all_cells``: every file
+    there). Unreadable files are skipped with a warning."""
     out = []
-    for p in result_paths(results_dir):
+    paths, others = latest_run(results_dir, result_paths(results_dir))
+    for p in paths + (others if all_cells else []):
         try:
             out.append(read_result(p))
         except (OSError, json.JSONDecodeError) as e:
@@ -122,10 +194,12 @@ def load_results(results_dir: str | Path) -> list[dict]:
 def summary_rows(results: list[dict]) -> list[dict]:
     """One flat row per (cell, operating point) plus one per backbone reference: the CSV summary."""
     rows = []
+    labels = setting_labels([r.get("config", {}) for r in results])
     for r in results:
         c = r.get("config", {})
         base = {"dataset": c.get("dataset"), "backbone": c.get("backbone"), "method": c.get("method"),
-                "setting": setting_label(c), "seed": c.get("seed"), "status": r.get("status"), "cell": r.get("cell")}
+                "setting": labels.get(label_key(r), setting_label(c)), "setting_id": result_setting_id(r),
+                "seed": c.get("seed"), "status": r.get("status"), "cell": r.get("cell")}
         if r.get("status") != "ok":
             rows.append({**base, "error": r.get("error") or r.get("reason")})
             continue
@@ -147,14 +221,76 @@ def summary_rows(results: list[dict]) -> list[dict]:
                     if dyn:
                         row[f"latency_ratio_b{bs}"] = dyn["latency_ratio"]
                         row[f"realisation_b{bs}"] = dyn["realisation"]
+                        row[f"noisy_b{bs}"] = bool(dyn.get("noisy") or lat.get(("backbone", bs), {}).get("noisy"))
             row["train_seconds"] = r.get("training", {}).get("seconds")
             rows.append(row)
     return rows
 
 
+# What a method setting is: everything that makes two cells of one (dataset, backbone) panel more
+# than seeds of each other. Seed, dataset and backbone are the other axes; evaluation settings are
+# re-analysed in place, so they are not part of it.
+SETTING_FIELDS = ("method", "method_version", "hparams", "init", "backbone_training", "weights", "small_stem")
+
+
+def setting_id(config: dict) -> str:
+    """The identity of a cell's method setting: a short hash of its full resolved configuration
+    (``SETTING_FIELDS``). Seeds are pooled only within one setting_id; labels are for reading only."""
+    d = {k: config.get(k) for k in SETTING_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def result_setting_id(result: dict) -> str:
+    """The stored ``setting_id`` of a result, or the one its config gives (results from before it was stored)."""
+    return result.get("setting_id") or setting_id(result.get("config") or {})
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
 def setting_label(config: dict) -> str:
-    """A short label of a cell's method setting, e.g. ``pteenet lam=1``."""
+    """A short label of a cell's method setting from its swept keys, e.g. ``pteenet lam=1`` (not unique:
+    see :func:`setting_labels`)."""
     hp = config.get("hparams", {})
     swept = config.get("swept", [])
-    parts = [f"{k}={hp[k]:g}" if isinstance(hp.get(k), float) else f"{k}={hp.get(k)}" for k in swept]
-    return " ".join([config.get("method", "?"), *parts])
+    return " ".join([config.get("method", "?"), *(f"{k}={_fmt(hp.get(k))}" for k in swept)])
+
+
+def _setting_fields(config: dict) -> dict[str, Any]:
+    out = {k: v for k, v in (config.get("hparams") or {}).items()}
+    for k in ("init", "weights", "small_stem", "method_version"):
+        out[k] = config.get(k)
+    for k, v in (config.get("backbone_training") or {}).items():
+        out[f"backbone.{k}"] = v
+    return out
+
+
+def setting_labels(configs: list[dict]) -> dict[tuple[str, str, str], str]:
+    """(dataset, backbone, setting_id) -> a short label, unique within its (dataset, backbone) panel:
+    the swept keys, plus every field that tells apart settings which would otherwise share a label
+    (e.g. ``pteenet loss=v1`` / ``pteenet loss=v2``)."""
+    by_id = {(c.get("dataset"), c.get("backbone"), setting_id(c)): c for c in configs if c}
+    groups: dict[tuple, list[tuple]] = {}
+    for sid, c in by_id.items():
+        groups.setdefault((sid[0], sid[1], setting_label(c)), []).append(sid)
+    out = {}
+    for (_, _, label), sids in groups.items():
+        if len(sids) == 1:
+            out[sids[0]] = label
+            continue
+        fields = {sid: _setting_fields(by_id[sid]) for sid in sids}
+        keys = sorted({k for f in fields.values() for k in f
+                       if len({_fmt(g.get(k)) for g in fields.values()}) > 1})
+        for sid in sids:
+            out[sid] = " ".join([label, *(f"{k}={_fmt(fields[sid].get(k))}" for k in keys)])
+    seen: dict[tuple, int] = {}
+    for sid, lab in out.items():
+        seen[sid[:2], lab] = seen.get((sid[:2], lab), 0) + 1
+    return {sid: (f"{lab} [{sid[2][:6]}]" if seen[sid[:2], lab] > 1 else lab) for sid, lab in out.items()}
+
+
+def label_key(result: dict) -> tuple[str, str, str]:
+    """The key of a result in :func:`setting_labels`."""
+    c = result.get("config") or {}
+    return (c.get("dataset"), c.get("backbone"), result_setting_id(result))

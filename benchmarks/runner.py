@@ -3,8 +3,9 @@
 A cell: load the splits, prepare the backbone (pretrained, a file, or trained here and cached), let
 the method place exits, build and fit its net, record one trace per split, sweep the threshold grid
 on the traces, pick operating points on calibration and report them on test, and time the real
-dynamic forward against the backbone. Each cell's JSON is written atomically; a rerun skips cells
-whose result exists.
+dynamic forward against the backbone, and run the risk-control protocol. Each cell's JSON, traces
+and trained weights are written atomically. A rerun reuses finished cells, re-analyses (from stored
+traces and weights, training nothing) those whose evaluation-only settings changed, and retries errors.
 """
 
 from __future__ import annotations
@@ -25,8 +26,18 @@ from benchmarks import backbones as bb
 from benchmarks.config import Cell
 from benchmarks.data import Splits, load_splits, make_loader, to_tensors
 from benchmarks.flops import MACS_COUNTER, cost_table, head_macs
-from benchmarks.latency import measure_latency
-from benchmarks.results import HIGHER_IS_BETTER, SCHEMA_VERSION, env_fingerprint, read_result, write_json_atomic
+from benchmarks.latency import measure_latency, num_threads
+from benchmarks.results import (
+    HIGHER_IS_BETTER,
+    SCHEMA_VERSION,
+    env_fingerprint,
+    read_result,
+    remove_orphans,
+    setting_id,
+    tmp_path,
+    write_json_atomic,
+    write_manifest,
+)
 from benchmarks.risk_protocol import run_protocol
 from benchmarks.traces import Sweep, Trace, collect_trace, evaluate, threshold_grid
 from benchmarks.training import method_trainer, predict_logits, train_backbone
@@ -83,10 +94,7 @@ def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path) -> tuple[Stage
     budget = cell.backbone_training
     loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed)}
     stats = train_backbone(backbone, loaders, budget)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    bb.save_weights(backbone, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+    bb.save_weights(backbone, path)  # atomic: a crash never leaves a half-written cache entry
     write_json_atomic(stats_path, stats)
     return backbone, {"weights": "train", "cache": str(path), "cached": False, **stats}
 
@@ -133,10 +141,148 @@ def per_exit_point(cal: Trace, test: Trace, score: str, strict: list[float], pap
                   feasible=True, chosen_on="calibration", search="coordinate descent per exit")
 
 
-def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None) -> dict:
-    """Run one cell and return its result dict (status ``ok``); raises on failure."""
+def _save_net(net: torch.nn.Module, path: Path) -> None:
+    """The trained multi-exit net's weights (safetensors; shared tensors stored once; atomic)."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    save_model(net, str(tmp))
+    tmp.replace(path)
+
+
+def _load_net(net: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    load_model(net, str(path), strict=True)  # safetensors: no pickle, nothing executed
+
+
+def _files(out_dir: Path, cell: Cell) -> dict[str, Path]:
+    slug = cell.slug()
+    return {"calibration": out_dir / "traces" / f"{slug}.calibration.safetensors",
+            "test": out_dir / "traces" / f"{slug}.test.safetensors",
+            "weights": out_dir / "weights" / f"{slug}.safetensors"}
+
+
+def _policy(method, point: dict, n_exits: int) -> ThresholdPolicy:
+    thr = point["threshold"]
+    return (ThresholdPolicy(method.score, tuple(float(t) for t in thr)) if isinstance(thr, list)
+            else ThresholdPolicy.shared(method.score, float(thr), n_exits))
+
+
+# ---------------------------------------------------------------------------------------------- stages
+# A cell runs as named stages: data -> backbone -> fit -> traces + weights -> operating points ->
+# latency -> risk control -> result. The first four are keyed by Cell.key(); each later one by its own
+# analysis key, so a rerun after an evaluation-only change recomputes only the stages whose key changed.
+
+
+def stage_points(cell: Cell, method, traces: dict[str, Trace], strict: list[float], paper: list[float],
+                 bb_cal_acc: float) -> dict:
+    """Threshold sweep on both splits and the operating points, chosen on calibration, reported on test."""
     ev = cell.evaluation
-    torch.set_num_threads(ev.threads)
+    grid = threshold_grid(traces["calibration"], method.score, ev.grid_size)
+    cal_sweep = evaluate(traces["calibration"], method.score, grid, strict, paper)
+    test_sweep = evaluate(traces["test"], method.score, grid, strict, paper)
+    points = operating_points(cal_sweep, test_sweep, bb_cal_acc, ev.accuracy_drop)
+    if method.per_exit_thresholds:  # the method's own kind of operating point leads (latency is timed there)
+        points.insert(0, per_exit_point(traces["calibration"], traces["test"], method.score, strict, paper,
+                                        bb_cal_acc, ev.accuracy_drop))
+    default = method.default_thresholds()
+    if default is not None:
+        th = torch.tensor([default], dtype=torch.float64)
+        cal_d = evaluate(traces["calibration"], method.score, th, strict, paper)
+        test_d = evaluate(traces["test"], method.score, th, strict, paper)
+        points.append(_point("method_default", 0, cal_d, test_d, feasible=True, chosen_on="hyper-parameter"))
+    sweep = {"score": method.score, "thresholds": [_finite(x) for x in grid.tolist()],
+             "note": "thresholds from calibration-score quantiles; metrics on each split",
+             "test": _sweep_dict(test_sweep), "calibration": _sweep_dict(cal_sweep)}
+    return {"sweep": sweep, "operating_points": points}
+
+
+def stage_latency(cell: Cell, method, backbone, net, points: list[dict], test_x: torch.Tensor,
+                  strict: list[float]) -> list[dict]:
+    """The real dynamic forward against the backbone at the headline operating point."""
+    ev = cell.evaluation
+    headline = points[0]
+    if not (ev.latency and headline.get("feasible")):
+        return []
+    headline["latency"] = True
+    return measure_latency(backbone, net, _policy(method, headline, net.num_exits - 1), test_x, strict,
+                           batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats, threads=ev.threads)
+
+
+def stage_risk(cell: Cell, method, traces: dict[str, Trace], strict: list[float], seed: int) -> dict | None:
+    """The risk-control protocol, offline on the traces: seconds, not network passes."""
+    rc = cell.risk_control
+    if not rc.enabled:
+        return None
+    return run_protocol(traces["calibration"], traces["test"], strict,
+                        score="confidence" if method.score == "confidence" else "max_softmax",
+                        rules=rc.rules, risks=rc.risks, eps=rc.eps, delta=rc.delta, n_cal=rc.n_cal or None,
+                        trials=rc.trials, seed=seed)
+
+
+def _rebuild(cell: Cell, splits: Splits, method, weights: Path):
+    """The reference backbone (architecture only: timing does not depend on its weights) and the
+    trained net from its saved weights. Nothing is trained."""
+    torch.manual_seed(cell.seed)
+    backbone = make_backbone(cell, splits, weights=False)
+    backbone.eval()
+    exits = method.place_exits(backbone)
+    start_from = copy.deepcopy(backbone) if method.trains_backbone else make_backbone(cell, splits, weights=False)
+    net = method.build(start_from, exits, splits.info.num_classes)
+    _load_net(net, weights)
+    net.eval()
+    return backbone, net
+
+
+def reanalyse(cell: Cell, previous: dict, out_dir: Path, *, download: bool = False,
+              memo: dict | None = None) -> tuple[dict, list[str]]:
+    """Recompute the evaluation stages of a finished cell whose analysis keys changed, from its stored
+    traces and weights; returns the new result and the names of the stages recomputed."""
+    start = time.perf_counter()
+    with num_threads(cell.evaluation.threads):
+        keys, old = cell.analysis_keys(), previous.get("analysis") or {}
+        files = _files(out_dir, cell)
+        traces = {s: Trace.load(files[s]) for s in ("calibration", "test")}
+        strict = [x["rel_macs_strict"] for x in previous["exits"]]
+        paper = [x["rel_macs_paper"] for x in previous["exits"]]
+        method = get_method(cell.method)(**cell.hparams)
+        result = copy.deepcopy(previous)
+        redo = [k for k in ("points", "latency", "risk_control") if keys[k] != old.get(k)]
+        if "points" in redo:
+            result.update(stage_points(cell, method, traces, strict, paper,
+                                       previous["backbone"]["calibration_accuracy"]))
+            redo = list(dict.fromkeys([*redo, "latency"]))  # latency is timed at the headline point
+        if "latency" in redo:
+            for p in result["operating_points"]:
+                p.pop("latency", None)
+            result["latency"] = []
+            if cell.evaluation.latency and result["operating_points"][0].get("feasible"):
+                splits = _splits(cell, download, {} if memo is None else memo)
+                backbone, net = _rebuild(cell, splits, method, files["weights"])
+                result["latency"] = stage_latency(cell, method, backbone, net, result["operating_points"],
+                                                  to_tensors(splits.test)[0], strict)
+        if "risk_control" in redo:
+            risk = stage_risk(cell, method, traces, strict, cell.seed)
+            result.pop("risk_control", None)
+            if risk is not None:
+                result["risk_control"] = risk
+        result["config"] = {**previous["config"], **cell.to_dict()}
+        result["analysis"] = keys
+        result["env_analysis"] = env_fingerprint("cpu", cell.evaluation.threads)
+        result["reanalysed"] = {"stages": redo, "seconds": time.perf_counter() - start}
+    return result, redo
+
+
+def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None) -> dict:
+    """Run one cell from scratch and return its result dict (status ``ok``); raises on failure."""
+    with num_threads(cell.evaluation.threads):
+        return _run_cell(cell, out_dir, cache_dir, download, memo)
+
+
+def _run_cell(cell: Cell, out_dir: Path, cache_dir: Path, download: bool, memo: dict | None) -> dict:
+    ev = cell.evaluation
     start = time.perf_counter()
     splits = _splits(cell, download, {} if memo is None else memo)
     num_classes = splits.info.num_classes
@@ -168,44 +314,17 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
     net.eval()
 
     traces = {"calibration": collect_trace(net, cal_x, cal_y), "test": collect_trace(net, test_x, test_y)}
-    trace_dir = out_dir / "traces"
-    trace_dir.mkdir(parents=True, exist_ok=True)
+    files = _files(out_dir, cell)
     for split, tr in traces.items():
-        tmp = trace_dir / f".{cell.slug()}.{split}.tmp"
+        files[split].parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path(files[split])
         tr.save(tmp)
-        tmp.replace(trace_dir / f"{cell.slug()}.{split}.safetensors")
+        tmp.replace(files[split])
+    _save_net(net, files["weights"])
 
-    grid = threshold_grid(traces["calibration"], method.score, ev.grid_size)
-    cal_sweep = evaluate(traces["calibration"], method.score, grid, table.strict, table.paper)
-    test_sweep = evaluate(traces["test"], method.score, grid, table.strict, table.paper)
-    points = operating_points(cal_sweep, test_sweep, bb_cal_acc, ev.accuracy_drop)
-    if method.per_exit_thresholds:  # the method's own kind of operating point leads (latency is timed there)
-        points.insert(0, per_exit_point(traces["calibration"], traces["test"], method.score, table.strict,
-                                        table.paper, bb_cal_acc, ev.accuracy_drop))
-    default = method.default_thresholds()
-    if default is not None:
-        th = torch.tensor([default], dtype=torch.float64)
-        cal_d = evaluate(traces["calibration"], method.score, th, table.strict, table.paper)
-        test_d = evaluate(traces["test"], method.score, th, table.strict, table.paper)
-        points.append(_point("method_default", 0, cal_d, test_d, feasible=True, chosen_on="hyper-parameter"))
-
-    latency: list[dict] = []
-    headline = points[0]
-    if ev.latency and headline.get("feasible"):
-        thr = headline["threshold"]
-        policy = (ThresholdPolicy(method.score, tuple(float(t) for t in thr)) if isinstance(thr, list)
-                  else ThresholdPolicy.shared(method.score, float(thr), len(exits)))
-        latency = measure_latency(backbone, net, policy, test_x, table.strict, batch_sizes=ev.latency_batch_sizes,
-                                  repeats=ev.latency_repeats, threads=ev.threads)
-        headline["latency"] = True
-
-    risk = None
-    if cell.risk_control.enabled:  # offline, on the traces: seconds, not network passes
-        rc = cell.risk_control
-        risk = run_protocol(traces["calibration"], traces["test"], table.strict,
-                            score="confidence" if method.score == "confidence" else "max_softmax",
-                            rules=rc.rules, risks=rc.risks, eps=rc.eps, delta=rc.delta, n_cal=rc.n_cal or None,
-                            trials=rc.trials, seed=cell.seed)
+    analysed = stage_points(cell, method, traces, table.strict, table.paper, bb_cal_acc)
+    latency = stage_latency(cell, method, backbone, net, analysed["operating_points"], test_x, table.strict)
+    risk = stage_risk(cell, method, traces, table.strict, cell.seed)
 
     test_preds = traces["test"].predictions()
     cal_preds = traces["calibration"].predictions()
@@ -222,12 +341,15 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
             "test_accuracy": (test_preds[k] == test_y).double().mean().item(),
         })
 
+    config = {**cell.to_dict(), "method_version": method.version, "score": method.score,
+              "trains_backbone": method.trains_backbone}
     return {
         "schema_version": SCHEMA_VERSION,
         "status": "ok",
         "cell": cell.slug(),
-        "config": {**cell.to_dict(), "method_version": method.version, "score": method.score,
-                   "trains_backbone": method.trains_backbone},
+        "setting_id": setting_id(config),
+        "config": config,
+        "analysis": cell.analysis_keys(),
         "env": env_fingerprint("cpu", ev.threads),
         "higher_is_better": HIGHER_IS_BETTER,
         "data": {"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
@@ -237,13 +359,11 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
                      "small_stem": getattr(backbone, "small_stem", None), "training": backbone_stats},
         "exits": exit_rows,
         "training": train_stats,
-        "sweep": {"score": method.score, "thresholds": [_finite(x) for x in grid.tolist()],
-                  "note": "thresholds from calibration-score quantiles; metrics on each split",
-                  "test": _sweep_dict(test_sweep), "calibration": _sweep_dict(cal_sweep)},
-        "operating_points": points,
+        **analysed,
         "latency": latency,
         **({"risk_control": risk} if risk is not None else {}),
         "traces": {s: f"traces/{cell.slug()}.{s}.safetensors" for s in traces},
+        "weights": f"weights/{cell.slug()}.safetensors",
         "seconds": time.perf_counter() - start,
     }
 
@@ -262,27 +382,57 @@ def cell_path(out_dir: Path, cell: Cell) -> Path:
     return out_dir / "cells" / f"{cell.slug()}.json"
 
 
+def existing(path: Path) -> dict | None:
+    """The stored result at ``path``, or None when there is none or it is unreadable (recomputed)."""
+    try:
+        r = read_result(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return r if isinstance(r, dict) and "status" in r else None
+
+
+def _reusable(previous: dict | None, cell: Cell, out_dir: Path) -> str:
+    """'reuse', 'reanalyse' or 'run' for a cell given its stored result."""
+    if previous is None or previous.get("status") not in ("ok", "skipped"):
+        return "run"
+    if previous["status"] == "skipped":
+        return "reuse"
+    if previous.get("schema_version") != SCHEMA_VERSION or not all(p.exists() for p in _files(out_dir, cell).values()):
+        return "run"  # from an older exitbench, or its traces/weights are gone: recompute from scratch
+    return "reuse" if previous.get("analysis") == cell.analysis_keys() else "reanalyse"
+
+
 def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: bool = False,
-               progress: bool = True) -> dict[str, int]:
+               progress: bool = True, matrix: str = "matrix") -> dict[str, int]:
     """Run every cell not already done; an error in one cell is recorded there and the rest go on.
 
-    Cells whose JSON exists with status ``ok`` or ``skipped`` are not run again; errors are retried.
+    A cell whose result exists with status ``ok`` and the same analysis keys is reused; one whose
+    evaluation settings changed is re-analysed from its traces and weights (nothing is trained);
+    errors are retried. The directory's manifest records the cells of this run.
     """
-    counts = {"ok": 0, "error": 0, "skipped": 0, "reused": 0}
+    counts = {"ok": 0, "error": 0, "skipped": 0, "reused": 0, "reanalysed": 0}
+    for folder in ("cells", "traces", "weights"):
+        remove_orphans(out_dir / folder)
+    remove_orphans(cache_dir)
+    write_manifest(out_dir, matrix, [c.slug() for c in cells])
     memo: dict = {}
     bar = tqdm(cells, desc="cells", unit="cell", disable=not progress)
     for cell in bar:
         path = cell_path(out_dir, cell)
         bar.set_postfix_str(f"{cell.backbone} {cell.method}")
-        if path.exists():
-            try:
-                if read_result(path).get("status") in ("ok", "skipped"):
-                    counts["reused"] += 1
-                    continue
-            except (OSError, json.JSONDecodeError):
-                pass  # a damaged file is recomputed
+        previous = existing(path)
+        todo = _reusable(previous, cell, out_dir)
+        if todo == "reuse":
+            counts["reused"] += 1
+            tqdm.write(f"reused {cell.slug()}")
+            continue
         try:
-            result = run_cell(cell, out_dir, cache_dir, download=download, memo=memo)
+            if todo == "reanalyse":
+                result, stages = reanalyse(cell, previous, out_dir, download=download, memo=memo)
+                tqdm.write(f"re-analysed {cell.slug()} ({', '.join(stages)}) in {result['reanalysed']['seconds']:.1f} s"
+                           ", nothing trained")
+            else:
+                result = run_cell(cell, out_dir, cache_dir, download=download, memo=memo)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # recorded in the cell's JSON; the other cells still run
@@ -292,7 +442,7 @@ def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: b
                       "env": env_fingerprint("cpu", cell.evaluation.threads)}
             tqdm.write(f"error in {cell.slug()}: {msg}")
         write_json_atomic(path, result)
-        counts[result["status"]] += 1
+        counts["reanalysed" if todo == "reanalyse" and result["status"] == "ok" else result["status"]] += 1
     return counts
 
 

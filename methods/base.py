@@ -110,6 +110,13 @@ def place_exits(candidates: Sequence[ExitPoint], total_macs: int, n_exits: int,
         targets = list(placement)
         if not targets:
             raise UserError("placement: the explicit list is empty; give block names or cost fractions")
+        fracs = [t for t in targets if not isinstance(t, str)]
+        if any(not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < 1 for t in fracs):
+            raise UserError(f"placement: cost fractions must be numbers strictly between 0 and 1, "
+                            f"got {list(placement)}")
+        if any(b <= a for a, b in zip(fracs, fracs[1:])):
+            raise UserError(f"placement: the list {list(placement)} must increase (exits in depth order), "
+                            f"e.g. {sorted(fracs)}")
     by_name = {c.name: c for c in candidates}
     chosen: list[ExitPoint] = []
     for i, t in enumerate(targets):
@@ -276,11 +283,61 @@ Trainer = Callable[..., dict]
 
 @dataclass
 class HParam:
-    """A method hyper-parameter: its default, a one-line help, and allowed values (if a choice)."""
+    """A method hyper-parameter: its default, a one-line help, allowed values (if a choice) and, for
+    numbers, a range [low, high] (``positive``: > 0). The type is the default's: an int default takes
+    integers, a float default any number, a tuple default a list or tuple. Shared names (epochs, lr,
+    batch_size, ...) get their usual range from ``COMMON_RANGES`` unless the HParam sets its own."""
 
     default: Any
     help: str = ""
     choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    positive: bool = False
+
+    def check(self, name: str, value: Any, method: str) -> None:
+        """Raise a one-line UserError when ``value`` has the wrong type or lies outside the range."""
+        where = f"method {method}: {name}={value!r}"
+        if self.choices is not None:
+            if value not in self.choices:
+                raise UserError(f"{where} is not one of {list(self.choices)}")
+            return
+        d = self.default
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(d, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: expected true or false")
+            return
+        if isinstance(d, int) and not (number and float(value).is_integer()):
+            raise UserError(f"{where}: expected an integer ({self.help or 'see exitbench list'})")
+        if isinstance(d, float) and not number:
+            raise UserError(f"{where}: expected a number ({self.help or 'see exitbench list'})")
+        if isinstance(d, tuple) and not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list like {list(d)}")
+        low, high, positive = self.low, self.high, self.positive
+        if (low, high, positive) == (None, None, False):
+            low, high, positive = COMMON_RANGES.get(name, (None, None, False))
+        if number:
+            if positive and not value > 0:
+                raise UserError(f"{where}: must be > 0")
+            if low is not None and value < low:
+                raise UserError(f"{where}: must be >= {low:g}")
+            if high is not None and value > high:
+                raise UserError(f"{where}: must be <= {high:g}")
+
+
+# Usual ranges of the hyper-parameter names methods share: (low, high, strictly positive).
+COMMON_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "epochs": (1, None, False),  # a method must train: 0 would report an untrained net as a result
+    "batch_size": (1, None, False),
+    "lr": (None, None, True),
+    "weight_decay": (0, None, False),
+    "n_exits": (1, None, False),
+    "lam": (0, None, False),
+    "tau": (0, 1, False),
+    "branch_depth": (0, None, False),
+    "pool_size": (1, None, False),
+}
 
 
 class Method:
@@ -308,8 +365,8 @@ class Method:
         self.hp: dict[str, Any] = {k: v.default for k, v in self.hparams.items()}
         self.hp.update(hparams)
         for k, spec in self.hparams.items():
-            if spec.choices is not None and self.hp[k] not in spec.choices:
-                raise UserError(f"method {self.name}: {k}={self.hp[k]!r} is not one of {list(spec.choices)}")
+            if k in hparams or spec.choices is not None:
+                spec.check(k, self.hp[k], self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hp.items())})"
@@ -385,6 +442,9 @@ def get_method(name: str) -> type[Method]:
         cls = ep.load()
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise UserError(f"method: entry point {name!r} ({ep.value}) is not a methods.base.Method subclass")
+        if cls.name != name:  # results record cls.name: two names for one method would split its rows
+            raise UserError(f"method: entry point {name!r} ({ep.value}) loads a class named {cls.name!r}; "
+                            f"make the entry-point name and the class's `name` the same")
         _REGISTRY.setdefault(name, cls)
     return _REGISTRY[name]
 

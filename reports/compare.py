@@ -1,7 +1,8 @@
 """``exitbench compare A B``: what changed between two results directories.
 
-Cells are matched by (dataset, backbone, method setting, seed) and metrics are compared per method
-setting over seeds. The direction of each metric comes from the results' declared ``higher_is_better``.
+Cells are matched by (dataset, backbone, setting_id, seed): settings that differ in anything are never
+paired, and every cell without a partner is listed. Metrics are compared per method setting over
+seeds. The direction of each metric comes from the results' declared ``higher_is_better``.
 A change is called significant only when it exceeds ``k`` times the pooled seed spread
 sqrt((s_A^2 + s_B^2) / 2), which needs at least two seeds on both sides; with one seed nothing is
 significant, and the report says so. New failures, missing cells, version and machine mismatches and
@@ -59,8 +60,17 @@ def metrics_for(results: list[dict]) -> list[Metric]:
     return ms
 
 
+def _setting_key(r: dict) -> tuple:
+    return (*load.panel_key(r), r.get("_setting_id") or load.result_setting_id(r))
+
+
 def _cell_key(r: dict) -> tuple:
-    return (*load.setting_key(r), str(load.seed(r)))
+    return (*_setting_key(r), str(load.seed(r)))
+
+
+def _labels(*sides: list[dict]) -> dict[str, str]:
+    """setting_id -> label for display (the later side's label wins)."""
+    return {r.get("_setting_id") or load.result_setting_id(r): load.setting(r) for rs in sides for r in rs}
 
 
 def _cells(results: list[dict]) -> dict[tuple, dict]:
@@ -90,7 +100,8 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
     """Failures, missing cells, version / machine mismatches and changed configurations."""
     out = []
     ca, cb = _cells(a), _cells(b)
-    name = lambda k: f"{k[1]} on {k[0]}, {k[2]}, seed {k[3]}"
+    labels = _labels(a, b)
+    name = lambda k: f"{k[1]} on {k[0]}, {labels.get(k[2], k[2])} [{k[2][:6]}], seed {k[3]}"
     for k in sorted(cb, key=load.natural_key):
         rb, ra = cb[k], ca.get(k)
         if rb.get("status") == "error":
@@ -102,14 +113,10 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
             out.append(f"fixed: {name(k)} (an error in A, ok in B)")
         elif rb.get("status") == "skipped" and ra is not None and ra.get("status") == "ok":
             out.append(f"newly skipped: {name(k)}: {rb.get('reason')}")
-    missing = [k for k in ca if k not in cb]
-    if missing:
-        out.append(f"missing in B: {len(missing)} cells (" + "; ".join(name(k) for k in sorted(missing)[:4])
-                   + ("; ..." if len(missing) > 4 else "") + ")")
-    new = [k for k in cb if k not in ca]
-    if new:
-        out.append(f"only in B: {len(new)} cells (" + "; ".join(name(k) for k in sorted(new)[:4])
-                   + ("; ..." if len(new) > 4 else "") + ")")
+    # unmatched cells are listed one by one: a setting that changed shows up here, never mis-paired
+    for side, ks in (("only in A (no match in B)", [k for k in ca if k not in cb]),
+                     ("only in B (no match in A)", [k for k in cb if k not in ca])):
+        out += [f"{side}: {name(k)}" for k in sorted(ks, key=load.natural_key)]
     okA, okB = load.ok(a), load.ok(b)
     pkgs = sorted({p for r in okA + okB for p in ((r.get("env") or {}).get("packages") or {})})
     checks: list[tuple[str, Callable[[dict], object]]] = [
@@ -165,7 +172,7 @@ def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
     """Per (method setting, metric) present on both sides, over the seeds both sides have: the change and
     its verdict."""
     hib = {**load.directions(load.ok(a)), **load.directions(load.ok(b))}
-    ga, gb = load.by_setting(a), load.by_setting(b)
+    ga, gb = load.group(load.ok(a), _setting_key), load.group(load.ok(b), _setting_key)
     out = []
     mets = metrics_for(load.ok(a) + load.ok(b))
     for key in sorted(set(ga) & set(gb), key=load.natural_key):
@@ -220,13 +227,15 @@ def render(a_dir: str | Path, b_dir: str | Path, a: list[dict], b: list[dict], k
     lines += ["", f"## Changes: {len(moved)} of {len(cs)} metrics moved; {len(sig)} significant "
                   f"({nb} better, {len(sig) - nb} worse)", ""]
     rows = cs if show_all else moved
+    labels = _labels(a, b)
     if rows:
         lines += ["| dataset | backbone | method | metric | better | A | B | change | verdict |",
                   "| :--- | :--- | :--- | :--- | :---: | ---: | ---: | ---: | :--- |"]
         for c in rows:
             arrow = "?" if c.higher is None else "↑" if c.higher else "↓"
             d = (c.b[0] - c.a[0]) * c.metric.scale
-            lines.append(f"| {c.key[0]} | {c.key[1]} | {c.key[2]} | {c.metric.label} | {arrow} | "
+            lab = labels.get(c.key[2], c.key[2])
+            lines.append(f"| {c.key[0]} | {c.key[1]} | {lab} | {c.metric.label} | {arrow} | "
                          f"{_fmt(c.a, c.metric)} | {_fmt(c.b, c.metric)} | {d:+.{c.metric.digits}f} | {c.verdict} |")
     else:
         lines.append("No metric moved." if cs else "No method setting has results on both sides.")
@@ -239,11 +248,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         if args.k <= 0:
             raise load.ReportError(f"--k must be positive, not {args.k:g}")
-        a, b = load.load_cells(args.a), load.load_cells(args.b)
-    except load.ReportError as e:
+        a, b = load.load_cells(args.a, args.all), load.load_cells(args.b, args.all)
+    except load.UserError as e:
         print(f"exitbench: error: {e}", file=sys.stderr)
         return 2
-    text = render(args.a, args.b, a, b, args.k, args.all)
+    text = render(args.a, args.b, a, b, args.k, args.unchanged)
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

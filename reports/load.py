@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import HIGHER_IS_BETTER, setting_label
+from benchmarks.results import (
+    HIGHER_IS_BETTER,
+    check_schema,
+    label_key,
+    latest_run,
+    result_setting_id,  # noqa: F401  (re-exported for reports.compare)
+    setting_label,
+    setting_labels,
+)
 from methods.errors import UserError
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -51,11 +59,18 @@ def result_files(results_dir: str | Path) -> list[Path]:
     return paths
 
 
-def load_cells(results_dir: str | Path) -> list[dict]:
-    """Every readable cell result under ``results_dir/cells`` (or ``results_dir`` itself), each with
-    ``_path`` and ``_mtime`` added. Unreadable files are skipped with a warning on stderr."""
+def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
+    """Every readable cell result of the latest run under ``results_dir/cells`` (or ``results_dir``
+    itself), each with ``_path``, ``_mtime``, ``_setting_id`` and a unique short ``_label`` added.
+    Cells the directory's manifest does not list are left out, and named on stderr, unless
+    ``all_cells``. Unreadable files are skipped with a warning on stderr."""
+    paths, others = latest_run(results_dir, result_files(results_dir))
+    if others and not all_cells:
+        names = ", ".join(p.stem for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        print(f"exitbench: note: {len(others)} cells in {results_dir} are not part of the latest run ({names}); "
+              "--all includes them", file=sys.stderr)
     out = []
-    for p in result_files(results_dir):
+    for p in paths + (others if all_cells else []):
         try:
             r = json.loads(p.read_text())
         except (OSError, ValueError) as e:
@@ -64,11 +79,16 @@ def load_cells(results_dir: str | Path) -> list[dict]:
         if not isinstance(r, dict) or "status" not in r:
             print(f"exitbench: warning: skipping {p}: not a cell result", file=sys.stderr)
             continue
+        check_schema(r, p)
         r["_path"] = str(p)
         r["_mtime"] = p.stat().st_mtime
+        r["_setting_id"] = result_setting_id(r)
         out.append(r)
     if not out:
         raise ReportError(f"{results_dir}: no readable cell results")
+    labels = setting_labels([config(r) for r in out])
+    for r in out:
+        r["_label"] = labels.get(label_key(r)) or setting(r)
     return out
 
 
@@ -90,6 +110,9 @@ def panel_key(r: dict) -> tuple[str, str]:
 
 
 def setting(r: dict) -> str:
+    """The short label of a result's method setting (unique per setting_id among the loaded results)."""
+    if r.get("_label"):
+        return r["_label"]
     c = config(r)
     return setting_label(c) if c else str(r.get("cell", "?"))
 

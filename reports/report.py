@@ -42,9 +42,9 @@ def _failures(results: list[dict]) -> list[str]:
 
 
 def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False,
-          log=None) -> dict[str, list[Path] | Path]:
+          log=None, all_cells: bool = False) -> dict[str, list[Path] | Path]:
     """Write the whole report for ``results_dir`` into ``out_dir``; returns the paths written."""
-    results = load.load_cells(results_dir)
+    results = load.load_cells(results_dir, all_cells)
     out = Path(out_dir)
     fig_dir, tab_dir = out / "figures", out / "tables"
     written: dict = {"figures": [], "tables": []}
@@ -208,8 +208,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else Path(args.results) / "report"
     try:
-        written = build(args.results, out, paper_view=args.paper_view)
-    except load.ReportError as e:
+        written = build(args.results, out, paper_view=args.paper_view, all_cells=getattr(args, "all", False))
+    except load.UserError as e:
         print(f"exitbench: error: {e}", file=sys.stderr)
         return 2
     n_fig = sum(p.suffix == ".png" for p in written["figures"])

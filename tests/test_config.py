@@ -32,7 +32,7 @@ def test_grid_expands_and_records_the_swept_keys():
     ({"methods": [{"name": "pteenet", "init": "scratch"}]}, "methods[0].init: scratch needs a method that trains"),
     ({"methods": [{"name": "pteenet", "init": "random"}]}, "methods[0].init: expected backbone or scratch"),
     ({"exits": {"n_exit": 2}, "methods": ["pteenet"]}, "exits.n_exit: unknown key; did you mean 'n_exits'"),
-    ({"methods": ["pteenet"], "seeds": ["a"]}, "seeds: expected a list of integers"),
+    ({"methods": ["pteenet"], "seeds": ["a"]}, "seeds: expected a non-empty list of integers"),
     ({"methods": ["pteenet"], "evaluation": {"grid_size": "many"}}, "evaluation.grid_size: expected a number"),
     ({"methods": ["pteenet"], "backbone_training": {"epoch": 2}}, "did you mean 'epochs'"),
     ({"methods": [{"name": "pteenet", "grid": {"lam": [1], "bogus": [1]}}]}, "unknown hyper-parameter 'bogus'"),

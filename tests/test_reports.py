@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,9 +196,10 @@ def test_compare_flags_failures_versions_and_significant_changes(tmp_path, capsy
     b = _variant(tmp_path)
     assert main(["compare", str(DATA), str(b), "--out", str(tmp_path / "cmp.md")]) == 0
     out = capsys.readouterr().out
-    assert "NEW FAILURE: resnet18 on digits, pteenet lam=2, seed 0: RuntimeError: out of memory" in out
+    assert re.search(r"NEW FAILURE: resnet18 on digits, pteenet lam=2 \[\w{6}\], seed 0: RuntimeError: out of memory",
+                     out)
     assert "version mismatch: torch version 2.15.0 (A) vs 9.9.9 (B)" in out
-    assert "missing in B: 1 cells (resnet18 on digits, sdn, seed 1)" in out
+    assert re.search(r"only in A \(no match in B\): resnet18 on digits, sdn \[\w{6}\], seed 1", out)
     row = next(line for line in out.splitlines() if "within 1 pt: test accuracy" in line and "lam=1" in line)
     assert "| ↑ |" in row and "+2.00" in row and "**BETTER**" in row
     assert (tmp_path / "cmp.md").read_text() == out
@@ -239,3 +241,41 @@ def test_report_cli_on_failures_only(tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "0 ok, 1 errors, 1 skipped" in md and "synthetic failure" in md
     assert "report.html" in capsys.readouterr().out
+
+
+def _two_settings(loss: str, accs: list[float]) -> list[dict]:
+    return [{"status": "ok", "config": {"dataset": "d", "backbone": "b", "method": "pteenet", "seed": i,
+                                        "hparams": {"lam": 1.0, "loss": loss}, "swept": ["lam"]},
+             "higher_is_better": {"accuracy": True},
+             "operating_points": [{"name": "within_1pt", "feasible": True, "test": {"accuracy": a}}]}
+            for i, a in enumerate(accs)]
+
+
+def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
+    from benchmarks.results import setting_id, setting_labels
+
+    v1, v2 = _two_settings("v1", [0.9, 0.91]), _two_settings("v2", [0.95, 0.96])
+    assert setting_id(v1[0]["config"]) != setting_id(v2[0]["config"])
+    labels = setting_labels([r["config"] for r in v1 + v2])
+    assert sorted(labels.values()) == ["pteenet lam=1 loss=v1", "pteenet lam=1 loss=v2"]
+    # seeds pool only within a setting: two rows of two seeds, not one of four
+    groups = compare.load.group(v1 + v2, compare._setting_key)
+    assert sorted(len(g) for g in groups.values()) == [2, 2]
+    # compare: A's v1 cells are not paired with B's v2 cells; each unmatched cell is listed
+    assert compare.changes(v1, v2) == []
+    fl = compare.flags(v1, v2)
+    assert sum(f.startswith("only in A") for f in fl) == 2 and sum(f.startswith("only in B") for f in fl) == 2
+
+
+def test_reports_use_the_latest_run_and_list_the_rest(tmp_path, capsys):
+    from benchmarks.results import write_manifest
+
+    d = tmp_path / "R"
+    shutil.copytree(DATA, d)
+    stems = sorted(p.stem for p in (d / "cells").glob("*.json"))
+    write_manifest(d, "m", stems[:-2])
+    got = load.load_cells(d)
+    assert len(got) == len(stems) - 2
+    err = capsys.readouterr().err
+    assert "2 cells in" in err and "not part of the latest run" in err and "--all" in err
+    assert len(load.load_cells(d, all_cells=True)) == len(stems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -32,6 +33,9 @@ def _write(tmp_path, matrix, name="m.yaml"):
     return str(p)
 
 
+THREADS_BEFORE = torch.get_num_threads()
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
@@ -47,7 +51,8 @@ def test_run_writes_results_summary_and_figure(quick_run):
     cells = sorted((out / "cells").glob("*.json"))
     assert len(cells) == 2
     r = json.loads(cells[0].read_text())
-    assert r["schema_version"] == 1 and r["status"] == "ok"
+    assert r["schema_version"] == 2 and r["status"] == "ok"
+    assert r["backbone"]["macs_counter"] == "ptflops-aten+attention" and (out / r["weights"]).exists()
     assert {"backbone", "dataset", "method", "hparams", "seed"} <= set(r["config"])
     assert r["config"]["hparams"]["lam"] in (0.5, 1.0) and r["config"]["swept"] == ["lam"]
     assert {"packages", "git_commit", "device", "threads"} <= set(r["env"])
@@ -67,7 +72,9 @@ def test_run_writes_results_summary_and_figure(quick_run):
     for x in lat.values():
         assert x["median_ms"] > 0 and x["iqr_ms"] >= 0 and x["repeats"] == 2
     dyn = lat[("dynamic", 16)]
-    assert "realisation" in dyn and dyn["latency_ratio"] > 0
+    assert "realisation" in dyn and dyn["latency_ratio"] > 0 and dyn["realisation_note"]
+    assert all(isinstance(x["noisy"], bool) for x in lat.values())
+    assert torch.get_num_threads() == THREADS_BEFORE, "the run's thread count leaked out"
     assert (out / "summary.csv").stat().st_size > 0 and (out / "accuracy_vs_macs.png").stat().st_size > 1000
     assert all((out / p).exists() for p in r["traces"].values())
     rc = r["risk_control"]
@@ -124,6 +131,15 @@ BAD = [
     ("datasets: [digits\nbackbones: [", "malformed YAML at line"),
     ({**TINY, "risk_control": {"rules": ["crcc"]}}, "risk_control.rules: unknown rule 'crcc'; did you mean 'crc'"),
     ({**TINY, "risk_control": {"eps": [1.5]}}, "risk_control: eps values and delta must lie strictly between"),
+    ({**TINY, "seeds": []}, "seeds: expected a non-empty list"),
+    ({**TINY, "methods": [{"name": "pteenet", "grid": {"lam": []}}]}, "methods[0].grid.lam: empty list"),
+    ({**TINY, "backbone_training": {"epochs": -1}}, "backbone_training: epochs and batch_size must be >= 1"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"epochs": 0}}]}, "epochs=0: must be >= 1"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"epochs": -3}}]}, "epochs=-3: must be >= 1"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"lr": "fast"}}]}, "lr='fast': expected a number"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"batch_size": 0}}]}, "batch_size=0: must be >= 1"),
+    ({**TINY, "methods": [{"name": "pteenet", "hparams": {"placement": [0.9, 0.1]}}]}, "must increase"),
+    ({**TINY, "evaluation": {"threads": 0}}, "evaluation.threads: must be >= 1"),
 ]
 
 
@@ -198,3 +214,90 @@ def test_per_exit_thresholds_are_screened_on_calibration_and_timed(tmp_path):
 def test_risk_control_cli_options_are_checked(tmp_path, capsys):
     code = main(["run", _write(tmp_path, TINY), "--out", str(tmp_path / "o"), "--rc-rules", "crc,lttt"])
     assert code == 2 and "--rc options.rules: unknown rule 'lttt'" in capsys.readouterr().err
+
+
+def test_out_and_threads_are_checked_before_anything_runs(tmp_path, capsys):
+    m = _write(tmp_path, TINY)
+    (tmp_path / "file").write_text("x")
+    for extra, message in ((["--out", str(tmp_path / "file")], "is a file, not a directory"),
+                           (["--out", str(tmp_path / "o"), "--threads", "0"], "--threads: must be a positive"),
+                           (["--out", str(tmp_path / "o"), "--threads", "-2"], "--threads: must be a positive")):
+        assert main(["run", m, *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro / "x", os.W_OK) and os.geteuid() != 0:  # root writes anywhere
+            assert main(["run", m, "--out", str(ro / "o"), "--quiet"]) == 2
+            assert "cannot write" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_newer_schema_and_orphans_and_corrupt_results(quick_run, tmp_path, capsys):
+    import shutil
+
+    _, out, args = quick_run
+    d = tmp_path / "copy"
+    shutil.copytree(out, d)
+    cells = sorted((d / "cells").glob("*.json"))
+    r = json.loads(cells[0].read_text())
+    cells[0].write_text(json.dumps({**r, "schema_version": 99}))
+    run = [*args[:2], "--out", str(d), *args[4:]]
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert "schema_version 99 is newer than this exitbench" in err and err.count("\n") == 1
+    assert main(["report", str(d)]) == 2 and "schema_version 99" in capsys.readouterr().err
+    # a corrupt JSON is no result; a dead writer's temporary files are removed by the next run
+    cells[0].write_text("{not json")
+    orphan = d / "cells" / f".{cells[1].name}.999999999.tmp"
+    orphan.write_text("half")
+    assert main(run) == 0
+    text = capsys.readouterr().out
+    assert "(1 already have results)" in text and "1 ok" in text and "1 reused" in text
+    assert not orphan.exists()
+
+
+def test_evaluation_changes_reanalyse_without_training(quick_run, tmp_path, capsys, monkeypatch):
+    """--rc-eps, latency settings and --no-latency re-analyse from stored traces and weights."""
+    import shutil
+
+    from benchmarks import training
+
+    _, out, args = quick_run
+    d = tmp_path / "copy"
+    shutil.copytree(out, d)
+    before = {p.name: json.loads(p.read_text()) for p in (d / "cells").glob("*.json")}
+
+    def no_training(*a, **k):
+        raise AssertionError("re-analysis must not train")
+
+    monkeypatch.setattr(training, "method_trainer", no_training)
+    monkeypatch.setattr(training, "train_backbone", no_training)
+    monkeypatch.setattr(PTEENet, "fit", no_training)
+    run = [*args[:2], "--out", str(d), *args[4:]]
+    assert main([*run, "--rc-eps", "0.05"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("re-analysed") == 3 and "2 re-analysed, 0 reused" in text and "(risk_control)" in text
+    after = {p.name: json.loads(p.read_text()) for p in (d / "cells").glob("*.json")}
+    assert set(after) == set(before)  # the same cells: the key covers only what determines training
+    for name, r in after.items():
+        assert {row["eps"] for row in r["risk_control"]["rows"]} == {0.05}
+        assert r["latency"] == before[name]["latency"] and r["sweep"] == before[name]["sweep"]
+        assert r["training"] == before[name]["training"] and r["reanalysed"]["stages"] == ["risk_control"]
+    # latency settings: re-timed from the saved weights, same exits as when trained
+    assert main([*run, "--rc-eps", "0.05", "--no-latency"]) == 0
+    assert "2 re-analysed" in capsys.readouterr().out
+    assert all(json.loads(p.read_text())["latency"] == [] for p in (d / "cells").glob("*.json"))
+    assert main([*run, "--rc-eps", "0.05"]) == 0
+    assert "2 re-analysed" in capsys.readouterr().out
+    for p in (d / "cells").glob("*.json"):
+        lat = json.loads(p.read_text())["latency"]
+        old = {(x["variant"], x["batch_size"]): x for x in before[p.name]["latency"]}
+        for x in lat:
+            if x["variant"] == "dynamic":
+                assert x["exit_fractions"] == old[("dynamic", x["batch_size"])]["exit_fractions"]
+    assert main([*run, "--rc-eps", "0.05"]) == 0
+    assert "0 re-analysed, 2 reused" in capsys.readouterr().out
