@@ -1,4 +1,4 @@
-"""``exitbench run | validate | list``: the command line.
+"""``exitbench run | validate | list | check | report | compare``: the command line.
 
 User mistakes (bad names, malformed YAML, unknown keys, impossible placements, missing data files)
 end as one line on stderr and exit code 2, never a traceback.
@@ -124,15 +124,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     from benchmarks.data import list_datasets
     from methods.base import get_method, list_methods
 
-    print("methods:")
+    print("methods (hyper-parameter = default: help):")
     for name in list_methods():
         cls = get_method(name)
         kind = "joint" if cls.trains_backbone else "post-trained"
-        print(f"  {name:<12} {kind:<13} score={cls.score:<12} hyper-parameters: {', '.join(cls.hparams)}")
+        print(f"  {name:<12} {kind:<13} score={cls.score}")
+        for k, spec in cls.hparams.items():
+            default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+            print(f"      {k} = {default!r}: {spec.help}")
     print("datasets:\n  " + ", ".join(list_datasets()))
     print("backbone families (any timm model of these): " + ", ".join(list_families()))
     print("backbones covered by the tests:\n  " + ", ".join(TESTED_BACKBONES))
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the method contract (benchmarks.contract) against an installed method."""
+    from benchmarks.contract import BACKBONES, run_checks
+    from methods.base import get_method
+
+    cls = get_method(args.method)
+    backbones = tuple(_csv(args.backbones)) if args.backbones else BACKBONES
+    report = run_checks(cls, backbones)
+    for check, backbone, msg in report:
+        print(f"  {'FAIL' if msg else 'ok  '} {check:<8} {backbone:<18} {msg or ''}".rstrip())
+    failed = sum(msg is not None for _, _, msg in report)
+    print(f"exitbench check {args.method}: {len(report) - failed} passed, {failed} failed")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("matrix", nargs="?", default=None)
     val.add_argument("--download", action="store_true")
     val.set_defaults(func=cmd_validate)
-    lst = sub.add_parser("list", help="methods, datasets and backbones")
+    lst = sub.add_parser("list", help="methods (with each hyper-parameter's default and help), datasets, backbones")
     lst.set_defaults(func=cmd_list)
+    chk = sub.add_parser("check", help="run the method contract against an installed method (e.g. a plugin)")
+    chk.add_argument("method", help="the method's registered name (its exitbench.methods entry point)")
+    chk.add_argument("--backbones", help="comma-separated tiny timm models (default: test_resnet,test_vit,"
+                                         "test_efficientnet)")
+    chk.set_defaults(func=cmd_check)
 
     def cmd_report(args: argparse.Namespace) -> int:  # reports/ is imported only when used (matplotlib)
         from reports.report import cmd_report

@@ -59,7 +59,7 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class RiskControl:
-    """The risk-control trial protocol run on each cell's traces (docs/RISK_CONTROL.md)."""
+    """The risk-control trial protocol run on each cell's traces (docs/risk_control.md)."""
 
     enabled: bool = True
     rules: tuple[str, ...] = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs",

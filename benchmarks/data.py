@@ -6,7 +6,7 @@ download), ``cifar10``, ``cifar100``, ``svhn`` (torchvision, from ``root``) and 
 Every split is held in memory as an :class:`ImageDataset` (uint8 or [0, 1] float images, normalised on
 access), so a split materialises with one vectorised op (:func:`to_tensors`) and no PIL round trip.
 
-Splits (docs/MEASUREMENT.md, "Accuracy"): seeded, stratified (sklearn ``train_test_split``) and disjoint.
+Splits (docs/measurement.md, "Accuracy"): seeded, stratified (sklearn ``train_test_split``) and disjoint.
 Calibration is held out of the training data; datasets with an official test set use it as ``test``,
 the others (digits, synthetic) split a stratified test set off first with ``test_fraction``.
 """

@@ -190,8 +190,9 @@ def stage_points(cell: Cell, method, traces: dict[str, Trace], strict: list[floa
     default = method.default_thresholds()
     if default is not None:
         th = torch.tensor([default], dtype=torch.float64)
-        cal_d = evaluate(traces["calibration"], method.score, th, strict, paper)
-        test_d = evaluate(traces["test"], method.score, th, strict, paper)
+        # the methods' own rule is "exit when h > tau" (strict), as their help says
+        cal_d = evaluate(traces["calibration"], method.score, th, strict, paper, exit_strict=True)
+        test_d = evaluate(traces["test"], method.score, th, strict, paper, exit_strict=True)
         points.append(_point("method_default", 0, cal_d, test_d, feasible=True, chosen_on="hyper-parameter"))
     sweep = {"score": method.score, "thresholds": [_finite(x) for x in grid.tolist()],
              "note": "thresholds from calibration-score quantiles; metrics on each split",
@@ -271,7 +272,7 @@ def reanalyse(cell: Cell, previous: dict, out_dir: Path, *, download: bool = Fal
         result["config"] = {**previous["config"], **cell.to_dict()}
         result["analysis"] = keys
         result["env_analysis"] = env_fingerprint("cpu", cell.evaluation.threads)
-        result["reanalysed"] = {"stages": redo, "seconds": time.perf_counter() - start}
+        result["reanalysed"] = {"stages": redo, "seconds": time.perf_counter() - start, "finished": _now()}
     return result, redo
 
 
@@ -365,7 +366,14 @@ def _run_cell(cell: Cell, out_dir: Path, cache_dir: Path, download: bool, memo: 
         "traces": {s: f"traces/{cell.slug()}.{s}.safetensors" for s in traces},
         "weights": f"weights/{cell.slug()}.safetensors",
         "seconds": time.perf_counter() - start,
+        "finished": _now(),
     }
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _finite(x: float) -> float | str:

@@ -108,13 +108,15 @@ def _num(x: float) -> float | str:
     return "inf" if x == float("inf") else x
 
 
-def evaluate(trace: Trace, score: str, thresholds: Tensor, strict: list[float], paper: list[float]) -> Sweep:
+def evaluate(trace: Trace, score: str, thresholds: Tensor, strict: list[float], paper: list[float],
+             exit_strict: bool = False) -> Sweep:
     """Evaluate the threshold policy for every setting in ``thresholds`` on ``trace`` at once.
 
     ``strict`` and ``paper`` are the relative cost of leaving at each exit (E values) under the two
-    accountings; expected relative MACs are the exit fractions weighted by them.
+    accountings; expected relative MACs are the exit fractions weighted by them. A sample leaves at
+    the first exit with score >= threshold (> with ``exit_strict``, the rule of EENet's/PTEENet's tau).
     """
-    exit_idx = first_exit(trace.scores(score), thresholds)  # [G, N]
+    exit_idx = first_exit(trace.scores(score), thresholds, strict=exit_strict)  # [G, N]
     preds = trace.predictions()  # [E, N]
     chosen = preds.gather(0, exit_idx)  # [G, N]: prediction at the chosen exit
     fractions = torch.nn.functional.one_hot(exit_idx, trace.num_exits).double().mean(1)  # [G, E]

@@ -1,7 +1,7 @@
 """The plugin contract: exit points, staged backbones, multi-exit nets, methods and their registry.
 
 Everything a method plugin needs lives here, so a plugin (in this repo or in a package of its own)
-imports ``methods.base`` and nothing from the harness. Vocabulary as in docs/DESIGN.md:
+imports ``methods.base`` and nothing from the harness. Vocabulary (README, "Layout"):
 a *backbone* is cut into *blocks*; an *exit point* is a block boundary; the blocks between two chosen
 exit points form a *stage*; a *multi-exit net* is stages + exit heads; a *method* places exits,
 builds heads and defines the training loss.
@@ -82,7 +82,7 @@ class StagedBackbone(nn.Module):
 
 PHI = 1.6180339887
 PLACEMENTS: dict[str, Callable[[int, int], float]] = {
-    # T_i / F for exit i of N (docs/METHODS.md, "Exit placement by cost")
+    # T_i / F for exit i of N (EENet's exit placement by cost)
     "fine": lambda i, n: 1 - 0.95 ** (i + 1),
     "pareto": lambda i, n: 1 - 0.8 ** (i + 1),
     "linear": lambda i, n: (i + 1) / (n + 1),

@@ -1,13 +1,13 @@
 """BranchyNet: side branches trained jointly with the backbone, entropy exits.
 
 Paper: Teerapittayanon, McDanel, Kung, "BranchyNet: Fast Inference via Early Exiting from Deep Neural
-Networks" (ICPR 2016). Reference code: github.com/kunglab/branchynet (Chainer). Rule implemented
-(docs/METHODS.md): joint training of backbone and branches on L = sum_n w_n CE(p_n, y) over every
+Networks" (ICPR 2016). Reference code: github.com/kunglab/branchynet (Chainer). Rule implemented:
+joint training of backbone and branches on L = sum_n w_n CE(p_n, y) over every
 exit, the final one included; at inference, leave at the first exit n with entropy(p_n) < T_n
 (one threshold per exit, screened on the calibration split); the last exit always classifies.
 
 Choices recorded here:
-- Weights ``paper`` (default): w_n = 1.0 for every early exit and 0.3 for the final exit. METHODS.md
+- Weights ``paper`` (default): w_n = 1.0 for every early exit and 0.3 for the final exit. The spec
   says the paper found "w = (1.0, ..., 0.3 for the last)" better than equal weights; "the last" is
   read as the last exit, i.e. the backbone's own classifier, which the reference code also lists
   last among its exits. The rationale is the paper's: weighting the early branches more makes the

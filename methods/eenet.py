@@ -1,7 +1,7 @@
 """EENet: early exits with learned confidence, trained jointly with a cost-aware loss.
 
 Paper: Demir & Akbas, "Early-Exit Convolutional Neural Networks" (EENets; arXiv 2409.05336).
-Reference code: github.com/eksuas/eenets.pytorch. Rule implemented (docs/METHODS.md): exits placed by
+Reference code: github.com/eksuas/eenets.pytorch. Rule implemented: exits placed by
 cost (the ``fine`` distribution is EENet's own), heads with a classifier and a sigmoid confidence,
 backbone and heads trained jointly on the cost-aware loss built backwards from the final exit
 (Y_i = h_i p_i + (1 - h_i) Y_{i+1}, C_i = h_i c_i + (1 - h_i) C_{i+1}); loss v2 (default) sums

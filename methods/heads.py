@@ -73,9 +73,10 @@ class ConvBranch(nn.Module):
 
 
 class BNPoolBranch(ConvBranch):
-    """EENet's "bnpool" head: BN -> ReLU -> global average pool -> classifier (+ sigmoid confidence).
+    """A "bnpool" head: BN -> ReLU -> global average pool -> classifier (+ sigmoid confidence).
 
-    The BatchNorm is a registered submodule, so it trains, its running statistics are saved and it
+    The ReLU follows PTEENet's branch code; the EENets reference bnpool has none (BN -> pool). The
+    BatchNorm is a registered submodule, so it trains, its running statistics are saved and it
     follows ``train()``/``eval()`` (the EENet reference creates it outside the module tree).
     """
 

@@ -5,7 +5,7 @@ first exit whose score reaches (>=) its threshold; the final exit always accepts
 ``+inf`` means "never leave here". The same two functions serve the real dynamic forward
 (``ThresholdPolicy.accept``) and the offline, vectorised evaluation on traces (``first_exit``), so
 the two cannot disagree. ``strict=True`` switches both to ``score > threshold``, the convention of
-risk control (docs/RISK_CONTROL.md: exit at the first l with c_l(x) > lambda, so lambda = 1 never exits).
+risk control (docs/risk_control.md: exit at the first l with c_l(x) > lambda, so lambda = 1 never exits).
 
 Sequence scores depend on the exits before the current one, not on its output alone. The one we have
 is ``patience`` (PABEE, Zhou et al., NeurIPS 2020, github JetRunner/PABEE): the number of consecutive

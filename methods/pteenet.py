@@ -1,7 +1,7 @@
 """PTEENet: post-trained early-exit branches on a frozen pretrained backbone.
 
 Paper: "Post-Training Early-Exit Neural Networks" (arXiv 2501.02508; IEEE Access 10:69680, 2022).
-Reference code: github.com/spokV/PTEENET. Rule implemented (docs/METHODS.md): exits placed by cost,
+Reference code: github.com/spokV/PTEENET. Rule implemented: exits placed by cost,
 conv2 branches with a classifier and a sigmoid confidence head, the backbone frozen *and kept in eval
 mode*, a cost-aware loss built backwards from the final exit, exit at the first h_i > tau.
 

@@ -1,4 +1,4 @@
-"""Risk-controlled exit thresholds (docs/RISK_CONTROL.md).
+"""Risk-controlled exit thresholds (docs/risk_control.md).
 
 Paper: Jazbec et al., "Fast yet Safe: Early-Exiting with Risk Control" (2024), code github
 metodj/RC-EENN (``rc/risk_control.py``, ``rc/bounds.py``). Statistics: Conformal Risk Control

@@ -2,7 +2,7 @@
 
 Paper: Kaya, Hong, Dumitras, "Shallow-Deep Networks: Understanding and Mitigating Network
 Overthinking" (ICML 2019). Reference code: github.com/yigitcankaya/Shallow-Deep-Networks. Rule
-implemented (docs/METHODS.md): the backbone is frozen and kept in eval mode; each internal classifier
+implemented: the backbone is frozen and kept in eval mode; each internal classifier
 (IC) is mixed max/avg pooling to a small map with a learned mixing weight alpha, then one Linear;
 the ICs are trained with the sum of their cross-entropies (the final exit is the frozen backbone's
 classifier and takes no loss); at inference a sample leaves at the first IC whose max-softmax

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.contract import midpoint_thresholds  # noqa: F401  (shared with the tests)
 from benchmarks.traces import Trace
 from methods.base import ExitPoint, StagedBackbone
 
@@ -49,16 +50,6 @@ def tiny_backbone(num_classes: int = 5, side: int = 16) -> StagedBackbone:
 @pytest.fixture
 def tiny():
     return tiny_backbone()
-
-
-def midpoint_thresholds(scores: torch.Tensor) -> tuple[float, ...]:
-    """Per-exit thresholds half-way between two observed scores, so float noise cannot flip a decision."""
-    out = []
-    for s in scores:
-        v = s.sort().values
-        i = len(v) // 2
-        out.append(float((v[i - 1] + v[i]) / 2))
-    return tuple(out)
 
 
 def synthetic_trace(n: int = 800, exits: int = 4, classes: int = 5, seed: int = 0) -> Trace:

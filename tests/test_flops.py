@@ -85,7 +85,7 @@ def test_count_macs_leaves_module_as_it_was():
 
 
 # ----------------------------------------------------------------------------------------------
-# Known values (docs/MEASUREMENT.md)
+# Known values (docs/measurement.md)
 
 
 @pytest.mark.slow

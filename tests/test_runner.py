@@ -301,3 +301,12 @@ def test_evaluation_changes_reanalyse_without_training(quick_run, tmp_path, caps
                 assert x["exit_fractions"] == old[("dynamic", x["batch_size"])]["exit_fractions"]
     assert main([*run, "--rc-eps", "0.05"]) == 0
     assert "0 re-analysed, 2 reused" in capsys.readouterr().out
+
+
+def test_check_runs_the_contract_on_an_installed_method(capsys):
+    assert main(["check", "sdn", "--backbones", "test_resnet"]) == 0
+    out = capsys.readouterr().out
+    assert "exitbench check sdn: 4 passed, 0 failed" in out
+    assert main(["check", "sdnn"]) == 2 and "did you mean 'sdn'" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    assert "epochs = 10: training epochs" in capsys.readouterr().out  # each hyper-parameter's default and help

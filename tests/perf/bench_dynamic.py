@@ -2,7 +2,7 @@
 
 1. ``forward_dynamic`` against the plain backbone on the same batch (resnet18, small-image stem,
    32 px, batch 256, untrained PTEENet heads with thresholds that send about half the batch out at
-   the first exit and a quarter at the second — the set-up of docs/MEASUREMENT.md).
+   the first exit and a quarter at the second — the set-up of docs/measurement.md).
 2. A 100-threshold sweep on a trace against one network pass over the same data.
 
 Each benchmark also times its reference in the same run and stores the ratio in ``extra_info``
