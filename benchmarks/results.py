@@ -230,13 +230,16 @@ def summary_rows(results: list[dict]) -> list[dict]:
 # What a method setting is: everything that makes two cells of one (dataset, backbone) panel more
 # than seeds of each other. Seed, dataset and backbone are the other axes; evaluation settings are
 # re-analysed in place, so they are not part of it.
-SETTING_FIELDS = ("method", "method_version", "hparams", "init", "backbone_training", "weights", "small_stem")
+SETTING_FIELDS = ("method", "method_version", "hparams", "init", "backbone_training", "weights", "small_stem",
+                  "dataset_options")
 
 
 def setting_id(config: dict) -> str:
     """The identity of a cell's method setting: a short hash of its full resolved configuration
-    (``SETTING_FIELDS``). Seeds are pooled only within one setting_id; labels are for reading only."""
+    (``SETTING_FIELDS``; dataset options without ``root``/``download``, which change where data come from,
+    not what they are). Seeds are pooled only within one setting_id; labels are for reading only."""
     d = {k: config.get(k) for k in SETTING_FIELDS}
+    d["dataset_options"] = {k: v for k, v in (d["dataset_options"] or {}).items() if k not in ("root", "download")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -263,6 +266,9 @@ def _setting_fields(config: dict) -> dict[str, Any]:
         out[k] = config.get(k)
     for k, v in (config.get("backbone_training") or {}).items():
         out[f"backbone.{k}"] = v
+    for k, v in (config.get("dataset_options") or {}).items():
+        if k not in ("root", "download"):
+            out[f"data.{k}"] = v
     return out
 
 

@@ -129,7 +129,11 @@ def summary_table(results: list[dict]) -> Table:
                       if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
     specs.append((lambda r: (r.get("training") or {}).get("seconds"), 1, 1, False))
 
-    rows, starts, partial = [], [], False
+    def noisy(r: dict, b: int) -> bool:
+        lat = load.latency(r)
+        return _op_feasible(r) and any(bool((lat.get((v, b)) or {}).get("noisy")) for v in ("dynamic", "backbone"))
+
+    rows, starts, partial, any_noisy = [], [], False, False
     for (ds, bb), cells in load.group(load.ok(results), load.panel_key).items():
         starts.append(len(rows))
         bt = _per_seed(cells, lambda r: (r["backbone"].get("training") or {}).get("seconds"))
@@ -150,6 +154,9 @@ def summary_table(results: list[dict]) -> Table:
                     partial = True
                 elif k == 0 and feasible == 0:
                     text = "infeasible"
+                elif 4 <= k < 4 + len(bss) and any(noisy(r, bss[k - 4]) for r in seeds):
+                    text += " *"
+                    any_noisy = True
                 row.append(Cell(text))
                 mrow.append(m)
             block.append(row)
@@ -167,6 +174,9 @@ def summary_table(results: list[dict]) -> Table:
              "(its row shows that)."]
     if partial:
         notes.append("(k/n): the accuracy target is met on calibration in k of n seeds; means are over those k.")
+    if any_noisy:
+        notes.append("*: a noisy latency record (IQR above 10 % of its median); rerun on an idle machine before "
+                     "trusting it.")
     align = "lllr" + "r" * (len(cols) - 4)
     return Table("summary", f"Methods at the {oplabel} operating point", cols, rows, align, starts, notes)
 

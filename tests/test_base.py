@@ -134,3 +134,15 @@ def test_a_registered_plugin_is_listed_and_checks_its_hparams():
     with pytest.raises(UserError, match="not one of"):
         Toy(mode="c")
     assert [e.name for e in Toy().place_exits(tiny_backbone())] == ["b0"]
+
+
+def test_an_entry_point_named_unlike_its_class_is_refused(monkeypatch):
+    from importlib import metadata
+
+    from methods import base
+
+    eps = dict(base._entry_points())
+    eps["pte"] = metadata.EntryPoint("pte", "methods.pteenet:PTEENet", base.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(base, "_ENTRY_POINTS", eps)
+    with pytest.raises(UserError, match="loads a class named 'pteenet'; make the entry-point name"):
+        base.get_method("pte")
