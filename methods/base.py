@@ -295,23 +295,31 @@ class HParam:
     high: float | None = None
     positive: bool = False
 
-    def check(self, name: str, value: Any, method: str) -> None:
-        """Raise a one-line UserError when ``value`` has the wrong type or lies outside the range."""
+    def check(self, name: str, value: Any, method: str) -> Any:
+        """The value, checked (an integral float for an int default becomes an int); a one-line
+        UserError when it has the wrong type or lies outside the range."""
         where = f"method {method}: {name}={value!r}"
         if self.choices is not None:
             if value not in self.choices:
                 raise UserError(f"{where} is not one of {list(self.choices)}")
-            return
+            return value
         d = self.default
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if isinstance(d, bool):
             if not isinstance(value, bool):
                 raise UserError(f"{where}: expected true or false")
-            return
+            return value
+        hint = self.help or "see exitbench list"
+        if isinstance(value, str) and isinstance(d, (int, float)):
+            try:
+                float(value)
+                hint = f"YAML reads {value} as text: write it with a dot, e.g. {float(value)!r}"
+            except ValueError:
+                pass
         if isinstance(d, int) and not (number and float(value).is_integer()):
-            raise UserError(f"{where}: expected an integer ({self.help or 'see exitbench list'})")
+            raise UserError(f"{where}: expected an integer ({hint})")
         if isinstance(d, float) and not number:
-            raise UserError(f"{where}: expected a number ({self.help or 'see exitbench list'})")
+            raise UserError(f"{where}: expected a number ({hint})")
         if isinstance(d, tuple) and not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list like {list(d)}")
         low, high, positive = self.low, self.high, self.positive
@@ -324,6 +332,9 @@ class HParam:
                 raise UserError(f"{where}: must be >= {low:g}")
             if high is not None and value > high:
                 raise UserError(f"{where}: must be <= {high:g}")
+            if isinstance(d, int):
+                return int(value)
+        return value
 
 
 # Usual ranges of the hyper-parameter names methods share: (low, high, strictly positive).
@@ -366,7 +377,7 @@ class Method:
         self.hp.update(hparams)
         for k, spec in self.hparams.items():
             if k in hparams or spec.choices is not None:
-                spec.check(k, self.hp[k], self.name)
+                self.hp[k] = spec.check(k, self.hp[k], self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hp.items())})"

@@ -146,3 +146,15 @@ def test_an_entry_point_named_unlike_its_class_is_refused(monkeypatch):
     monkeypatch.setattr(base, "_ENTRY_POINTS", eps)
     with pytest.raises(UserError, match="loads a class named 'pteenet'; make the entry-point name"):
         base.get_method("pte")
+
+
+def test_hparams_are_typed_and_ranged():
+    from methods.pteenet import PTEENet
+
+    assert type(PTEENet(epochs=2.0).hp["epochs"]) is int  # an integral float is an int
+    for kw, message in (({"lr": "1e-3"}, "YAML reads 1e-3 as text: write it with a dot"),
+                        ({"lr": 0.0}, "lr=0.0: must be > 0"), ({"epochs": 2.5}, "expected an integer"),
+                        ({"tau": 1.5}, "tau=1.5: must be <= 1"), ({"lam": -1}, "lam=-1: must be >= 0"),
+                        ({"batch_size": 0}, "batch_size=0: must be >= 1")):
+        with pytest.raises(UserError, match=message):
+            PTEENet(**kw)
