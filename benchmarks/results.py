@@ -164,10 +164,6 @@ def read_manifest(results_dir: str | Path) -> dict | None:
     return m if isinstance(m, dict) and isinstance(m.get("cells"), list) else None
 
 
-def result_paths(results_dir: str | Path) -> list[Path]:
-    return sorted(p for p in Path(results_dir).glob("cells/*.json"))
-
-
 def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """Split result ``paths`` into (part of the latest matrix run, not part of it) by the directory's
     manifest; without a manifest every path counts as part of it."""
@@ -176,19 +172,6 @@ def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], 
         return list(paths), []
     names = set(m["cells"])
     return [p for p in paths if p.stem in names], [p for p in paths if p.stem not in names]
-
-
-def load_results(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
-    """Every cell result of the latest run under ``results_dir/cells`` (``all_cells``: every file
-    there). Unreadable files are skipped with a warning."""
-    out = []
-    paths, others = latest_run(results_dir, result_paths(results_dir))
-    for p in paths + (others if all_cells else []):
-        try:
-            out.append(read_result(p))
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"warning: skipping unreadable result {p}: {e}")
-    return out
 
 
 def summary_rows(results: list[dict]) -> list[dict]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.results import load_results, summary_rows
-from reports import figures
+from benchmarks.results import summary_rows
+from reports import figures, load
 
 _EMPTY_SPLIT = {"accuracy": None, "agreement": None, "rel_macs_strict": None, "rel_macs_paper": None,
                 "exit_fractions": []}
@@ -61,5 +61,8 @@ def accuracy_vs_macs(results: list[dict], path: Path) -> Path:
 def write_summary(results_dir: str | Path) -> list[Path]:
     """Write ``summary.csv`` and ``accuracy_vs_macs.png`` into ``results_dir``."""
     d = Path(results_dir)
-    results = load_results(d)
+    try:  # the one loader: the latest run's cells, each with its unique setting label
+        results = load.load_cells(d)
+    except load.ReportError:
+        results = []
     return [write_csv(results, d / "summary.csv"), accuracy_vs_macs(results, d / "accuracy_vs_macs.png")]

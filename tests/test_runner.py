@@ -304,3 +304,27 @@ def test_check_runs_the_contract_on_an_installed_method(capsys):
     assert main(["check", "sdnn"]) == 2 and "did you mean 'sdn'" in capsys.readouterr().err
     assert main(["list"]) == 0
     assert "epochs = 10: training epochs" in capsys.readouterr().out  # each hyper-parameter's default and help
+
+
+def test_two_entries_that_differ_in_one_hparam_are_two_settings(tmp_path, capsys):
+    import csv
+
+    m = {**TINY, "methods": [{"name": "pteenet", "hparams": {"epochs": 1, "n_exits": 2, "loss": loss}}
+                             for loss in ("v1", "v2")],
+         "evaluation": {**TINY["evaluation"], "latency": False}, "risk_control": False}
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, m), "--out", str(out), "--cache", str(tmp_path / "c"), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    ids = {r["setting"]: r["setting_id"] for r in rows}
+    assert sorted(ids) == ["pteenet loss=v1", "pteenet loss=v2"] and len(set(ids.values())) == 2
+    assert len({(r["setting"], r["setting_id"]) for r in rows}) == 2  # one id per label
+    # the next run with one entry changed: the old cell stays on disk but is not part of the latest run
+    m["methods"][1]["hparams"]["loss"] = "v1"
+    m["methods"][1]["hparams"]["lam"] = 2.0
+    assert main(["run", _write(tmp_path, m), "--out", str(out), "--cache", str(tmp_path / "c"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "1 ok, 0 errors, 0 re-analysed, 1 reused" in captured.out
+    assert "1 cells in" in captured.err and "not part of the latest run" in captured.err
+    assert len(list((out / "cells").glob("*.json"))) == 3
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted({r["setting"] for r in rows}) == ["pteenet lam=1", "pteenet lam=2"]  # what tells them apart
