@@ -360,7 +360,7 @@ def risk_groups(results: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def risk_control(rows: list[dict], title: str, note: str):
-    """One risk-control group: per risk (columns), test risk vs eps with the diagonal, violation
+    """One risk-control group: per risk (columns), population risk at the choice vs eps with the diagonal, violation
     frequency vs delta with the diagonal, and relative MACs vs eps; one line per rule."""
     if not rows:
         return None
@@ -404,8 +404,8 @@ def risk_control(rows: list[dict], title: str, note: str):
             a_viol.set_xlabel("δ")
             a_macs.set_xlabel("ε (target risk)")
             if c == 0:
-                a_risk.set_ylabel(f"test risk (δ = {d_rep:g})")
-                a_viol.set_ylabel(f"P(test risk > ε), ε = {e_rep:g}")
+                a_risk.set_ylabel(f"risk at λ̂, population (δ = {d_rep:g})")
+                a_viol.set_ylabel(f"P(risk > ε), ε = {e_rep:g}")
                 a_macs.set_ylabel(f"relative MACs, strict (δ = {d_rep:g})")
         fig.suptitle(title, fontsize=10)
         order = [r for r in rules if r in handles]

@@ -34,7 +34,7 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 RISK_ORDER = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")
 RULE_ORDER = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit",
               "oracle", "random")
-# Rules that promise P(test risk > eps) <= delta, and the one that promises E[test risk] <= eps.
+# Rules that promise P(risk > eps) <= delta, and the one that promises E[risk] <= eps (population risk).
 HIGH_PROBABILITY_RULES = ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit")
 EXPECTATION_RULES = ("crc",)
 # no guarantee (crc-raw: only for monotone losses), or not deployable

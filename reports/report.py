@@ -119,11 +119,12 @@ def _risk_section(good, blocks, figure, table, tab_dir: Path, written: dict) -> 
     if not groups:
         return
     blocks.append(("h2", "Risk control"))
-    blocks.append(("p", "Thresholds chosen to bound a risk on calibration, over random calibration/test splits. "
-                        "Top: mean test risk against the target ε (it should stay under the diagonal); middle: "
-                        "the fraction of splits whose test risk exceeded ε against δ (UCB and LTT promise at "
-                        "most δ); bottom: the cost of the chosen thresholds. One line per selection rule; "
-                        "oracle (best threshold on test) and random exits are contrasts."))
+    blocks.append(("p", "Thresholds chosen to bound a risk on calibration sets drawn with replacement from the "
+                        "pooled calibration + test samples; each choice is judged by the pool's exact (population) "
+                        "risk. Top: mean risk at the chosen λ against the target ε (CRC promises it stays under the "
+                        "diagonal); middle: the fraction of trials whose risk exceeded ε against δ (UCB and LTT "
+                        "promise at most δ); bottom: the cost of the chosen thresholds. One line per selection rule; "
+                        "oracle (the cheapest λ within ε on the population) and random exits are contrasts."))
     rows_csv = []
     for (ds, bb, lab, n_cal), rows in groups.items():
         name = f"{bb} on {ds}, {lab}, n_cal = {n_cal}"

@@ -226,7 +226,7 @@ def violates(rule: str, agg: dict, eps: float, delta: float) -> bool:
 
 def risk_table(rows: list[dict], name: str, title: str, eps: float | None = None,
                delta: float | None = None) -> Table:
-    """One risk-control group at one (eps, delta): per risk and rule, test risk, violation frequency,
+    """One risk-control group at one (eps, delta): per risk and rule, population risk, violation frequency,
     relative MACs, mean exit and lambda. Bold: the cheapest deployable rule that kept its guarantee."""
     eps = load.representative((x.get("eps") for x in rows), 0.05) if eps is None else eps
     delta = load.representative((x.get("delta") for x in rows), 0.1) if delta is None else delta
