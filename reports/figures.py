@@ -302,7 +302,8 @@ def latency(results: list[dict]):
                         spread = re_[1] if re_[2] > 1 else 0.0
                         if spread:
                             right.errorbar(x, re_[0], yerr=spread, fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2)
-                        real_vals.append((x, re_[0], spread, noisy))
+                        above = bool(mx[2]) and mx[0] > 1  # strict MACs above the backbone's
+                        real_vals.append((x, re_[0], spread, noisy, above))
                     else:
                         right.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6.5)
                 if len(path) > 1:
@@ -319,15 +320,15 @@ def latency(results: list[dict]):
             left.set_xlabel("MACs ratio (strict, timed inputs)")
             left.set_ylabel("time ratio (measured)")
             left.set_title(f"{bb} on {ds}: time vs MACs")
-            vals = [v for _, v, _, _ in real_vals]
+            vals = [v for _, v, _, _, _ in real_vals]
             top = max(1.25, min(max(vals, default=1.0), 2.5) + 0.3)
             bottom = min(0.0, max(min(vals, default=0.0), -1.5)) - 0.15
-            for x, v, sp, noisy in real_vals:
+            for x, v, sp, noisy, above in real_vals:
                 clipped = v > top + 0.2 or v < bottom
                 y = (top + 0.05 if v > top + 0.2 else bottom + 0.05 if v < bottom
                      else v + sp + 0.03 if v >= 0 else v - sp - 0.03)
                 right.text(x, y, f"{v:.2f}" + (" ↑" if v > top + 0.2 else " ↓" if v < bottom else "")
-                           + (" *" if noisy else ""), ha="center",
+                           + (" *" if noisy else "") + (" †" if above else ""), ha="center",
                            va="bottom" if v >= 0 else "top", fontsize=6.5, rotation=90 if len(bss) > 2 else 0,
                            bbox={"fc": "white", "ec": "none", "pad": 0.6} if clipped else None)
             right.axhline(1.0, color="0.45", lw=0.9, ls="--")
@@ -346,7 +347,8 @@ def latency(results: list[dict]):
                                      Patch(linewidth=1.0, **_bar_look(fill[b], "0.3")))
         devs = sorted({str(x.get("device")) for r in cells for x in r.get("latency") or []})
         note = (f"Timed on {', '.join(devs)}: median of per-repeat paired ratios of the real early-exit forward vs "
-                "the backbone on the same inputs; *: a noisy record (IQR > 10 % of its median). " + load.env_note(cells)
+                "the backbone on the same inputs; *: a noisy record (IQR > 10 % of its median); †: MACs above the "
+                "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
                 + _seeds_note(cells))
         _finish(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})
     return fig
