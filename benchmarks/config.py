@@ -305,7 +305,7 @@ def expand(matrix: dict) -> list[Cell]:
             try:
                 resolved = cls(**hp).hp  # rejects unknown keys and bad choices
             except UserError as e:
-                raise UserError(f"methods[{i}]: {e}") from None
+                raise UserError(f"methods[{i}].hparams: {e}") from None
             methods.append((m["name"], resolved, init, tuple(keys), f"methods[{i}]"))
 
     seeds = _as_list(matrix.get("seeds", [0]), "seeds")
