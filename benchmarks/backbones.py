@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import flops
+from benchmarks.results import write_atomic
 from methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
 
 # timm is imported inside the functions: importing it costs seconds, and `exitbench list` needs only
@@ -477,14 +478,12 @@ def save_weights(backbone: StagedBackbone, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
     meta = {"format": "exitbench.staged_backbone", "name": backbone.name, "num_classes": str(backbone.num_classes),
             "input_size": "x".join(map(str, backbone.input_size)),
             "small_stem": str(bool(getattr(backbone, "small_stem", False))).lower()}
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, p)  # readers (other cells using the cache) never see a half-written file
+    # readers (other cells using the cache) never see a half-written file
+    write_atomic(p, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def load_weights(backbone: StagedBackbone, path: str | os.PathLike) -> None:

@@ -24,11 +24,11 @@ def default_cache() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "exitbench" / "weights"
 
 
-def _cells(args: argparse.Namespace):
+def _cells(args: argparse.Namespace, matrix: dict | None = None):
     from benchmarks.config import expand, load_matrix
     from benchmarks.runner import preflight
 
-    matrix = load_matrix(args.matrix)
+    matrix = load_matrix(args.matrix) if matrix is None else matrix
     cells = expand(matrix)
     preflight(cells, download=getattr(args, "download", False))
     return matrix, cells
@@ -48,6 +48,7 @@ def _check_out(out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from benchmarks.config import load_matrix
     from benchmarks.results import check_schema
     from benchmarks.runner import cell_path, existing, run_matrix
     from reports.summary import write_summary
@@ -55,23 +56,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: must be a positive number of CPU threads, got {args.threads}")
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        _check_out(out)
-    matrix, cells = _cells(args)
+    matrix = load_matrix(args.matrix)
+    out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
+    _check_out(out)  # before the matrix is expanded and backbones are built for the preflight
+    matrix, cells = _cells(args, matrix)
     overrides = {"threads": args.threads} if args.threads else {}
     if args.no_latency:
         overrides["latency"] = False
     if overrides:  # evaluation only: finished cells are re-analysed, not retrained
         cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
     cells = _risk_overrides(args, cells)
-    out = out or Path(DEFAULT_OUT) / matrix["name"]
-    _check_out(out)
-    stored = {c.slug(): existing(cell_path(out, c)) for c in cells}
-    for slug, r in stored.items():
+    stored = [(cell_path(out, c), existing(cell_path(out, c))) for c in cells]
+    for path, r in stored:
         if r is not None:
-            check_schema(r, cell_path(out, cells[0]).parent / f"{slug}.json")
-    done = sum(r is not None for r in stored.values())
+            check_schema(r, path)
+    done = sum(r is not None for _, r in stored)
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
     counts = run_matrix(cells, out, Path(args.cache) if args.cache else default_cache(),

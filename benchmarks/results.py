@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,20 @@ def tmp_path(path: str | Path) -> Path:
     :func:`remove_orphans` tell a dead writer's leftovers from a live one's."""
     p = Path(path)
     return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` fills a temporary sibling, which then replaces ``path`` in one rename: readers see
+    the old file or the whole new one. The temporary file is removed if ``write`` fails."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(p)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_orphans(folder: str | Path) -> list[Path]:
@@ -164,6 +179,13 @@ def read_manifest(results_dir: str | Path) -> dict | None:
     return m if isinstance(m, dict) and isinstance(m.get("cells"), list) else None
 
 
+def latency_noisy(result: dict, batch_size: int) -> bool:
+    """Whether either record of the backbone / dynamic pair timed at ``batch_size`` is flagged noisy:
+    their ratio is then not to be trusted."""
+    return any(x.get("noisy") for x in result.get("latency") or []
+               if x.get("batch_size") == batch_size and x.get("variant") in ("backbone", "dynamic"))
+
+
 def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """Split result ``paths`` into (part of the latest matrix run, not part of it) by the directory's
     manifest; without a manifest every path counts as part of it."""
@@ -177,7 +199,7 @@ def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], 
 def summary_rows(results: list[dict]) -> list[dict]:
     """One flat row per (cell, operating point) plus one per backbone reference: the CSV summary."""
     rows = []
-    labels = setting_labels([r.get("config", {}) for r in results])
+    labels = setting_labels(results)
     for r in results:
         c = r.get("config", {})
         base = {"dataset": c.get("dataset"), "backbone": c.get("backbone"), "method": c.get("method"),
@@ -204,7 +226,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
                     if dyn:
                         row[f"latency_ratio_b{bs}"] = dyn["latency_ratio"]
                         row[f"realisation_b{bs}"] = dyn["realisation"]
-                        row[f"noisy_b{bs}"] = bool(dyn.get("noisy") or lat.get(("backbone", bs), {}).get("noisy"))
+                        row[f"noisy_b{bs}"] = latency_noisy(r, bs)
             row["train_seconds"] = r.get("training", {}).get("seconds")
             rows.append(row)
     return rows
@@ -222,8 +244,13 @@ def setting_id(config: dict) -> str:
     (``SETTING_FIELDS``; dataset options without ``root``/``download``, which change where data come from,
     not what they are). Seeds are pooled only within one setting_id; labels are for reading only."""
     d = {k: config.get(k) for k in SETTING_FIELDS}
-    d["dataset_options"] = {k: v for k, v in (d["dataset_options"] or {}).items() if k not in ("root", "download")}
+    d["dataset_options"] = _dataset_options(config)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _dataset_options(config: dict) -> dict[str, Any]:
+    """Dataset options that change what the data are (not ``root``/``download``: where they come from)."""
+    return {k: v for k, v in (config.get("dataset_options") or {}).items() if k not in ("root", "download")}
 
 
 def result_setting_id(result: dict) -> str:
@@ -249,17 +276,16 @@ def _setting_fields(config: dict) -> dict[str, Any]:
         out[k] = config.get(k)
     for k, v in (config.get("backbone_training") or {}).items():
         out[f"backbone.{k}"] = v
-    for k, v in (config.get("dataset_options") or {}).items():
-        if k not in ("root", "download"):
-            out[f"data.{k}"] = v
+    for k, v in _dataset_options(config).items():
+        out[f"data.{k}"] = v
     return out
 
 
-def setting_labels(configs: list[dict]) -> dict[tuple[str, str, str], str]:
-    """(dataset, backbone, setting_id) -> a short label, unique within its (dataset, backbone) panel:
-    the swept keys, plus every field that tells apart settings which would otherwise share a label
-    (e.g. ``pteenet loss=v1`` / ``pteenet loss=v2``)."""
-    by_id = {(c.get("dataset"), c.get("backbone"), setting_id(c)): c for c in configs if c}
+def setting_labels(results: list[dict]) -> dict[tuple[str, str, str], str]:
+    """:func:`label_key` -> a short label, unique within its (dataset, backbone) panel: the swept keys,
+    plus every field that tells apart settings which would otherwise share a label (e.g.
+    ``pteenet loss=v1`` / ``pteenet loss=v2``)."""
+    by_id = {label_key(r): r["config"] for r in results if r.get("config")}
     groups: dict[tuple, list[tuple]] = {}
     for sid, c in by_id.items():
         groups.setdefault((sid[0], sid[1], setting_label(c)), []).append(sid)

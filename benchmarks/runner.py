@@ -34,7 +34,7 @@ from benchmarks.results import (
     read_result,
     remove_orphans,
     setting_id,
-    tmp_path,
+    write_atomic,
     write_json_atomic,
     write_manifest,
 )
@@ -145,10 +145,7 @@ def _save_net(net: torch.nn.Module, path: Path) -> None:
     """The trained multi-exit net's weights (safetensors; shared tensors stored once; atomic)."""
     from safetensors.torch import save_model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    save_model(net, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: save_model(net, str(tmp)))
 
 
 def _load_net(net: torch.nn.Module, path: Path) -> None:
@@ -230,8 +227,7 @@ def _rebuild(cell: Cell, splits: Splits, method, weights: Path):
     backbone = make_backbone(cell, splits, weights=False)
     backbone.eval()
     exits = method.place_exits(backbone)
-    start_from = copy.deepcopy(backbone) if method.trains_backbone else make_backbone(cell, splits, weights=False)
-    net = method.build(start_from, exits, splits.info.num_classes)
+    net = method.build(copy.deepcopy(backbone), exits, splits.info.num_classes)
     _load_net(net, weights)
     net.eval()
     return backbone, net
@@ -317,10 +313,7 @@ def _run_cell(cell: Cell, out_dir: Path, cache_dir: Path, download: bool, memo: 
     traces = {"calibration": collect_trace(net, cal_x, cal_y), "test": collect_trace(net, test_x, test_y)}
     files = _files(out_dir, cell)
     for split, tr in traces.items():
-        files[split].parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(files[split])
-        tr.save(tmp)
-        tmp.replace(files[split])
+        write_atomic(files[split], tr.save)
     _save_net(net, files["weights"])
 
     analysed = stage_points(cell, method, traces, table.strict, table.paper, bb_cal_acc)

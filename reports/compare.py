@@ -61,7 +61,7 @@ def metrics_for(results: list[dict]) -> list[Metric]:
 
 
 def _setting_key(r: dict) -> tuple:
-    return (*load.panel_key(r), r.get("_setting_id") or load.result_setting_id(r))
+    return (*load.panel_key(r), load.result_setting_id(r))
 
 
 def _cell_key(r: dict) -> tuple:
@@ -70,7 +70,7 @@ def _cell_key(r: dict) -> tuple:
 
 def _labels(*sides: list[dict]) -> dict[str, str]:
     """setting_id -> label for display (the later side's label wins)."""
-    return {r.get("_setting_id") or load.result_setting_id(r): load.setting(r) for rs in sides for r in rs}
+    return {load.result_setting_id(r): load.setting(r) for rs in sides for r in rs}
 
 
 def _cells(results: list[dict]) -> dict[tuple, dict]:

@@ -294,8 +294,7 @@ def latency(results: list[dict]):
                         path.append((b, mx[0], ty[0]))
                         lo, hi = min(lo, mx[0], ty[0]), max(hi, mx[0], ty[0])
                     re_ = load.mean_std(d.get("realisation") for d in dyn)
-                    noisy = any(bool(d.get("noisy")) or bool((load.latency(r).get(("backbone", b)) or {}).get("noisy"))
-                                for r in seeds for d in [load.latency(r).get(("dynamic", b)) or {}])
+                    noisy = any(load.latency_noisy(r, b) for r in seeds)
                     x = j + (i - (len(bss) - 1) / 2) * width
                     if re_[2]:
                         right.bar(x, re_[0], width * 0.92, linewidth=1.0, **_bar_look(fill[b], kw["color"]))

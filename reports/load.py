@@ -23,6 +23,7 @@ from benchmarks.results import (
     HIGHER_IS_BETTER,
     check_schema,
     label_key,
+    latency_noisy,  # noqa: F401  (re-exported for tables and figures)
     latest_run,
     result_setting_id,  # noqa: F401  (re-exported for reports.compare)
     setting_label,
@@ -61,7 +62,7 @@ def result_files(results_dir: str | Path) -> list[Path]:
 
 def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
     """Every readable cell result of the latest run under ``results_dir/cells`` (or ``results_dir``
-    itself), each with ``_path``, ``_mtime``, ``_setting_id`` and a unique short ``_label`` added.
+    itself), each with ``_path``, ``_mtime`` and a unique short ``_label`` added.
     Cells the directory's manifest does not list are left out, and named on stderr, unless
     ``all_cells``. Unreadable files are skipped with a warning on stderr."""
     paths, others = latest_run(results_dir, result_files(results_dir))
@@ -82,11 +83,10 @@ def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
         check_schema(r, p)
         r["_path"] = str(p)
         r["_mtime"] = p.stat().st_mtime
-        r["_setting_id"] = result_setting_id(r)
         out.append(r)
     if not out:
         raise ReportError(f"{results_dir}: no readable cell results")
-    labels = setting_labels([config(r) for r in out])
+    labels = setting_labels(out)
     for r in out:
         r["_label"] = labels.get(label_key(r)) or setting(r)
     return out

@@ -129,10 +129,6 @@ def summary_table(results: list[dict]) -> Table:
                       if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
     specs.append((lambda r: (r.get("training") or {}).get("seconds"), 1, 1, False))
 
-    def noisy(r: dict, b: int) -> bool:
-        lat = load.latency(r)
-        return _op_feasible(r) and any(bool((lat.get((v, b)) or {}).get("noisy")) for v in ("dynamic", "backbone"))
-
     rows, starts, partial, any_noisy = [], [], False, False
     for (ds, bb), cells in load.group(load.ok(results), load.panel_key).items():
         starts.append(len(rows))
@@ -154,7 +150,8 @@ def summary_table(results: list[dict]) -> Table:
                     partial = True
                 elif k == 0 and feasible == 0:
                     text = "infeasible"
-                elif 4 <= k < 4 + len(bss) and any(noisy(r, bss[k - 4]) for r in seeds):
+                elif 4 <= k < 4 + len(bss) and any(_op_feasible(r) and load.latency_noisy(r, bss[k - 4])
+                                                   for r in seeds):
                     text += " *"
                     any_noisy = True
                 row.append(Cell(text))

@@ -256,7 +256,7 @@ def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
 
     v1, v2 = _two_settings("v1", [0.9, 0.91]), _two_settings("v2", [0.95, 0.96])
     assert setting_id(v1[0]["config"]) != setting_id(v2[0]["config"])
-    labels = setting_labels([r["config"] for r in v1 + v2])
+    labels = setting_labels(v1 + v2)
     assert sorted(labels.values()) == ["pteenet lam=1 loss=v1", "pteenet lam=1 loss=v2"]
     # seeds pool only within a setting: two rows of two seeds, not one of four
     groups = compare.load.group(v1 + v2, compare._setting_key)
