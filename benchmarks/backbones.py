@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks import flops
-from benchmarks.results import write_atomic
-from methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
+from exitbench.benchmarks import flops
+from exitbench.methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
+from exitbench.results import write_atomic
 
 # timm is imported inside the functions: importing it costs seconds, and `exitbench list` needs only
 # the constants below.

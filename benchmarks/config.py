@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from methods.base import Budget, UserError, did_you_mean
+from exitbench.methods.base import Budget, UserError, did_you_mean
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 
@@ -71,8 +71,8 @@ class RiskControl:
     n_cal: int = 0  # 0: a quarter of the pooled held-out data, up to 1000
 
     def check(self, where: str = "risk_control") -> None:
-        from benchmarks.risk_protocol import PROTOCOL_RULES as RULES  # torch: kept out of import time
-        from methods.risk_control import RISKS
+        from exitbench.benchmarks.risk_protocol import PROTOCOL_RULES as RULES  # torch: kept out of import time
+        from exitbench.methods.risk_control import RISKS
 
         for key, valid in (("rules", RULES), ("risks", RISKS)):
             for name in getattr(self, key):
@@ -221,8 +221,8 @@ def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
     import timm  # kept out of import time: `exitbench --help` should be instant
 
-    from benchmarks.data import dataset_info, list_datasets
-    from methods.base import get_method
+    from exitbench.benchmarks.data import dataset_info, list_datasets
+    from exitbench.methods.base import get_method
 
     _check_keys(matrix, _TOP, "")
     training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")

@@ -21,11 +21,11 @@ from functools import cache
 
 import torch
 
-from benchmarks.backbones import create_backbone
-from benchmarks.flops import cost_table, head_macs
-from benchmarks.traces import collect_trace
-from methods.base import Method, UserError
-from methods.policies import ThresholdPolicy, first_exit
+from exitbench.benchmarks.backbones import create_backbone
+from exitbench.benchmarks.flops import cost_table, head_macs
+from exitbench.benchmarks.traces import collect_trace
+from exitbench.methods.base import Method, UserError
+from exitbench.methods.policies import ThresholdPolicy, first_exit
 
 BACKBONES = ("test_resnet", "test_vit", "test_efficientnet")
 NUM_CLASSES = 5

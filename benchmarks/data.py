@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from methods.base import UserError, did_you_mean
+from exitbench.methods.base import UserError, did_you_mean
 
 DEFAULT_DATASET = "digits"
 

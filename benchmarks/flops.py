@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
-from methods.base import ExitPoint, StagedBackbone, UserError
+from exitbench.methods.base import ExitPoint, StagedBackbone, UserError
 
 ACCOUNTINGS = ("strict", "paper")
 MACS_COUNTER = "ptflops-aten+attention"  # recorded beside every MACs number in results

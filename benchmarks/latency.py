@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from methods.base import MultiExitNet, Policy
+from exitbench.methods.base import MultiExitNet, Policy
 
 NOISY_IQR = 0.10  # a record whose IQR exceeds this share of its median is flagged noisy
 

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from benchmarks.traces import Trace
-from methods.base import UserError
-from methods.risk_control import (
+from exitbench.benchmarks.traces import Trace
+from exitbench.methods.base import UserError
+from exitbench.methods.risk_control import (
     GUARANTEES,
     LAMBDAS,
     RISKS,

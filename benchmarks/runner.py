@@ -22,12 +22,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks import backbones as bb
-from benchmarks.config import Cell
-from benchmarks.data import Splits, load_splits, make_loader, to_tensors
-from benchmarks.flops import MACS_COUNTER, cost_table, head_macs
-from benchmarks.latency import measure_latency, num_threads
-from benchmarks.results import (
+from exitbench.benchmarks import backbones as bb
+from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.data import Splits, load_splits, make_loader, to_tensors
+from exitbench.benchmarks.flops import MACS_COUNTER, cost_table, head_macs
+from exitbench.benchmarks.latency import measure_latency, num_threads
+from exitbench.benchmarks.risk_protocol import run_protocol
+from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, threshold_grid
+from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
+from exitbench.methods.base import StagedBackbone, UserError, get_method
+from exitbench.methods.calibration import coordinate_descent
+from exitbench.methods.policies import ThresholdPolicy
+from exitbench.results import (
     HIGHER_IS_BETTER,
     SCHEMA_VERSION,
     env_fingerprint,
@@ -38,12 +44,6 @@ from benchmarks.results import (
     write_json_atomic,
     write_manifest,
 )
-from benchmarks.risk_protocol import run_protocol
-from benchmarks.traces import Sweep, Trace, collect_trace, evaluate, threshold_grid
-from benchmarks.training import method_trainer, predict_logits, train_backbone
-from methods.base import StagedBackbone, UserError, get_method
-from methods.calibration import coordinate_descent
-from methods.policies import ThresholdPolicy
 
 BACKBONE_RECIPE_VERSION = "1"  # bump when train_backbone changes in a way that changes weights
 

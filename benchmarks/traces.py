@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from methods.base import MultiExitNet
-from methods.policies import first_exit, score_matrix
+from exitbench.methods.base import MultiExitNet
+from exitbench.methods.policies import first_exit, score_matrix
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from methods.base import Budget, ExitOutputs, UserError
+from exitbench.methods.base import Budget, ExitOutputs, UserError
 
 LossFn = Callable[[Any, Tensor, nn.Module], Tensor]
 

@@ -1,1 +1,1 @@
-"""Early-exit models and algorithms. Plugins depend on :mod:`methods.base` only."""
+"""Early-exit models and algorithms. Plugins depend on :mod:`exitbench.methods.base` only."""

@@ -1,7 +1,7 @@
 """The plugin contract: exit points, staged backbones, multi-exit nets, methods and their registry.
 
 Everything a method plugin needs lives here, so a plugin (in this repo or in a package of its own)
-imports ``methods.base`` and nothing from the harness. Vocabulary (README, "Layout"):
+imports ``exitbench.methods.base`` and nothing from the harness. Vocabulary (README, "Layout"):
 a *backbone* is cut into *blocks*; an *exit point* is a block boundary; the blocks between two chosen
 exit points form a *stage*; a *multi-exit net* is stages + exit heads; a *method* places exits,
 builds heads and defines the training loss.
@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from methods.errors import UserError, did_you_mean
+from exitbench.errors import UserError, did_you_mean
 
 ENTRY_POINT_GROUP = "exitbench.methods"
 
@@ -49,7 +49,7 @@ class StagedBackbone(nn.Module):
 
     ``blocks[0]`` includes the stem. ``head`` is the backbone's own classifier (pooling, norm, fc),
     the final exit. ``candidates`` are the exit points after every block but the last, and ``macs``
-    the whole network's MACs; both are filled in by the harness (``benchmarks.backbones``).
+    the whole network's MACs; both are filled in by the harness (``exitbench.benchmarks.backbones``).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], block_names: Sequence[str], head: nn.Module,
@@ -154,7 +154,7 @@ class ExitOutputs:
 
 
 class Policy(Protocol):
-    """Decides per sample whether to leave at exit ``k`` (see ``methods.policies.ThresholdPolicy``)."""
+    """Decides per sample whether to leave at exit ``k`` (see ``exitbench.methods.policies.ThresholdPolicy``)."""
 
     def accept(self, k: int, logits: Tensor, confidence: Tensor | None) -> Tensor: ...
 
@@ -414,10 +414,10 @@ _REGISTRY: dict[str, type[Method]] = {}
 _ENTRY_POINTS: dict[str, metadata.EntryPoint] | None = None
 # Used only when exitbench itself is not installed (no entry-point metadata), e.g. a bare checkout.
 _BUILTIN_FALLBACK = {
-    "pteenet": "methods.pteenet:PTEENet",
-    "branchynet": "methods.branchynet:BranchyNet",
-    "eenet": "methods.eenet:EENet",
-    "sdn": "methods.sdn:SDN",
+    "pteenet": "exitbench.methods.pteenet:PTEENet",
+    "branchynet": "exitbench.methods.branchynet:BranchyNet",
+    "eenet": "exitbench.methods.eenet:EENet",
+    "sdn": "exitbench.methods.sdn:SDN",
 }
 
 

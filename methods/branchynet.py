@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from methods.base import (
+from exitbench.methods.base import (
     Budget,
     ExitOutputs,
     ExitPoint,
@@ -44,7 +44,7 @@ from methods.base import (
     UserError,
     register_method,
 )
-from methods.heads import ConvBranch
+from exitbench.methods.heads import ConvBranch
 
 PAPER_FINAL_WEIGHT = 0.3  # the final exit's weight; every early exit gets 1.0 (see the module docstring)
 

@@ -15,7 +15,7 @@ Four targets, all pure functions of tensors (a trace is read through ``.scores(s
   coordinate descent over per-exit quantile grids; a sweep costs O(K * (N log N + K N)) for all grid
   points at once, where a Cartesian grid would cost Q^K evaluations.
 
-Thresholds follow ``methods.policies``: leave at the first exit with score >= threshold (``strict``
+Thresholds follow ``exitbench.methods.policies``: leave at the first exit with score >= threshold (``strict``
 gives ``>``), +inf = never leave there. Costs are per-exit relative costs (final exit last).
 """
 
@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from methods.policies import first_exit
+from exitbench.methods.policies import first_exit
 
 _TOL = 1e-12  # slack on ">= target" comparisons of float means
 

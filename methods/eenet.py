@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
-from methods.heads import BNPoolBranch, ConvBranch
-from methods.losses import cost_aware_loss
+from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
+from exitbench.methods.heads import BNPoolBranch, ConvBranch
+from exitbench.methods.losses import cost_aware_loss
 
 
 def eenet_head(kind: str, exit_point: ExitPoint, num_classes: int) -> nn.Module:

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from methods.base import ExitPoint
+from exitbench.methods.base import ExitPoint
 
 
 class TokensToMap(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from methods.base import ExitOutputs
+from exitbench.methods.base import ExitOutputs
 
 _EPS = 1e-7  # clamp before the log: a mixture can underflow to 0 for the true class
 

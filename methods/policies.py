@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from methods.base import UserError, did_you_mean
+from exitbench.methods.base import UserError, did_you_mean
 
 
 def max_softmax(logits: Tensor, confidence: Tensor | None = None) -> Tensor:

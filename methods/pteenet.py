@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
-from methods.heads import ConvBranch
-from methods.losses import cost_aware_loss
+from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
+from exitbench.methods.heads import ConvBranch
+from exitbench.methods.losses import cost_aware_loss
 
 
 @register_method

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from methods.base import UserError, did_you_mean
-from methods.calibration import coordinate_descent
-from methods.policies import first_exit, score_matrix
+from exitbench.methods.base import UserError, did_you_mean
+from exitbench.methods.calibration import coordinate_descent
+from exitbench.methods.policies import first_exit, score_matrix
 
 LAMBDAS = torch.arange(100, -1, -1, dtype=torch.float64) / 100  # 1.00, 0.99, ..., 0.00
 
@@ -436,7 +436,7 @@ def fit_shape(scores: Tensor, exit_loss: Tensor, strict_costs: Sequence[float] |
               sweeps: int = 2) -> Tensor:
     """Shapes a [P, K] (a [K] for a scalar eps; [B, P, K] for batched scores [B, K, n]) fitted on a
     *shaping* split: the per-exit thresholds with the least expected strict MACs whose empirical risk is
-    <= eps (coordinate descent, ``methods.calibration``), rescaled by ``shape_from_thresholds``. It must
+    <= eps (coordinate descent, ``exitbench.methods.calibration``), rescaled by ``shape_from_thresholds``. It must
     not see the data that LTT then certifies on."""
     t, _ = coordinate_descent(scores, exit_loss, strict_costs, eps, grid_size=grid_size, sweeps=sweeps, strict=True)
     return shape_from_thresholds(t)

@@ -13,7 +13,7 @@ Choices recorded here:
   FLOPs, so every method in a comparison uses the same exit points; ``placement: linear`` with
   ``n_exits: 6`` is close to SDN's own layout.
 - Heads pool adaptively to ``pool_size`` x ``pool_size`` (4 in the reference); see
-  ``methods.heads.MixedPool`` for how this differs from the reference's fixed kernel.
+  ``exitbench.methods.heads.MixedPool`` for how this differs from the reference's fixed kernel.
 - Reference settings: Adam, lr 1e-3, 25 epochs with the lr divided by 10 after epoch 15, weight
   decay 1e-4 (ResNet, MobileNet) or 5e-4 (VGG, WideResNet), batch 128. The shared loop has no step
   schedule; defaults use 10 epochs for CPU runs (set ``epochs: 25`` for the reference budget).
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from methods.base import (
+from exitbench.methods.base import (
     ExitOutputs,
     ExitPoint,
     HParam,
@@ -42,7 +42,7 @@ from methods.base import (
     UserError,
     register_method,
 )
-from methods.heads import SDNHead
+from exitbench.methods.heads import SDNHead
 
 
 @register_method

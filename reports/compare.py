@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from reports import load
+from exitbench.reports import load
 
 Getter = Callable[[dict], float | None]
 

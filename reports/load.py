@@ -1,6 +1,6 @@
 """Reading result files and pulling the numbers the tables and figures need out of them.
 
-Pure Python + numpy on the stored JSON (``benchmarks.results`` is the only harness module used, and it is
+Pure Python + numpy on the stored JSON (``exitbench.results`` is the only harness module used, and it is
 torch-free). Every operating point and budget choice here is made on the calibration split and reported
 on test, as the runner did.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import (
+from exitbench.errors import UserError
+from exitbench.results import (
     HIGHER_IS_BETTER,
     check_schema,
     label_key,
@@ -29,7 +30,6 @@ from benchmarks.results import (
     setting_label,
     setting_labels,
 )
-from methods.errors import UserError
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 RISK_ORDER = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")

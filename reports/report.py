@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from reports import figures, load, tables
+from exitbench.reports import figures, load, tables
 
 
 @dataclass

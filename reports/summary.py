@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.results import summary_rows
-from reports import figures, load
+from exitbench.reports import figures, load
+from exitbench.results import summary_rows
 
 _EMPTY_SPLIT = {"accuracy": None, "agreement": None, "rel_macs_strict": None, "rel_macs_paper": None,
                 "exit_fractions": []}

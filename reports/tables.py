@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from reports import load
+from exitbench.reports import load
 
 DASH = "—"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.contract import midpoint_thresholds  # noqa: F401  (shared with the tests)
-from benchmarks.traces import Trace
-from methods.base import ExitPoint, StagedBackbone
+from exitbench.benchmarks.contract import midpoint_thresholds  # noqa: F401  (shared with the tests)
+from exitbench.benchmarks.traces import Trace
+from exitbench.methods.base import ExitPoint, StagedBackbone
 
 
 @pytest.fixture(autouse=True)

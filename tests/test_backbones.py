@@ -1,4 +1,4 @@
-"""benchmarks.backbones: the cut equals timm's forward, candidates, small stems, weights files, errors."""
+"""exitbench.benchmarks.backbones: the cut equals timm's forward, candidates, small stems, weights files, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from benchmarks import backbones
-from benchmarks.backbones import (
+from exitbench.benchmarks import backbones
+from exitbench.benchmarks.backbones import (
     TESTED_BACKBONES,
     create_backbone,
     create_timm_model,
@@ -20,7 +20,7 @@ from benchmarks.backbones import (
     save_weights,
     stage_model,
 )
-from methods.base import StagedBackbone, UserError
+from exitbench.methods.base import StagedBackbone, UserError
 
 # (timm name, input side, small stem): tiny or small-input models of every family, both stems
 CASES = [

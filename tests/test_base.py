@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.traces import collect_trace
-from methods.base import (
+from exitbench.benchmarks.traces import collect_trace
+from exitbench.methods.base import (
     HParam,
     Method,
     MultiExitNet,
@@ -17,8 +17,8 @@ from methods.base import (
     place_exits,
     register_method,
 )
-from methods.heads import ConvBranch
-from methods.policies import ThresholdPolicy, first_exit
+from exitbench.methods.heads import ConvBranch
+from exitbench.methods.policies import ThresholdPolicy, first_exit
 from tests.conftest import midpoint_thresholds, tiny_backbone
 
 
@@ -139,17 +139,17 @@ def test_a_registered_plugin_is_listed_and_checks_its_hparams():
 def test_an_entry_point_named_unlike_its_class_is_refused(monkeypatch):
     from importlib import metadata
 
-    from methods import base
+    from exitbench.methods import base
 
     eps = dict(base._entry_points())
-    eps["pte"] = metadata.EntryPoint("pte", "methods.pteenet:PTEENet", base.ENTRY_POINT_GROUP)
+    eps["pte"] = metadata.EntryPoint("pte", "exitbench.methods.pteenet:PTEENet", base.ENTRY_POINT_GROUP)
     monkeypatch.setattr(base, "_ENTRY_POINTS", eps)
     with pytest.raises(UserError, match="loads a class named 'pteenet'; make the entry-point name"):
         base.get_method("pte")
 
 
 def test_hparams_are_typed_and_ranged():
-    from methods.pteenet import PTEENet
+    from exitbench.methods.pteenet import PTEENet
 
     assert type(PTEENet(epochs=2.0).hp["epochs"]) is int  # an integral float is an int
     for kw, message in (({"lr": "1e-3"}, "YAML reads 1e-3 as text: write it with a dot"),

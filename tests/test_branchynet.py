@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from methods.base import ExitOutputs, UserError, get_method
-from methods.branchynet import exit_weights
+from exitbench.methods.base import ExitOutputs, UserError, get_method
+from exitbench.methods.branchynet import exit_weights
 
 
 def _outputs():

@@ -7,8 +7,8 @@ import itertools
 
 import torch
 
-from benchmarks.traces import Trace
-from methods.calibration import (
+from exitbench.benchmarks.traces import Trace
+from exitbench.methods.calibration import (
     accuracy_drop,
     coordinate_descent,
     geometric_budget,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.config import expand
-from methods.base import UserError
+from exitbench.benchmarks.config import expand
+from exitbench.methods.base import UserError
 
 BASE = {"datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
         "backbones": ["test_resnet"], "seeds": [0, 1]}

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from benchmarks import data
-from methods.base import UserError
+from exitbench.benchmarks import data
+from exitbench.methods.base import UserError
 
 # ----------------------------------------------------------------------------------------------
 # digits

@@ -7,9 +7,9 @@ import copy
 
 import torch
 
-from methods.base import ExitOutputs, get_method
-from methods.heads import BNPoolBranch, ConvBranch
-from methods.losses import cost_aware_mixture
+from exitbench.methods.base import ExitOutputs, get_method
+from exitbench.methods.heads import BNPoolBranch, ConvBranch
+from exitbench.methods.losses import cost_aware_mixture
 
 
 def _outputs():

@@ -1,4 +1,4 @@
-"""benchmarks.flops: MACs invariants, counter cross-check, known values, cost tables."""
+"""exitbench.benchmarks.flops: MACs invariants, counter cross-check, known values, cost tables."""
 
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ import timm
 import torch
 from torch import nn
 
-from benchmarks.backbones import create_backbone, create_timm_model
-from benchmarks.flops import CostTable, cost_table, count_macs, expected_rel_macs, flop_counter_macs, head_macs
-from methods.base import StagedBackbone, UserError, place_exits
+from exitbench.benchmarks.backbones import create_backbone, create_timm_model
+from exitbench.benchmarks.flops import (
+    CostTable,
+    cost_table,
+    count_macs,
+    expected_rel_macs,
+    flop_counter_macs,
+    head_macs,
+)
+from exitbench.methods.base import StagedBackbone, UserError, place_exits
 
 
 @cache

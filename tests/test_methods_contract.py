@@ -1,6 +1,6 @@
 """The method contract, checked for every built-in method on tiny timm backbones.
 
-The checks themselves ship with exitbench (``benchmarks.contract``, run by ``exitbench check NAME``
+The checks themselves ship with exitbench (``exitbench.benchmarks.contract``, run by ``exitbench check NAME``
 for an installed plugin); this file runs them under pytest.
 
 Parametrised over ``list_methods()`` x three tiny timm families, so a newly registered built-in method
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import contract
-from methods.base import _BUILTIN_FALLBACK, ENTRY_POINT_GROUP, Method, get_method, list_methods
+from exitbench.benchmarks import contract
+from exitbench.methods.base import _BUILTIN_FALLBACK, ENTRY_POINT_GROUP, Method, get_method, list_methods
 
 BACKBONES = contract.BACKBONES
 
@@ -33,7 +33,7 @@ def builtin_methods() -> list[str]:
     """Registered names whose entry point lives in the ``methods`` package."""
     targets = dict(_BUILTIN_FALLBACK)
     targets.update({ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
-    return sorted(n for n in list_methods() if targets.get(n, "").startswith("methods."))
+    return sorted(n for n in list_methods() if targets.get(n, "").startswith("exitbench.methods."))
 
 
 # Installed plugins can opt in: EXITBENCH_TEST_PLUGINS=pool_exits,my_method pytest tests/test_methods_contract.py
@@ -91,7 +91,7 @@ def test_unknown_hparams_are_user_errors(method_name):
 
 def test_a_broken_method_fails_its_checks():
     # the checks can fail: a method whose loss ignores the heads cannot lower it
-    from methods.pteenet import PTEENet
+    from exitbench.methods.pteenet import PTEENet
 
     class NoLearning(PTEENet):
         name = "no_learning_for_test"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.traces import Trace, collect_trace, evaluate
-from methods.base import MultiExitNet, UserError
-from methods.policies import (
+from exitbench.benchmarks.traces import Trace, collect_trace, evaluate
+from exitbench.methods.base import MultiExitNet, UserError
+from exitbench.methods.policies import (
     PatiencePolicy,
     ThresholdPolicy,
     first_exit,

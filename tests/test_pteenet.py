@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.base import ExitOutputs, UserError, get_method
-from methods.losses import cost_aware_loss, cost_aware_mixture
+from exitbench.methods.base import ExitOutputs, UserError, get_method
+from exitbench.methods.losses import cost_aware_loss, cost_aware_mixture
 
 
 def _outputs():

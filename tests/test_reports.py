@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cli import main
-from reports import compare, figures, load, tables
+from exitbench.cli import main
+from exitbench.reports import compare, figures, load, tables
 
 DATA = Path(__file__).parent / "data" / "results"
 GOLDEN = Path(__file__).parent / "golden"
@@ -51,10 +51,10 @@ def report_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     code = textwrap.dedent(f"""
         import argparse, importlib, pkgutil, sys
-        import reports
-        for m in pkgutil.iter_modules(reports.__path__):
-            importlib.import_module("reports." + m.name)
-        from reports.report import cmd_report
+        import exitbench.reports
+        for m in pkgutil.iter_modules(exitbench.reports.__path__):
+            importlib.import_module("exitbench.reports." + m.name)
+        from exitbench.reports.report import cmd_report
         rc = cmd_report(argparse.Namespace(results={str(DATA)!r}, out={str(out)!r}, paper_view=True))
         bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         assert not bad, f"reports imported torch: {{bad[:5]}}"
@@ -164,7 +164,7 @@ def test_figures_skip_what_is_absent():
 
 
 def test_write_summary_keeps_working(tmp_path):
-    from reports.summary import write_summary
+    from exitbench.reports.summary import write_summary
 
     shutil.copytree(DATA, tmp_path / "res")
     csv_path, png = write_summary(tmp_path / "res")
@@ -252,7 +252,7 @@ def _two_settings(loss: str, accs: list[float]) -> list[dict]:
 
 
 def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
-    from benchmarks.results import setting_id, setting_labels
+    from exitbench.results import setting_id, setting_labels
 
     v1, v2 = _two_settings("v1", [0.9, 0.91]), _two_settings("v2", [0.95, 0.96])
     assert setting_id(v1[0]["config"]) != setting_id(v2[0]["config"])
@@ -268,7 +268,7 @@ def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
 
 
 def test_reports_use_the_latest_run_and_list_the_rest(tmp_path, capsys):
-    from benchmarks.results import write_manifest
+    from exitbench.results import write_manifest
 
     d = tmp_path / "R"
     shutil.copytree(DATA, d)

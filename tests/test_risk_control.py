@@ -10,11 +10,11 @@ import pytest
 import torch
 from scipy import stats
 
-from benchmarks.risk_protocol import PROTOCOL_RULES, run_protocol
-from benchmarks.traces import Trace
-from methods.base import UserError
-from methods.policies import ThresholdPolicy, first_exit
-from methods.risk_control import (
+from exitbench.benchmarks.risk_protocol import PROTOCOL_RULES, run_protocol
+from exitbench.benchmarks.traces import Trace
+from exitbench.methods.base import UserError
+from exitbench.methods.policies import ThresholdPolicy, first_exit
+from exitbench.methods.risk_control import (
     LAMBDAS,
     RISKS,
     CalLosses,

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.cli import main
-from methods.base import register_method
-from methods.pteenet import PTEENet
+from exitbench.cli import main
+from exitbench.methods.base import register_method
+from exitbench.methods.pteenet import PTEENet
 
 TINY = {
     "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
@@ -165,8 +165,8 @@ def test_validate_and_list(tmp_path, capsys):
 
 
 def test_operating_point_selection_is_on_calibration():
-    from benchmarks.runner import operating_points
-    from benchmarks.traces import Sweep
+    from exitbench.benchmarks.runner import operating_points
+    from exitbench.benchmarks.traces import Sweep
 
     def sweep(acc, cost):
         n = len(acc)
@@ -183,9 +183,9 @@ def test_operating_point_selection_is_on_calibration():
 
 def test_harness_trained_backbones_are_reproducible(tmp_path):
     """Same cell, fresh caches, a disturbed global RNG: the very same weights."""
-    from benchmarks.config import expand
-    from benchmarks.data import load_splits
-    from benchmarks.runner import prepare_backbone
+    from exitbench.benchmarks.config import expand
+    from exitbench.benchmarks.data import load_splits
+    from exitbench.benchmarks.runner import prepare_backbone
 
     cell = expand({**TINY, "backbone_training": {"epochs": 1}})[0]
     splits = load_splits("synthetic", n=160, num_classes=3, image_size=16)
@@ -258,7 +258,7 @@ def test_evaluation_changes_reanalyse_without_training(quick_run, tmp_path, caps
     """--rc-eps, latency settings and --no-latency re-analyse from stored traces and weights."""
     import shutil
 
-    from benchmarks import training
+    from exitbench.benchmarks import training
 
     _, out, args = quick_run
     d = tmp_path / "copy"

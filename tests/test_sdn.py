@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from methods.base import ExitOutputs, ExitPoint, UserError, get_method
-from methods.heads import MixedPool, SDNHead
+from exitbench.methods.base import ExitOutputs, ExitPoint, UserError, get_method
+from exitbench.methods.heads import MixedPool, SDNHead
 
 
 def test_mixed_pooling_by_hand():

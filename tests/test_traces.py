@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.traces import Trace, evaluate, threshold_grid
-from methods.policies import first_exit, max_softmax, neg_entropy
+from exitbench.benchmarks.traces import Trace, evaluate, threshold_grid
+from exitbench.methods.policies import first_exit, max_softmax, neg_entropy
 
 
 def _brute_first_exit(scores, thresholds):

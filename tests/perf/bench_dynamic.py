@@ -18,12 +18,12 @@ import time
 import pytest
 import torch
 
-from benchmarks.backbones import create_backbone
-from benchmarks.flops import cost_table, head_macs
-from benchmarks.latency import realisation
-from benchmarks.traces import collect_trace, evaluate, threshold_grid
-from methods.base import get_method
-from methods.policies import ThresholdPolicy
+from exitbench.benchmarks.backbones import create_backbone
+from exitbench.benchmarks.flops import cost_table, head_macs
+from exitbench.benchmarks.latency import realisation
+from exitbench.benchmarks.traces import collect_trace, evaluate, threshold_grid
+from exitbench.methods.base import get_method
+from exitbench.methods.policies import ThresholdPolicy
 
 torch.set_num_threads(2)
 

@@ -4,7 +4,7 @@ Rule: the pretrained backbone is frozen (and kept in eval mode by ``MultiExitNet
 is a global average pool followed by one Linear layer; the exits are trained with the sum of their
 cross-entropies; a sample leaves at the first exit whose max-softmax reaches the threshold.
 
-It imports only ``methods.base``, the plugin contract, so it works with any exitbench install.
+It imports only ``exitbench.methods.base``, the plugin contract, so it works with any exitbench install.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
+from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
 
 
 class PoolLinear(nn.Module):

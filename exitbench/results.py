@@ -148,7 +148,7 @@ def read_result(path: str | Path) -> dict:
 
 def check_schema(result: dict, path: str | Path) -> None:
     """A result written by a newer exitbench cannot be read safely: one-line UserError."""
-    from methods.errors import UserError
+    from exitbench.errors import UserError
 
     v = result.get("schema_version")
     if isinstance(v, int) and v > SCHEMA_VERSION:

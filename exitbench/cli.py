@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from methods.errors import UserError
+from exitbench.errors import UserError
 
 DEFAULT_OUT = "exitbench_results"
 
@@ -25,8 +25,8 @@ def default_cache() -> Path:
 
 
 def _cells(args: argparse.Namespace, matrix: dict | None = None):
-    from benchmarks.config import expand, load_matrix
-    from benchmarks.runner import preflight
+    from exitbench.benchmarks.config import expand, load_matrix
+    from exitbench.benchmarks.runner import preflight
 
     matrix = load_matrix(args.matrix) if matrix is None else matrix
     cells = expand(matrix)
@@ -48,10 +48,10 @@ def _check_out(out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmarks.config import load_matrix
-    from benchmarks.results import check_schema
-    from benchmarks.runner import cell_path, existing, run_matrix
-    from reports.summary import write_summary
+    from exitbench.benchmarks.config import load_matrix
+    from exitbench.benchmarks.runner import cell_path, existing, run_matrix
+    from exitbench.reports.summary import write_summary
+    from exitbench.results import check_schema
 
     t0 = time.perf_counter()
     if args.threads is not None and args.threads < 1:
@@ -92,7 +92,7 @@ def _csv(text: str, kind: type = str) -> tuple:
 
 def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
     """``--rc-*`` options override (and switch on) the matrix's risk_control block."""
-    from benchmarks.config import RiskControl
+    from exitbench.benchmarks.config import RiskControl
 
     if args.no_risk_control:
         return [replace(c, risk_control=RiskControl(enabled=False)) for c in cells]
@@ -119,9 +119,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from benchmarks.backbones import TESTED_BACKBONES, list_families
-    from benchmarks.data import list_datasets
-    from methods.base import get_method, list_methods
+    from exitbench.benchmarks.backbones import TESTED_BACKBONES, list_families
+    from exitbench.benchmarks.data import list_datasets
+    from exitbench.methods.base import get_method, list_methods
 
     print("methods (hyper-parameter = default: help):")
     for name in list_methods():
@@ -139,8 +139,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the method contract (benchmarks.contract) against an installed method."""
-    from benchmarks.contract import BACKBONES, run_checks
-    from methods.base import get_method
+    from exitbench.benchmarks.contract import BACKBONES, run_checks
+    from exitbench.methods.base import get_method
 
     cls = get_method(args.method)
     backbones = tuple(_csv(args.backbones)) if args.backbones else BACKBONES
@@ -187,11 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=cmd_check)
 
     def cmd_report(args: argparse.Namespace) -> int:  # reports/ is imported only when used (matplotlib)
-        from reports.report import cmd_report
+        from exitbench.reports.report import cmd_report
         return cmd_report(args)
 
     def cmd_compare(args: argparse.Namespace) -> int:
-        from reports.compare import cmd_compare
+        from exitbench.reports.compare import cmd_compare
         return cmd_compare(args)
 
     rep = sub.add_parser("report", help="Markdown + HTML report, LaTeX tables and figures from stored results")
