@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from exitbench.methods.base import Budget, UserError, did_you_mean
+from exitbench.methods.rules import RISKS, SELECTION_RULES
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 
@@ -62,19 +63,15 @@ class RiskControl:
     """The risk-control trial protocol run on each cell's traces (docs/risk_control.md)."""
 
     enabled: bool = True
-    rules: tuple[str, ...] = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs",
-                              "ltt-per-exit")
-    risks: tuple[str, ...] = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")
+    rules: tuple[str, ...] = SELECTION_RULES  # every registered rule a user can deploy
+    risks: tuple[str, ...] = tuple(RISKS.names())
     eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     delta: float = 0.1
     trials: int = 100
     n_cal: int = 0  # 0: a quarter of the pooled held-out data, up to 1000
 
     def check(self, where: str = "risk_control") -> None:
-        from exitbench.benchmarks.risk_protocol import PROTOCOL_RULES as RULES  # torch: kept out of import time
-        from exitbench.methods.risk_control import RISKS
-
-        for key, valid in (("rules", RULES), ("risks", RISKS)):
+        for key, valid in (("rules", SELECTION_RULES), ("risks", RISKS.names())):
             for name in getattr(self, key):
                 if name not in valid:
                     raise UserError(f"{where}.{key}: unknown {key[:-1]} {name!r}; {did_you_mean(name, list(valid))}")

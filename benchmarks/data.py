@@ -14,7 +14,6 @@ the others (digits, synthetic) split a stratified test set off first with ``test
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from exitbench.methods.base import UserError, did_you_mean
+from exitbench.errors import UserError, did_you_mean
+from exitbench.registry import Registry
 
 DEFAULT_DATASET = "digits"
 
@@ -100,7 +100,10 @@ class Splits:
 
 
 @dataclass
-class _Raw:
+class RawData:
+    """What a loader returns: images [N, C, H, W] (uint8 or float in [0, 1]) and labels, plus the official
+    test set when the dataset has one."""
+
     info: DatasetInfo
     images: Tensor
     labels: Tensor
@@ -109,7 +112,7 @@ class _Raw:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loaders: (root, download, **options) -> _Raw
+# Datasets: each a DatasetSpec registered in DATASETS
 
 DIGITS_NAMES = tuple(str(d) for d in range(10))
 # Fixed constants rather than train-split statistics, so DatasetInfo does not depend on the seed:
@@ -118,33 +121,75 @@ DIGITS_NAMES = tuple(str(d) for d in range(10))
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3236
 
 
-def _load_digits(root: Path, download: bool) -> _Raw:
-    from sklearn.datasets import load_digits
+class DatasetSpec:
+    """A registered dataset: its :class:`DatasetInfo` without loading, its loader, the options it takes,
+    and whether its train split may be augmented with crop + flip.
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16  # pixels are 0..16
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp_(0, 1)
-    return _Raw(dataset_info("digits"), x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target))
+    Subclass it, set ``name`` and ``options`` (option -> (type, default)), implement ``info`` and
+    ``load``, and register an instance in ``DATASETS`` (or declare it in the ``exitbench.datasets``
+    entry-point group). ``load`` returns a :class:`RawData`; missing files raise :class:`UserError`.
+    """
+
+    name: str = ""
+    options: dict[str, tuple[type, Any]] = {}
+    augment: bool = False  # random crop + horizontal flip make sense (never for digits or house numbers)
+
+    def info(self, **options: Any) -> DatasetInfo:
+        raise NotImplementedError
+
+    def load(self, root: Path, download: bool, **options: Any) -> RawData:
+        raise NotImplementedError
+
+    def check(self, options: dict[str, Any]) -> None:
+        """Raise :class:`UserError` for option values out of range (types are checked already)."""
 
 
-def _synthetic_info(num_classes: int = 4, n: int = 240, image_size: int = 16, noise: float = 0.5) -> DatasetInfo:
-    return DatasetInfo("synthetic", num_classes, (3, image_size, image_size), (0.5,) * 3, (0.25,) * 3,
-                       tuple(f"class{k}" for k in range(num_classes)))
+class Digits(DatasetSpec):
+    """scikit-learn's 8x8 digits (1,797 images), upscaled to 32 px, embedded: needs no files."""
+
+    name = "digits"
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo("digits", 10, (3, 32, 32), (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, DIGITS_NAMES)
+
+    def load(self, root: Path, download: bool) -> RawData:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16  # pixels are 0..16
+        x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp_(0, 1)
+        return RawData(self.info(), x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target))
 
 
-def _load_synthetic(root: Path, download: bool, num_classes: int = 4, n: int = 240, image_size: int = 16,
-                    noise: float = 0.5) -> _Raw:
-    # A smooth random prototype per class plus Gaussian noise whose scale varies per sample (0.2..1.2 x
-    # ``noise``), so some samples are easy and some hard, as an early-exit benchmark needs. The data is
-    # fixed (generator seed 0); the split seed only decides which sample goes to which split.
-    g = torch.Generator().manual_seed(0)
-    protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
-                           align_corners=False)
-    labels = torch.arange(n) % num_classes
-    labels = labels[torch.randperm(n, generator=g)]
-    scale = noise * (0.2 + torch.rand(n, 1, 1, 1, generator=g))
-    x = (protos[labels] + scale * torch.randn(n, 3, image_size, image_size, generator=g)).clamp_(0, 1)
-    return _Raw(_synthetic_info(num_classes, n, image_size, noise), x, labels)
+class Synthetic(DatasetSpec):
+    """Generated class prototypes plus per-sample noise (options num_classes, n, image_size, noise): for tests."""
+
+    name = "synthetic"
+    options = {"num_classes": (int, 4), "n": (int, 240), "image_size": (int, 16), "noise": (float, 0.5)}
+
+    def info(self, num_classes: int = 4, n: int = 240, image_size: int = 16, noise: float = 0.5) -> DatasetInfo:
+        return DatasetInfo("synthetic", num_classes, (3, image_size, image_size), (0.5,) * 3, (0.25,) * 3,
+                           tuple(f"class{k}" for k in range(num_classes)))
+
+    def check(self, options: dict[str, Any]) -> None:
+        o = {k: d for k, (_, d) in self.options.items()} | options
+        if o["num_classes"] < 2 or o["image_size"] < 4 or o["noise"] < 0 or o["n"] < 4 * o["num_classes"]:
+            raise UserError(f"dataset: synthetic needs num_classes >= 2, image_size >= 4, noise >= 0 and "
+                            f"n >= 4 * num_classes; got {o}")
+
+    def load(self, root: Path, download: bool, num_classes: int = 4, n: int = 240, image_size: int = 16,
+             noise: float = 0.5) -> RawData:
+        # A smooth random prototype per class plus Gaussian noise whose scale varies per sample (0.2..1.2 x
+        # ``noise``), so some samples are easy and some hard, as an early-exit benchmark needs. The data is
+        # fixed (generator seed 0); the split seed only decides which sample goes to which split.
+        g = torch.Generator().manual_seed(0)
+        protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
+                               align_corners=False)
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=g)]
+        scale = noise * (0.2 + torch.rand(n, 1, 1, 1, generator=g))
+        x = (protos[labels] + scale * torch.randn(n, 3, image_size, image_size, generator=g)).clamp_(0, 1)
+        return RawData(self.info(num_classes, n, image_size, noise), x, labels)
 
 
 def _missing(name: str, expected: list[Path]) -> UserError:
@@ -155,56 +200,62 @@ def _missing(name: str, expected: list[Path]) -> UserError:
                      f"fetch them, or put the official archive's contents there")
 
 
-def _torchvision(name: str, root: Path, download: bool) -> _Raw:
-    import torchvision.datasets as tvd
+class Torchvision(DatasetSpec):
+    """A torchvision dataset in its official on-disk format (CIFAR-10/100 python pickles, SVHN .mat files)."""
 
-    if name == "svhn":
-        root = root / "svhn"
-        expected = [root / "train_32x32.mat", root / "test_32x32.mat"]
-        make = lambda train: tvd.SVHN(str(root), split="train" if train else "test", download=download)
-    else:
-        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        expected = [root / cls.base_folder]
-        make = lambda train: cls(str(root), train=train, download=download)
-    try:
-        train, test = make(True), make(False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
-        raise _missing(name, expected) from None
-    except OSError as e:  # no network, disk full, ...
-        raise UserError(f"dataset: downloading {name} into {root} failed ({e}); check the network, or put the "
-                        f"official files at {', '.join(map(str, expected))} and run without download") from None
+    def __init__(self, name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 augment: bool, help: str):
+        self.name, self.num_classes, self.mean, self.std, self.augment = name, num_classes, mean, std, augment
+        self.__doc__ = help
 
-    def arrays(ds: Any) -> tuple[Tensor, Tensor]:
-        if name == "svhn":  # already [N, C, H, W]; torchvision maps label 10 to digit 0
-            return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels)
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets)
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(self.name, self.num_classes, (3, 32, 32), self.mean, self.std, None)  # names come with files
 
-    (x, y), (xt, yt) = arrays(train), arrays(test)
-    classes = DIGITS_NAMES if name == "svhn" else tuple(train.classes)
-    mean, std = _STATS[name]
-    return _Raw(DatasetInfo(name, len(classes), (3, 32, 32), mean, std, classes), x, y, xt, yt)
+    def load(self, root: Path, download: bool) -> RawData:
+        import torchvision.datasets as tvd
+
+        name = self.name
+        if name == "svhn":
+            root = root / "svhn"
+            expected = [root / "train_32x32.mat", root / "test_32x32.mat"]
+            make = lambda train: tvd.SVHN(str(root), split="train" if train else "test", download=download)
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            expected = [root / cls.base_folder]
+            make = lambda train: cls(str(root), train=train, download=download)
+        try:
+            train, test = make(True), make(False)
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+            raise _missing(name, expected) from None
+        except OSError as e:  # no network, disk full, ...
+            raise UserError(f"dataset: downloading {name} into {root} failed ({e}); check the network, or put the "
+                            f"official files at {', '.join(map(str, expected))} and run without download") from None
+
+        def arrays(ds: Any) -> tuple[Tensor, Tensor]:
+            if name == "svhn":  # already [N, C, H, W]; torchvision maps label 10 to digit 0
+                return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels)
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets)
+
+        (x, y), (xt, yt) = arrays(train), arrays(test)
+        classes = DIGITS_NAMES if name == "svhn" else tuple(train.classes)
+        return RawData(DatasetInfo(name, len(classes), (3, 32, 32), self.mean, self.std, classes), x, y, xt, yt)
 
 
+DATASETS: Registry[DatasetSpec] = Registry("dataset", base=DatasetSpec, group="exitbench.datasets", field="dataset")
+DATASETS.register("digits", Digits())
 # Per-channel training-set statistics on [0, 1] pixels (pixel-level std, as commonly published).
-_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-}
-_LOADERS: dict[str, Callable[..., _Raw]] = {
-    "digits": _load_digits,
-    "cifar10": lambda root, download: _torchvision("cifar10", root, download),
-    "cifar100": lambda root, download: _torchvision("cifar100", root, download),
-    "svhn": lambda root, download: _torchvision("svhn", root, download),
-    "synthetic": _load_synthetic,
-}
-_OPTIONS: dict[str, dict[str, type]] = {"synthetic": {"num_classes": int, "n": int, "image_size": int, "noise": float}}
-_AUGMENT = {"cifar10", "cifar100"}  # crop + flip; never flip digits or house numbers
+DATASETS.register("cifar10", Torchvision("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
+                                         "CIFAR-10 (torchvision files; crop + flip augmentation allowed)"))
+DATASETS.register("cifar100", Torchvision("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+                                          "CIFAR-100 (torchvision files; crop + flip augmentation allowed)"))
+DATASETS.register("svhn", Torchvision("svhn", 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False,
+                                      "SVHN cropped digits (torchvision .mat files; never flipped)"))
+DATASETS.register("synthetic", Synthetic())
 
 
 def list_datasets() -> list[str]:
     """Names of the registered datasets, sorted."""
-    return sorted(_LOADERS)
+    return sorted(DATASETS.names())
 
 
 def default_root() -> Path:
@@ -212,34 +263,23 @@ def default_root() -> Path:
     return Path(os.environ.get("EXITBENCH_DATA") or "~/.cache/exitbench/data").expanduser()
 
 
-def _check(name: str, options: dict[str, Any]) -> None:
-    if name not in _LOADERS:
-        raise UserError(f"dataset: unknown dataset {name!r}; {did_you_mean(name, list_datasets())}")
-    allowed = _OPTIONS.get(name, {})
+def _check(name: str, options: dict[str, Any]) -> DatasetSpec:
+    spec = DATASETS.get(name)
+    allowed = spec.options
     for key, value in options.items():
         if key not in allowed:
             hint = did_you_mean(key, list(allowed)) if allowed else f"{name} takes no options"
             raise UserError(f"dataset.{key}: unknown option for {name}; {hint}")
-        kind = allowed[key]
+        kind = allowed[key][0]
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             raise UserError(f"dataset.{key}: expected {kind.__name__}, got {value!r}")
-    if name == "synthetic":
-        o = {"num_classes": 4, "n": 240, "image_size": 16, "noise": 0.5, **options}
-        if o["num_classes"] < 2 or o["image_size"] < 4 or o["noise"] < 0 or o["n"] < 4 * o["num_classes"]:
-            raise UserError(f"dataset: synthetic needs num_classes >= 2, image_size >= 4, noise >= 0 and "
-                            f"n >= 4 * num_classes; got {o}")
+    spec.check(options)
+    return spec
 
 
 def dataset_info(name: str = DEFAULT_DATASET, **options: Any) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name`` without loading any data (for building backbones)."""
-    _check(name, options)
-    if name == "synthetic":
-        return _synthetic_info(**options)
-    if name == "digits":
-        return DatasetInfo("digits", 10, (3, 32, 32), (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, DIGITS_NAMES)
-    mean, std = _STATS[name]
-    n = 100 if name == "cifar100" else 10
-    return DatasetInfo(name, n, (3, 32, 32), mean, std, None)  # class names come with the files
+    return _check(name, options).info(**options)
 
 
 def _split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int, field: str):
@@ -266,11 +306,11 @@ def load_splits(name: str = DEFAULT_DATASET, *, root: str | Path | None = None, 
     other datasets (see ``Splits.augment``). ``options`` are dataset-specific (synthetic: ``num_classes``,
     ``n``, ``image_size``, ``noise``).
     """
-    _check(name, options)
+    spec = _check(name, options)
     for field, f in (("calibration_fraction", calibration_fraction), ("test_fraction", test_fraction)):
         if not 0 < f < 1:
             raise UserError(f"{field}: must be between 0 and 1 (exclusive), got {f!r}")
-    raw = _LOADERS[name](Path(root).expanduser() if root is not None else default_root(), download, **options)
+    raw = spec.load(Path(root).expanduser() if root is not None else default_root(), download, **options)
     labels = raw.labels.numpy()
     pool = np.arange(len(labels))
     if raw.test_images is None:
@@ -280,7 +320,7 @@ def load_splits(name: str = DEFAULT_DATASET, *, root: str | Path | None = None, 
         test_idx = np.arange(len(raw.test_labels))
         test_x, test_y = raw.test_images, raw.test_labels
     train_idx, cal_idx = _split(labels, pool, calibration_fraction, seed, "calibration_fraction")
-    aug = augment and name in _AUGMENT
+    aug = augment and spec.augment
     m, s = raw.info.mean, raw.info.std
     return Splits(
         train=ImageDataset(raw.images[train_idx], raw.labels[train_idx], m, s, augment=aug),
@@ -311,6 +351,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
 
 
 __all__ = [
-    "DEFAULT_DATASET", "DatasetInfo", "ImageDataset", "Splits", "dataset_info", "default_root", "list_datasets",
-    "load_splits", "make_loader", "to_tensors",
+    "DATASETS", "DEFAULT_DATASET", "DatasetInfo", "DatasetSpec", "ImageDataset", "RawData", "Splits", "dataset_info",
+    "default_root", "list_datasets", "load_splits", "make_loader", "to_tensors",
 ]

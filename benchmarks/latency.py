@@ -16,13 +16,36 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from exitbench.methods.base import MultiExitNet, Policy
+from exitbench.registry import Registry
 
 NOISY_IQR = 0.10  # a record whose IQR exceeds this share of its median is flagged noisy
+
+
+@dataclass(frozen=True)
+class LatencyVariant:
+    """One way of running a network that the protocol times: ``make(backbone, net, policy)`` returns the
+    callable timed on each batch. ``exits``: it really leaves early under the policy, so its record gets
+    the exit fractions, latency ratio against ``backbone`` and realisation."""
+
+    name: str
+    make: Callable[[nn.Module, MultiExitNet, Policy], Callable[[Tensor], object]]
+    exits: bool = False
+
+
+LATENCY_VARIANTS: Registry[LatencyVariant] = Registry("latency variant", base=LatencyVariant,
+                                                      group="exitbench.latency_variants",
+                                                      field="evaluation.latency_variants")
+LATENCY_VARIANTS.register("backbone", LatencyVariant("backbone", lambda bb, net, policy: bb.__call__),
+                          help="the plain backbone: the reference every ratio is taken against")
+LATENCY_VARIANTS.register("dynamic", LatencyVariant("dynamic", lambda bb, net, policy:
+                                                    (lambda x: net.forward_dynamic(x, policy)), exits=True),
+                          help="MultiExitNet.forward_dynamic: real per-sample early exit with batch compaction")
 
 
 @contextmanager
@@ -82,8 +105,9 @@ def realisation_note(latency_ratio: float, macs_ratio: float) -> str:
 def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
                     strict_costs: Sequence[float], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
                     warmup: int = 2, max_samples_batch1: int = 32, max_batches: int = 1,
-                    threads: int | None = None) -> list[dict]:
-    """Time the plain backbone and ``net.forward_dynamic`` on ``images`` for each batch size.
+                    threads: int | None = None, variants: Sequence[str] = ("backbone", "dynamic")) -> list[dict]:
+    """Time the registered latency ``variants`` (``backbone`` always among them, first) on ``images``
+    for each batch size.
 
     For batch size b > 1 we use up to ``max_batches`` full batches (one smaller batch when ``images``
     holds fewer than b); at b = 1 the first ``max_samples_batch1`` samples one by one. Returns one
@@ -91,13 +115,14 @@ def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, imag
     the strict MACs ratio they imply, the latency ratio and the realisation.
     """
     with num_threads(threads):
+        chosen = [LATENCY_VARIANTS.get(v) for v in dict.fromkeys(["backbone", *variants])]
         return _measure(backbone, net, policy, images, strict_costs, batch_sizes, repeats, warmup,
-                        max_samples_batch1, max_batches)
+                        max_samples_batch1, max_batches, chosen)
 
 
 def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor, strict_costs: Sequence[float],
              batch_sizes: Sequence[int], repeats: int, warmup: int, max_samples_batch1: int,
-             max_batches: int) -> list[dict]:
+             max_batches: int, variants: list[LatencyVariant]) -> list[dict]:
     device = images.device
     backbone.eval()
     net.eval()
@@ -108,26 +133,24 @@ def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Ten
         exit_idx = torch.cat([net.forward_dynamic(x, policy)[1] for x in batches])
         fractions = torch.bincount(exit_idx.cpu(), minlength=net.num_exits).double() / len(exit_idx)
         macs_ratio = float(fractions @ torch.tensor(strict_costs, dtype=torch.float64))
-        run_backbone = backbone.__call__
-        run_dynamic = lambda x: net.forward_dynamic(x, policy)
+        runs = {v.name: v.make(backbone, net, policy) for v in variants}
         for _ in range(warmup):
-            _pass(run_backbone, batches, device)
-            _pass(run_dynamic, batches, device)
-        t_backbone, t_dynamic = [], []
-        for i in range(repeats):
-            if i % 2 == 0:  # alternate which variant goes first
-                t_backbone.append(_pass(run_backbone, batches, device))
-                t_dynamic.append(_pass(run_dynamic, batches, device))
-            else:
-                t_dynamic.append(_pass(run_dynamic, batches, device))
-                t_backbone.append(_pass(run_backbone, batches, device))
+            for run in runs.values():
+                _pass(run, batches, device)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        order = list(runs)
+        for i in range(repeats):  # rotate which variant goes first (two variants: alternate)
+            for name in order[i % len(order):] + order[:i % len(order)]:
+                times[name].append(_pass(runs[name], batches, device))
         common = {"batch_size": b, "n_batches": len(batches), "samples": len(exit_idx), "device": str(device),
                   "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
-        base = {"variant": "backbone", **common, **_stats(t_backbone, len(batches))}
-        dyn = {"variant": "dynamic", **common, **_stats(t_dynamic, len(batches))}
-        ratio = statistics.median(d / bk for d, bk in zip(t_dynamic, t_backbone))  # paired, per repeat
-        dyn.update({"latency_ratio": ratio, "ratio_of": "median of per-repeat paired ratios",
-                    "macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
-                    "realisation_note": realisation_note(ratio, macs_ratio), "exit_fractions": fractions.tolist()})
-        records += [base, dyn]
+        for v in variants:
+            rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches))}
+            if v.exits:
+                ratio = statistics.median(d / bk for d, bk in zip(times[v.name], times["backbone"]))  # paired
+                rec.update({"latency_ratio": ratio, "ratio_of": "median of per-repeat paired ratios",
+                            "macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
+                            "realisation_note": realisation_note(ratio, macs_ratio),
+                            "exit_fractions": fractions.tolist()})
+            records.append(rec)
     return records

@@ -31,22 +31,23 @@ from torch import Tensor
 from exitbench.benchmarks.traces import Trace
 from exitbench.methods.base import UserError
 from exitbench.methods.risk_control import (
-    GUARANTEES,
     LAMBDAS,
     RISKS,
+    SELECTION_RULES,
     CalLosses,
     confidence_scores,
     exit_index,
     exit_losses,
     family_mean_loss,
     fit_shape,
+    get_risk,
+    get_rule,
     monotonise,
     per_exit_family,
     select,
 )
 
-PROTOCOL_RULES = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs",
-                  "ltt-per-exit")
+PROTOCOL_RULES = SELECTION_RULES  # every registered rule except the protocol's own references
 EPS = (0.01, 0.02, 0.05, 0.1, 0.2)
 SAMPLING = "with replacement from the pool; judged on the pool's (population) risk"
 
@@ -72,7 +73,8 @@ def _row(rule: str, risk: str, eps: float, risk_t: Tensor, exit_mean: Tensor, ma
     choice. ``violation_freq`` = P(population risk > eps)."""
     tr = risk_t.double()
     return {
-        "rule": rule, "risk": risk, "eps": float(eps), "guarantee": GUARANTEES.get(rule, "baseline"),
+        "rule": rule, "risk": risk, "eps": float(eps), "guarantee": get_rule(rule).guarantee,
+        "promise": get_rule(rule).promise,
         "test_risk_mean": tr.mean().item(), "test_risk_std": tr.std(unbiased=False).item(),
         "violation_freq": (tr > eps + 1e-12).double().mean().item(),
         "mean_exit_index": exit_mean.double().mean().item(), "rel_macs_strict_mean": macs.double().mean().item(),
@@ -88,7 +90,7 @@ def _per_exit_ltt(scores: Tensor, el: Tensor, cost: Tensor, draws: Tensor, n_cal
     mean exit [T], strict MACs [T], lambda [T])}."""
     n_shape = n_cal // 2
     n_cert = n_cal - n_shape
-    bound = RISKS[risk].bound
+    bound = get_risk(risk).bound
     k_early = scores.shape[0]
     eps_t = torch.tensor(eps, dtype=torch.float64)
     parts: list[list[Tensor]] = [[] for _ in range(4)]
@@ -118,7 +120,7 @@ def _per_exit_ltt(scores: Tensor, el: Tensor, cost: Tensor, draws: Tensor, n_cal
 
 
 def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float], *, score: str = "max_softmax",
-                 rules: Sequence[str] = PROTOCOL_RULES, risks: Sequence[str] = tuple(RISKS),
+                 rules: Sequence[str] = PROTOCOL_RULES, risks: Sequence[str] | None = None,
                  eps: Sequence[float] = EPS, delta: float = 0.1, n_cal: int | None = None, trials: int = 100,
                  seed: int = 0, per_exit_grid: int = 30, per_exit_sweeps: int = 2) -> dict:
     """Run the risk-control protocol on one cell's traces; returns a JSON-ready dict
@@ -134,6 +136,7 @@ def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float],
     for r in rules:
         if r not in PROTOCOL_RULES:
             raise UserError(f"risk protocol: unknown rule {r!r}; use some of {', '.join(PROTOCOL_RULES)}")
+    risks = [get_risk(r).name for r in (RISKS.names() if risks is None else risks)]
     data = pool(calibration, test)
     m = len(data)
     n_cal = max(2, min(1000, m // 4)) if n_cal is None else int(n_cal)
@@ -160,30 +163,30 @@ def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float],
     pos = torch.arange(m, dtype=torch.float64)
 
     rows: list[dict] = []
-    simple = [r for r in rules if r != "ltt-per-exit"]
+    simple = [r for r in rules if not get_rule(r).per_exit]
     for risk in risks:
         el = exit_losses(data.logits, data.labels, risk)  # [E, M]
         losses = el.gather(0, exits)  # [G, M]
         pop_risk = losses.double().mean(1)  # [G]: the population risk of every lambda
-        unit = losses.clamp(min=0) / RISKS[risk].bound
+        unit = losses.clamp(min=0) / get_risk(risk).bound
         # WSR reads the calibration losses in order; float32 halves the work of the [T, G, n] passes
         if any("wsr" in r for r in simple):
             seq = losses.float().T[draws].permute(0, 2, 1).contiguous()  # [T, G, n_cal]
         else:
             seq = torch.zeros(()).expand(trials, g, n_cal)  # only its shape is read
-        cal = CalLosses(seq, counts @ losses.T / n_cal, counts @ unit.T / n_cal, RISKS[risk].bound,
+        cal = CalLosses(seq, counts @ losses.T / n_cal, counts @ unit.T / n_cal, get_risk(risk).bound,
                         counts @ monotonise(losses.double()).T / n_cal)
         per_exit = {}
-        if "ltt-per-exit" in rules:
+        if len(simple) < len(rules):
             per_exit = _per_exit_ltt(scores, el, cost, draws, n_cal, risk, eps, delta, per_exit_grid, per_exit_sweeps)
         done: dict[float, list[dict]] = {}
         for e in sorted(eps, reverse=True):  # descending: WSR re-tests only rows that passed a higher eps
             block = done[e] = []
             for rule in rules:
-                if rule == "ltt-per-exit":
+                if get_rule(rule).per_exit:
                     block.append(_row(rule, risk, e, *per_exit[e]))
                     continue
-                k = select(rule, cal, e, delta, risk, cal_macs if rule == "ucb-wsr-macs" else None)
+                k = select(rule, cal, e, delta, risk, cal_macs if get_rule(rule).union_bound else None)
                 block.append(_row(rule, risk, e, pop_risk[k], pop_exit[k], pop_macs[k], LAMBDAS[k]))
             ok = pop_risk <= e + 1e-12
             ok[0] = True

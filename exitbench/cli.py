@@ -118,20 +118,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The modules that define the product's registries; importing them fills exitbench.registry.REGISTRIES.
+REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.methods.rules",
+                    "exitbench.benchmarks.data", "exitbench.benchmarks.latency")
+
+
+def load_registries() -> dict:
+    """Every registry of the product (kind -> Registry), in the order the modules define them."""
+    import importlib
+
+    from exitbench.registry import REGISTRIES
+
+    for m in REGISTRY_MODULES:
+        importlib.import_module(m)
+    first = ("method", "dataset", "score", "placement", "risk", "rule", "latency variant")
+    return {k: REGISTRIES[k] for k in sorted(REGISTRIES, key=lambda k: (first.index(k) if k in first else 99, k))}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.backbones import TESTED_BACKBONES, list_families
-    from exitbench.benchmarks.data import list_datasets
-    from exitbench.methods.base import get_method, list_methods
+    from exitbench.methods.base import get_method
 
-    print("methods (hyper-parameter = default: help):")
-    for name in list_methods():
-        cls = get_method(name)
-        kind = "joint" if cls.trains_backbone else "post-trained"
-        print(f"  {name:<12} {kind:<13} score={cls.score}")
-        for k, spec in cls.hparams.items():
-            default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
-            print(f"      {k} = {default!r}: {spec.help}")
-    print("datasets:\n  " + ", ".join(list_datasets()))
+    for kind, reg in load_registries().items():
+        if kind == "method":
+            print("methods (hyper-parameter = default: help):")
+            for name in sorted(reg.names()):
+                cls = get_method(name)
+                how = "joint" if cls.trains_backbone else "post-trained"
+                print(f"  {name:<12} {how:<13} score={cls.score}  {reg.help(name)}")
+                for k, spec in cls.hparams.items():
+                    default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+                    print(f"      {k} = {default!r}: {spec.help}")
+            continue
+        print(f"{kind}s:")
+        for name, text in reg.describe():
+            print(f"  {name:<24} {text}")
     print("backbone families (any timm model of these): " + ", ".join(list_families()))
     print("backbones covered by the tests:\n  " + ", ".join(TESTED_BACKBONES))
     return 0

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from exitbench.errors import UserError, did_you_mean
+from exitbench.registry import Registry
 
 ENTRY_POINT_GROUP = "exitbench.methods"
 
@@ -81,13 +81,13 @@ class StagedBackbone(nn.Module):
 # Exit placement (EENet's cost rule, reused by PTEENet and shared by every method)
 
 PHI = 1.6180339887
-PLACEMENTS: dict[str, Callable[[int, int], float]] = {
-    # T_i / F for exit i of N (EENet's exit placement by cost)
-    "fine": lambda i, n: 1 - 0.95 ** (i + 1),
-    "pareto": lambda i, n: 1 - 0.8 ** (i + 1),
-    "linear": lambda i, n: (i + 1) / (n + 1),
-    "gold_ratio": lambda i, n: PHI ** (i - n),
-}
+# A placement distribution gives T_i / F, the cost fraction of the backbone at which exit i of N goes
+# (EENet's exit placement by cost).
+PLACEMENTS: Registry[Callable[[int, int], float]] = Registry("placement", field="placement")
+PLACEMENTS.register("fine", lambda i, n: 1 - 0.95 ** (i + 1), help="EENet's fine: T_i/F = 1 - 0.95^(i+1)")
+PLACEMENTS.register("pareto", lambda i, n: 1 - 0.8 ** (i + 1), help="EENet's pareto: T_i/F = 1 - 0.8^(i+1)")
+PLACEMENTS.register("linear", lambda i, n: (i + 1) / (n + 1), help="evenly spaced: T_i/F = (i+1)/(N+1)")
+PLACEMENTS.register("gold_ratio", lambda i, n: PHI ** (i - n), help="EENet's golden ratio: T_i/F = phi^(i-N)")
 
 
 def place_exits(candidates: Sequence[ExitPoint], total_macs: int, n_exits: int,
@@ -101,11 +101,9 @@ def place_exits(candidates: Sequence[ExitPoint], total_macs: int, n_exits: int,
     if not candidates:
         raise UserError("placement: the backbone has no exit-point candidates")
     if isinstance(placement, str):
-        if placement not in PLACEMENTS:
-            raise UserError(f"placement: unknown distribution {placement!r}; {did_you_mean(placement, PLACEMENTS)}")
         if n_exits < 1:
             raise UserError(f"n_exits: must be at least 1, got {n_exits}")
-        targets: list[str | float] = [PLACEMENTS[placement](i, n_exits) for i in range(n_exits)]
+        targets: list[str | float] = [PLACEMENTS.get(placement)(i, n_exits) for i in range(n_exits)]
     else:
         targets = list(placement)
         if not targets:
@@ -410,54 +408,39 @@ class Method:
 # ----------------------------------------------------------------------------------------------
 # Registry: built-ins and plugins both come through the entry-point group, loaded lazily.
 
-_REGISTRY: dict[str, type[Method]] = {}
-_ENTRY_POINTS: dict[str, metadata.EntryPoint] | None = None
-# Used only when exitbench itself is not installed (no entry-point metadata), e.g. a bare checkout.
-_BUILTIN_FALLBACK = {
-    "pteenet": "exitbench.methods.pteenet:PTEENet",
-    "branchynet": "exitbench.methods.branchynet:BranchyNet",
-    "eenet": "exitbench.methods.eenet:EENet",
-    "sdn": "exitbench.methods.sdn:SDN",
-}
+
+def _check_method(name: str, cls: type[Method]) -> None:
+    if cls.name != name:  # results record cls.name: two names for one method would split its rows
+        raise UserError(f"method: entry point {name!r} loads a class named {cls.name!r}; "
+                        f"make the entry-point name and the class's `name` the same")
+
+
+METHODS: Registry[type[Method]] = Registry("method", base=Method, classes=True, group=ENTRY_POINT_GROUP,
+                                           check=_check_method)
+# The built-ins are registered lazily here as well, so a checkout that was never installed (no
+# entry-point metadata) still has them; an installed exitbench declares the same targets in pyproject.toml.
+BUILTIN_METHODS = {"pteenet": "exitbench.methods.pteenet:PTEENet",
+                   "branchynet": "exitbench.methods.branchynet:BranchyNet",
+                   "eenet": "exitbench.methods.eenet:EENet", "sdn": "exitbench.methods.sdn:SDN"}
+for _name, _target in BUILTIN_METHODS.items():
+    METHODS.register(_name, _target)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available to ``get_method(cls.name)``."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} needs a non-empty class attribute 'name'")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    global _ENTRY_POINTS
-    if _ENTRY_POINTS is None:
-        eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        for name, target in _BUILTIN_FALLBACK.items():
-            eps.setdefault(name, metadata.EntryPoint(name, target, ENTRY_POINT_GROUP))
-        _ENTRY_POINTS = eps
-    return _ENTRY_POINTS
+    return METHODS.register(cls.name, cls)
 
 
 def list_methods() -> list[str]:
     """Names of every registered or discoverable method, sorted."""
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+    return sorted(METHODS.names())
 
 
 def get_method(name: str) -> type[Method]:
     """The method class called ``name``; an unknown name raises UserError with the nearest names."""
-    if name not in _REGISTRY:
-        ep = _entry_points().get(name)
-        if ep is None:
-            raise UserError(f"method: unknown method {name!r}; {did_you_mean(name, list_methods())}")
-        cls = ep.load()
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise UserError(f"method: entry point {name!r} ({ep.value}) is not a methods.base.Method subclass")
-        if cls.name != name:  # results record cls.name: two names for one method would split its rows
-            raise UserError(f"method: entry point {name!r} ({ep.value}) loads a class named {cls.name!r}; "
-                            f"make the entry-point name and the class's `name` the same")
-        _REGISTRY.setdefault(name, cls)
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def relative_costs(exits: Sequence[ExitPoint], head_macs: Sequence[int], total_macs: int) -> list[float]:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from exitbench.methods.base import UserError, did_you_mean
+from exitbench.methods.base import UserError
+from exitbench.registry import Registry, first_line
 
 
 def max_softmax(logits: Tensor, confidence: Tensor | None = None) -> Tensor:
@@ -44,13 +45,6 @@ def learned_confidence(logits: Tensor, confidence: Tensor | None = None) -> Tens
     return confidence.float()
 
 
-SCORES: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
-    "max_softmax": max_softmax,
-    "neg_entropy": neg_entropy,
-    "confidence": learned_confidence,
-}
-
-
 def patience_counters(logits: Sequence[Tensor] | Tensor) -> Tensor:
     """PABEE counters [E, N] for E exits: at exit k, how many consecutive exits before k predict what k
     predicts (0 when k's argmax differs from k-1's; 0 at exit 0).
@@ -69,17 +63,30 @@ def patience_counters(logits: Sequence[Tensor] | Tensor) -> Tensor:
     return (idx - last_change).float()
 
 
-SEQUENCE_SCORES: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {"patience": patience_counters}
+@dataclass(frozen=True)
+class Score:
+    """An exit score: ``fn(logits, confidence) -> [N]`` per exit, or, for a ``sequence`` score such as
+    patience, ``fn(all exits' logits) -> [E, N]``."""
+
+    name: str
+    fn: Callable
+    sequence: bool = False
+
+
+SCORES: Registry[Score] = Registry("score", base=Score)
+for _fn, _name in ((max_softmax, "max_softmax"), (neg_entropy, "neg_entropy"), (learned_confidence, "confidence")):
+    SCORES.register(_name, Score(_name, _fn), help=first_line(_fn))
+SCORES.register("patience", Score("patience", patience_counters, sequence=True),
+                help="PABEE: consecutive earlier exits that agree with this one (a sequence score)")
 
 
 def get_score(name: str) -> Callable[[Tensor, Tensor | None], Tensor]:
     """The per-exit score function called ``name`` (sequence scores such as ``patience`` have none)."""
-    if name in SEQUENCE_SCORES:
+    score = SCORES.get(name)
+    if score.sequence:
         raise UserError(f"score: {name!r} depends on earlier exits; use PatiencePolicy (or make_policy) "
                         "for the dynamic forward, score_matrix on traces")
-    if name not in SCORES:
-        raise UserError(f"score: unknown exit score {name!r}; {did_you_mean(name, [*SCORES, *SEQUENCE_SCORES])}")
-    return SCORES[name]
+    return score.fn
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,8 @@ def first_exit(scores: Tensor, thresholds: Tensor, strict: bool = False) -> Tens
 
 def score_matrix(score: str, logits: Sequence[Tensor], confidence: Sequence[Tensor] | None) -> Tensor:
     """[K, N] scores of the early exits (all exits but the last) under the named score."""
-    if score in SEQUENCE_SCORES:
-        return SEQUENCE_SCORES[score](logits)[:-1]
+    if SCORES.get(score).sequence:
+        return SCORES.get(score).fn(logits)[:-1]
     fn = get_score(score)
     conf = list(confidence) if confidence is not None else [None] * len(logits)
     return torch.stack([fn(lg, c) for lg, c in zip(logits[:-1], conf[:-1])])

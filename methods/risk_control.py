@@ -41,49 +41,19 @@ from torch import Tensor
 from exitbench.methods.base import UserError, did_you_mean
 from exitbench.methods.calibration import coordinate_descent
 from exitbench.methods.policies import first_exit, score_matrix
+from exitbench.methods.rules import (  # noqa: F401  (re-exported)
+    GUARANTEES,
+    RISKS,
+    RULES,
+    SELECTION_RULES,
+    SHARED_RULES,
+    Risk,
+    Rule,
+    get_risk,
+    get_rule,
+)
 
 LAMBDAS = torch.arange(100, -1, -1, dtype=torch.float64) / 100  # 1.00, 0.99, ..., 0.00
-
-
-@dataclass(frozen=True)
-class Risk:
-    """A per-sample loss: its range [lo, hi] and the bound B used by CRC and to map into [0, 1]."""
-
-    name: str
-    lo: float
-    hi: float
-    bound: float
-    needs_labels: bool
-
-
-RISKS: dict[str, Risk] = {r.name: r for r in (
-    Risk("gap-prediction", -1.0, 1.0, 1.0, True),
-    Risk("gap-brier", -2.0, 2.0, 2.0, True),
-    Risk("consistency-prediction", 0.0, 1.0, 1.0, False),
-    Risk("consistency-brier", -2.0, 2.0, 2.0, False),
-)}
-SCAN_RULES = ("crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt")
-SET_RULES = ("naive", "ucb-wsr-macs")
-RULES = ("naive", *SCAN_RULES, "ucb-wsr-macs")
-# What each rule promises, and under which assumption (docs/risk_control.md, "Rules").
-GUARANTEES: dict[str, str] = {
-    "naive": "none",
-    "crc": "E[R(lambda_hat)] <= eps; any loss (applied to the monotonised loss)",
-    "crc-raw": "E[R(lambda_hat)] <= eps only if every per-sample loss is monotone in lambda (the reference rule)",
-    "ucb-wsr": "P(R(lambda_hat) <= eps) >= 1 - delta; population risk monotone in lambda",
-    "ucb-hb": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",
-    "ucb-hoeffding": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",
-    "ltt": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",
-    "ucb-wsr-macs": "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (union bound over the grid)",
-    "ltt-per-exit": "P(R(thresholds) <= eps) >= 1 - delta; none beyond iid (shape fitted on disjoint data)",
-}
-
-
-def get_risk(name: str) -> Risk:
-    """The risk called ``name``; unknown names raise UserError with the nearest ones."""
-    if name not in RISKS:
-        raise UserError(f"risk: unknown risk {name!r}; {did_you_mean(name, list(RISKS))}")
-    return RISKS[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +288,7 @@ def monotonise(losses: Tensor) -> Tensor:
 
 def pointwise_ok(rule: str, losses: Tensor | CalLosses, eps: float, delta: float, risk: str) -> Tensor:
     """[..., G] bool: the rule's own test at every grid value, before any scanning."""
+    get_rule(rule)  # an unknown name: one line with the nearest names
     r = get_risk(risk)
     cal = losses if isinstance(losses, CalLosses) else CalLosses.of(losses, risk)
     n, b = cal.n, r.bound
@@ -331,7 +302,7 @@ def pointwise_ok(rule: str, losses: Tensor | CalLosses, eps: float, delta: float
     if rule in ("ucb-wsr", "ucb-wsr-macs"):
         # UCB <= eps is decided exactly by testing R = eps (K_i rises with R); the -macs variant needs
         # every lambda covered at once: a union bound over the G grid values
-        d = delta if rule == "ucb-wsr" else delta / cal.mean.shape[-1]
+        d = delta / cal.mean.shape[-1] if get_rule(rule).union_bound else delta
         return cal.wsr_ok(eps / b, d)
     if rule == "ucb-hoeffding":  # on the clipped [0, 1] loss, as HB: width 1, not the signed range
         return hoeffding_ucb(cal.unit_mean, n, delta, 1.0) <= eps / b
@@ -342,7 +313,7 @@ def pointwise_ok(rule: str, losses: Tensor | CalLosses, eps: float, delta: float
         # UCB_HB < eps  <=>  p(eps) < delta (the p-value falls as the level rises), so "ucb-hb" and LTT
         # with fixed-sequence testing are the same procedure, as the reference notes; LTT rejects at <=
         return p < delta if rule == "ucb-hb" else p <= delta
-    raise UserError(f"rule: unknown rule {rule!r}; {did_you_mean(rule, list(RULES))}")
+    raise UserError(f"rule: {rule!r} is not a single-threshold selection rule; {did_you_mean(rule, SHARED_RULES)}")
 
 
 def scan_from_top(ok: Tensor) -> Tensor:
@@ -362,7 +333,7 @@ def certified_set(rule: str, losses: Tensor | CalLosses, eps: float, delta: floa
     is the textbook rule.
     """
     ok = pointwise_ok(rule, losses, eps, delta, risk)
-    return ok.long().cumprod(-1).bool() if rule in SCAN_RULES else ok
+    return ok.long().cumprod(-1).bool() if get_rule(rule).scans else ok
 
 
 def select(rule: str, losses: Tensor | CalLosses, eps: float, delta: float, risk: str,
@@ -466,18 +437,19 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
               shape_fraction: float = 0.5, seed: int = 0) -> Calibrated:
     """Pick the risk-controlled threshold(s) on a calibration ``trace``.
 
-    ``rule``: one of ``RULES`` or ``"ltt-per-exit"``. ``strict_costs`` (relative cost per exit) makes the
+    ``rule``: a name in ``RULES`` (not a protocol reference). ``strict_costs`` (relative cost per exit) makes the
     selection minimise expected strict MACs among certified lambdas; it is needed for ``ucb-wsr-macs``
     and for fitting a per-exit shape. ``ltt-per-exit`` uses ``shape`` (a_l, fixed in advance) or fits it
     on a random ``shape_fraction`` of the trace (seeded) and certifies with LTT on the rest.
     ``trace``: anything with ``.logits`` [E, N, C], ``.labels`` [N] and ``.confidence`` ([E, N] or None).
     """
-    if rule not in (*RULES, "ltt-per-exit"):
-        raise UserError(f"rule: unknown rule {rule!r}; {did_you_mean(rule, [*RULES, 'ltt-per-exit'])}")
+    if get_rule(rule).reference:
+        raise UserError(f"rule: {rule!r} is a protocol reference, not a selection rule; use one of "
+                        f"{', '.join(SELECTION_RULES)}")
     scores = confidence_scores(trace, score)
     el = exit_losses(trace.logits, trace.labels, risk)
     k = scores.shape[0]
-    if rule == "ltt-per-exit":
+    if get_rule(rule).per_exit:
         n = scores.shape[1]
         if shape is None:
             if strict_costs is None:
@@ -493,7 +465,7 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
         g = int(select("ltt", losses, eps, delta, risk))
         return Calibrated(rule, risk, eps, delta, LAMBDAS[g].item(), tuple(thr[g].tolist()), True,
                           losses[g].mean().item(), len(cert))
-    if rule == "ucb-wsr-macs" and strict_costs is None:
+    if get_rule(rule).union_bound and strict_costs is None:
         raise UserError("ucb-wsr-macs: needs strict_costs to rank the certified lambdas by expected MACs")
     exits = exit_index(scores)
     losses = el.gather(0, exits)
@@ -502,12 +474,13 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
         cost = torch.as_tensor(strict_costs, dtype=torch.float64)[exits].mean(-1)
     g = int(select(rule, losses, eps, delta, risk, cost))
     lam = LAMBDAS[g].item()
-    return Calibrated(rule, risk, eps, delta, lam, (lam,) * k, rule in SCAN_RULES, losses[g].mean().item(),
+    return Calibrated(rule, risk, eps, delta, lam, (lam,) * k, get_rule(rule).scans, losses[g].mean().item(),
                       scores.shape[1])
 
 
 __all__ = [
-    "GUARANTEES", "LAMBDAS", "RISKS", "RULES", "SCAN_RULES", "SET_RULES", "CalLosses", "Calibrated", "Risk",
+    "GUARANTEES", "LAMBDAS", "RISKS", "RULES", "SELECTION_RULES", "SHARED_RULES", "CalLosses", "Calibrated", "Risk",
+    "Rule", "get_rule",
     "binom_cdf", "brier", "calibrate", "certified_set", "confidence_scores", "exit_index", "exit_losses",
     "family_mean_loss", "fit_shape", "get_risk", "hb_p_value", "hb_ucb", "hoeffding_ucb", "loss_matrix", "monotonise",
     "per_exit_family", "pointwise_ok", "scan_from_top", "select", "shape_from_thresholds", "to_unit",

@@ -137,13 +137,10 @@ def test_a_registered_plugin_is_listed_and_checks_its_hparams():
 
 
 def test_an_entry_point_named_unlike_its_class_is_refused(monkeypatch):
-    from importlib import metadata
-
     from exitbench.methods import base
 
-    eps = dict(base._entry_points())
-    eps["pte"] = metadata.EntryPoint("pte", "exitbench.methods.pteenet:PTEENet", base.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(base, "_ENTRY_POINTS", eps)
+    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
+    base.METHODS.register("pte", "exitbench.methods.pteenet:PTEENet")  # as an entry point would declare it
     with pytest.raises(UserError, match="loads a class named 'pteenet'; make the entry-point name"):
         base.get_method("pte")
 

@@ -24,14 +24,14 @@ import pytest
 import torch
 
 from exitbench.benchmarks import contract
-from exitbench.methods.base import _BUILTIN_FALLBACK, ENTRY_POINT_GROUP, Method, get_method, list_methods
+from exitbench.methods.base import BUILTIN_METHODS, ENTRY_POINT_GROUP, Method, get_method, list_methods
 
 BACKBONES = contract.BACKBONES
 
 
 def builtin_methods() -> list[str]:
     """Registered names whose entry point lives in the ``methods`` package."""
-    targets = dict(_BUILTIN_FALLBACK)
+    targets = dict(BUILTIN_METHODS)
     targets.update({ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
     return sorted(n for n in list_methods() if targets.get(n, "").startswith("exitbench.methods."))
 
@@ -75,7 +75,7 @@ def test_every_builtin_in_pyproject_is_in_the_fallback_table_and_vice_versa():
 
     toml = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     declared = toml["project"]["entry-points"][ENTRY_POINT_GROUP]
-    assert declared == _BUILTIN_FALLBACK
+    assert declared == BUILTIN_METHODS
     assert set(declared) <= set(METHODS)
 
 

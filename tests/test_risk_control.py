@@ -276,7 +276,7 @@ def test_calibrate_returns_a_deployable_policy(rule):
 # ----------------------------------------------------------------------------------------------
 # The trial protocol
 
-ROW_KEYS = {"rule", "risk", "eps", "guarantee", "test_risk_mean", "test_risk_std", "violation_freq",
+ROW_KEYS = {"rule", "risk", "eps", "guarantee", "promise", "test_risk_mean", "test_risk_std", "violation_freq",
             "mean_exit_index", "rel_macs_strict_mean", "lambda_mean"}
 
 
