@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from exitbench.benchmarks import flops
 from exitbench.methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
-from exitbench.results import write_atomic
+from exitbench.store import write_atomic
 
 # timm is imported inside the functions: importing it costs seconds, and `exitbench list` needs only
 # the constants below.

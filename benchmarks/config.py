@@ -55,7 +55,9 @@ class Evaluation:
     latency_batch_sizes: tuple[int, ...] = (1, 256)
     latency_repeats: int = 5
     threads: int = 2
-    accuracy_drop: float = 0.01  # the "within 1 point" operating point
+    accuracy_drop: float = 0.01  # the "within 1 point" operating points (shared, per exit, patience)
+    budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # MACs budgets (strict, relative): budget points
+    latency_variants: tuple[str, ...] = ("backbone", "dynamic")  # registered in benchmarks.latency
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Cell:
         d = asdict(self)
         d.pop("where")
         d["swept"] = list(self.swept)
-        d["evaluation"]["latency_batch_sizes"] = list(self.evaluation.latency_batch_sizes)
+        d["evaluation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["evaluation"].items()}
         d["risk_control"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["risk_control"].items()}
         return d
 
@@ -121,8 +123,9 @@ class Cell:
     def analysis_keys(self) -> dict[str, str]:
         """One hash per evaluation stage: a stage whose key changed is recomputed on a rerun."""
         ev = asdict(self.evaluation)
-        points = {k: ev[k] for k in ("grid_size", "accuracy_drop")}
-        latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads")}}
+        points = {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
+        latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads",
+                                                   "latency_variants")}}
         return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(asdict(self.risk_control))}
 
     def slug(self) -> str:
@@ -230,6 +233,13 @@ def expand(matrix: dict) -> list[Cell]:
     evaluation = _dataclass_from(Evaluation, matrix.get("evaluation"), "evaluation")
     if any(b < 1 for b in evaluation.latency_batch_sizes):
         raise UserError("evaluation.latency_batch_sizes: batch sizes must be positive integers")
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in evaluation.budgets):
+        raise UserError(f"evaluation.budgets: MACs budgets must be positive numbers (relative strict MACs, e.g. 0.5), "
+                        f"got {list(evaluation.budgets)}")
+    from exitbench.benchmarks.latency import LATENCY_VARIANTS
+
+    for v in evaluation.latency_variants:
+        LATENCY_VARIANTS.get(v)  # an unknown name: one line with the nearest ones
     for k, low in (("threads", 1), ("latency_repeats", 1), ("grid_size", 2)):
         if getattr(evaluation, k) < low:
             raise UserError(f"evaluation.{k}: must be >= {low}, got {getattr(evaluation, k)}")

@@ -149,11 +149,6 @@ def measure_blocks(backbone: StagedBackbone) -> list[tuple[int, ...]]:
     return shapes
 
 
-def measure_backbone(backbone: StagedBackbone) -> None:
-    """Fill ``backbone.block_macs``, ``head_macs`` and ``macs`` (batch 1); see :func:`measure_blocks`."""
-    measure_blocks(backbone)
-
-
 def head_macs(head: nn.Module, exit_point: ExitPoint) -> int:
     """MACs of an exit head attached at ``exit_point`` (:func:`count_macs`, batch 1)."""
     return count_macs(head, exit_point.feature_shape)
@@ -189,13 +184,13 @@ class CostTable:
 def cost_table(backbone: StagedBackbone, exits: Sequence[ExitPoint], head_macs_list: Sequence[int]) -> CostTable:
     """The cost table for early ``exits`` (in depth order) with heads costing ``head_macs_list`` MACs.
 
-    Needs ``backbone.macs`` (filled by :func:`measure_backbone`); the final exit is the backbone itself.
+    Needs ``backbone.macs`` (filled by :func:`measure_blocks`); the final exit is the backbone itself.
     """
     if len(exits) != len(head_macs_list):
         raise ValueError(f"{len(exits)} exits need {len(exits)} head MACs, got {len(head_macs_list)}")
     total = int(backbone.macs)
     if total <= 0:
-        raise ValueError("backbone.macs is not measured; call benchmarks.flops.measure_backbone first")
+        raise ValueError("backbone.macs is not measured; call exitbench.benchmarks.flops.measure_blocks first")
     prefixes = [int(e.macs_cumulative) for e in exits]
     heads = [int(h) for h in head_macs_list]
     macs_paper = [p + h for p, h in zip(prefixes, heads)] + [total]
@@ -224,4 +219,4 @@ def expected_rel_macs(exit_fractions: Sequence[float] | np.ndarray, table: CostT
 
 __all__ = ["ACCOUNTINGS", "MACS_COUNTER", "CostTable", "cost_table", "count_macs", "expected_rel_macs",
            "flop_counter_macs",
-           "head_macs", "measure_backbone", "measure_blocks"]
+           "head_macs", "measure_blocks"]

@@ -71,15 +71,6 @@ def collect_trace(net: MultiExitNet, images: Tensor, labels: Tensor, batch_size:
     return Trace(stacked.cpu(), labels.cpu(), None if conf is None else conf.cpu())
 
 
-def threshold_grid(calibration: Trace, score: str, n: int = 100) -> Tensor:
-    """A grid of ``n`` shared thresholds from the calibration scores' quantiles, plus +inf
-    ("never leave early"), ascending. Quantiles put the grid where the scores are, whatever the
-    score's range (max-softmax in (0, 1], negative entropy in [-log K, 0])."""
-    pooled = calibration.scores(score).flatten().double()
-    q = torch.quantile(pooled, torch.linspace(0, 1, n - 1, dtype=torch.float64))
-    return torch.cat([torch.unique(q), torch.tensor([float("inf")], dtype=torch.float64)])
-
-
 @dataclass
 class Sweep:
     """Metrics of a policy per threshold setting (arrays over G settings)."""
@@ -90,22 +81,6 @@ class Sweep:
     exit_fractions: Tensor  # [G, E]
     rel_macs_strict: Tensor  # [G], expected MACs / backbone MACs
     rel_macs_paper: Tensor  # [G]
-
-    def row(self, g: int) -> dict:
-        """One setting as plain JSON-ready numbers."""
-        th = self.thresholds[g]
-        return {
-            "threshold": [_num(x) for x in th.tolist()] if th.dim() else _num(th.item()),
-            "accuracy": self.accuracy[g].item(),
-            "agreement": self.agreement[g].item(),
-            "rel_macs_strict": self.rel_macs_strict[g].item(),
-            "rel_macs_paper": self.rel_macs_paper[g].item(),
-            "exit_fractions": self.exit_fractions[g].tolist(),
-        }
-
-
-def _num(x: float) -> float | str:
-    return "inf" if x == float("inf") else x
 
 
 def evaluate(trace: Trace, score: str, thresholds: Tensor, strict: list[float], paper: list[float],

@@ -52,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.runner import cell_path, existing, run_matrix
     from exitbench.reports.summary import write_summary
     from exitbench.results import check_schema
+    from exitbench.store import read_json
 
     t0 = time.perf_counter()
     if args.threads is not None and args.threads < 1:
@@ -66,11 +67,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if overrides:  # evaluation only: finished cells are re-analysed, not retrained
         cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
     cells = _risk_overrides(args, cells)
-    stored = [(cell_path(out, c), existing(cell_path(out, c))) for c in cells]
-    for path, r in stored:
-        if r is not None:
-            check_schema(r, path)
-    done = sum(r is not None for _, r in stored)
+    for p in (cell_path(out, c) for c in cells):  # never overwrite what a newer exitbench wrote
+        try:
+            stored = read_json(p)
+        except (OSError, ValueError):
+            continue
+        if isinstance(stored, dict):
+            check_schema(stored, p, older_ok=True)  # older ones are recomputed
+    done = sum(existing(cell_path(out, c)) is not None for c in cells)
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
     counts = run_matrix(cells, out, Path(args.cache) if args.cache else default_cache(),

@@ -1,24 +1,27 @@
-"""Result schema, the atomic store, and loading results into pandas.
+"""The result contract: typed, versioned and torch-free, on exitbench's ground floor.
 
-One JSON file per cell (asv/TorchBench style): a schema version, the resolved config, a machine
-fingerprint, and the measurements; failures are recorded, not dropped. This module imports no torch,
-so reports can read results on any machine.
+The runner fills these types, every result file is one :class:`CellResult` written with ``to_dict``,
+and reports and compare read results only through :func:`CellResult.from_dict` (``exitbench.reports.load``
+is the one loader). Nothing is ever parsed back out of a name: an operating point carries its ``kind``
+and ``target`` as values, the timed one says so (``timed``), a risk-control row says what its rule
+promises (``promise``). ``schema_version`` is checked on read: a newer one is refused, an older one is
+refused with what to do (results of schema 2 and older are recomputed by ``exitbench run``).
+
+JSON cannot hold +inf, which is a real threshold ("never leave at this exit"); it is written as the
+string ``"inf"`` and read back as a float.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
-import subprocess
-import tempfile
-from collections.abc import Callable
-from importlib import metadata
-from pathlib import Path
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: setting_id, analysis keys, saved weights, population-judged risk control
+from exitbench.errors import UserError
+
+SCHEMA_VERSION = 3  # 3: typed operating points (kind, target, timed), budgets as points, risk rows' promise
 
 # Direction of every metric in the schema (lm-evaluation-harness style): comparisons and reports
 # read it instead of guessing.
@@ -35,201 +38,309 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "seconds_per_epoch": False,
 }
 
-PACKAGES = ("exitbench", "torch", "torchvision", "timm", "ptflops", "numpy", "pandas")
+# Operating-point kinds (shared vocabulary): how the thresholds were chosen, all on calibration except
+# ``method_default`` (the method's own hyper-parameter). ``target``: the accuracy drop or MACs budget.
+POINT_KINDS: dict[str, str] = {
+    "accuracy_drop": "cheapest shared threshold (strict MACs) within `target` of the backbone's accuracy",
+    "accuracy_drop_per_exit": "per-exit thresholds (coordinate descent), cheapest within `target` of the backbone",
+    "patience": "PABEE patience: the cheapest patience within `target` of the backbone's accuracy",
+    "macs_budget": "most accurate shared threshold whose expected strict MACs fit the budget `target`",
+    "msdnet_budget": "MSDNet's geometric exit shares, the most accurate p whose strict MACs fit `target`",
+    "method_default": "the method's own inference threshold (a hyper-parameter, not calibrated)",
+}
 
 
-def env_fingerprint(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
-    """Package versions, git commit, machine and device: enough to tell two runs' set-ups apart."""
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "packages": versions,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "threads": threads,
-        "git_commit": _git_commit(),
-    }
+def _enc(x: float) -> float | str:
+    return "inf" if x == math.inf else x
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _dec(x: Any) -> Any:
+    return math.inf if x == "inf" else x
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def _build(cls: type, d: dict, **nested: Any) -> Any:
+    """``cls`` from dict ``d``: known fields only (unknown keys from newer minor writers are ignored),
+    ``nested`` maps a field to its converter."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names}
+    for k, conv in nested.items():
+        if kw.get(k) is not None:
+            kw[k] = conv(kw[k])
+    return cls(**kw)
 
 
-def tmp_path(path: str | Path) -> Path:
-    """The temporary sibling a writer fills before an atomic rename: ``.NAME.PID.tmp``. The PID lets
-    :func:`remove_orphans` tell a dead writer's leftovers from a live one's."""
-    p = Path(path)
-    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` fills a temporary sibling, which then replaces ``path`` in one rename: readers see
-    the old file or the whole new one. The temporary file is removed if ``write`` fails."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(p)
-    try:
-        write(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_orphans(folder: str | Path) -> list[Path]:
-    """Delete temporary files in ``folder`` left by writers that are no longer running (a kill
-    between write and rename); returns what was removed."""
-    removed = []
-    for p in Path(folder).glob(".*.tmp"):
-        pid = p.name[:-4].rsplit(".", 1)[-1]
-        alive = False
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                alive = int(pid) != os.getpid()
-            except OSError:
-                alive = False
-        if not alive:
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never a torn write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, (set, tuple)):
-        return list(x)
-    return str(x)
-
-
-def read_result(path: str | Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_schema(result: dict, path: str | Path) -> None:
-    """A result written by a newer exitbench cannot be read safely: one-line UserError."""
-    from exitbench.errors import UserError
-
-    v = result.get("schema_version")
-    if isinstance(v, int) and v > SCHEMA_VERSION:
-        raise UserError(f"{path}: schema_version {v} is newer than this exitbench's ({SCHEMA_VERSION}); "
-                        "upgrade exitbench, or use another results directory")
-
-
-MANIFEST = "manifest.json"
-
-
-def write_manifest(results_dir: str | Path, matrix: str, cells: list[str]) -> None:
-    """Record which cells (file stems under cells/) the latest matrix run of ``results_dir`` covers;
-    reports and compare use these and list any other cells found as not part of the latest run."""
-    from datetime import datetime, timezone
-
-    write_json_atomic(Path(results_dir) / MANIFEST, {"schema_version": SCHEMA_VERSION, "matrix": matrix,
-                                                      "written": datetime.now(timezone.utc).isoformat(),
-                                                      "cells": list(cells)})
-
-
-def read_manifest(results_dir: str | Path) -> dict | None:
-    """The manifest of ``results_dir``, or None when there is none (results from before manifests)."""
-    p = Path(results_dir) / MANIFEST
-    try:
-        m = read_result(p)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return m if isinstance(m, dict) and isinstance(m.get("cells"), list) else None
-
-
-def latency_noisy(result: dict, batch_size: int) -> bool:
-    """Whether either record of the backbone / dynamic pair timed at ``batch_size`` is flagged noisy:
-    their ratio is then not to be trusted."""
-    return any(x.get("noisy") for x in result.get("latency") or []
-               if x.get("batch_size") == batch_size and x.get("variant") in ("backbone", "dynamic"))
-
-
-def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Split result ``paths`` into (part of the latest matrix run, not part of it) by the directory's
-    manifest; without a manifest every path counts as part of it."""
-    m = read_manifest(results_dir)
-    if m is None:
-        return list(paths), []
-    names = set(m["cells"])
-    return [p for p in paths if p.stem in names], [p for p in paths if p.stem not in names]
-
-
-def summary_rows(results: list[dict]) -> list[dict]:
-    """One flat row per (cell, operating point) plus one per backbone reference: the CSV summary."""
-    rows = []
-    labels = setting_labels(results)
-    for r in results:
-        c = r.get("config", {})
-        base = {"dataset": c.get("dataset"), "backbone": c.get("backbone"), "method": c.get("method"),
-                "setting": labels.get(label_key(r), setting_label(c)), "setting_id": result_setting_id(r),
-                "seed": c.get("seed"), "status": r.get("status"), "cell": r.get("cell")}
-        if r.get("status") != "ok":
-            rows.append({**base, "error": r.get("error") or r.get("reason")})
-            continue
-        b = r["backbone"]
-        lat = {(x["variant"], x["batch_size"]): x for x in r.get("latency", [])}
-        for op in r.get("operating_points", []):
-            if not op.get("feasible", True):  # no threshold met the target on calibration
-                rows.append({**base, "operating_point": op["name"], "feasible": False})
+def _plain(obj: Any) -> Any:
+    """A dataclass tree as JSON-ready dicts, without None-valued optional fields."""
+    if hasattr(obj, "__dataclass_fields__"):
+        out = {}
+        for f in fields(obj):
+            if f.metadata.get("runtime"):
                 continue
-            row = {**base, "operating_point": op["name"], "threshold": op.get("threshold"),
-                   "backbone_test_accuracy": b["test_accuracy"], "backbone_gmacs": b["macs"] / 1e9}
-            for split in ("calibration", "test"):
-                for k in ("accuracy", "agreement", "rel_macs_strict", "rel_macs_paper"):
-                    row[f"{split}_{k}"] = op[split][k]
-            row["test_exit_fractions"] = " ".join(f"{f:.3f}" for f in op["test"]["exit_fractions"])
-            if op.get("latency"):
-                for bs in sorted({x["batch_size"] for x in r.get("latency", [])}):
-                    dyn = lat.get(("dynamic", bs))
-                    if dyn:
-                        row[f"latency_ratio_b{bs}"] = dyn["latency_ratio"]
-                        row[f"realisation_b{bs}"] = dyn["realisation"]
-                        row[f"noisy_b{bs}"] = latency_noisy(r, bs)
-            row["train_seconds"] = r.get("training", {}).get("seconds")
-            rows.append(row)
-    return rows
+            v = getattr(obj, f.name)
+            if v is None and f.default is None:
+                continue
+            out[f.name] = _plain(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, float):
+        return _enc(obj)
+    return obj
+
+
+@dataclass
+class Metrics:
+    """One split's numbers at an operating point."""
+
+    accuracy: float | None
+    agreement: float | None
+    rel_macs_strict: float | None
+    rel_macs_paper: float | None
+    exit_fractions: list[float] = field(default_factory=list)
+
+
+@dataclass
+class OperatingPoint:
+    """Thresholds chosen one way (``kind``, for ``target``) on calibration and reported on both splits.
+
+    ``thresholds``: one per early exit (a shared threshold repeated), on ``score``; None when no setting
+    met the target on calibration (``feasible`` False, ``reason`` says why). ``headline``: the point the
+    tables and figures lead with (the method's accuracy-drop point); ``timed``: latency was measured here.
+    """
+
+    kind: str
+    target: float | None
+    feasible: bool
+    score: str
+    thresholds: list[float] | None = None
+    calibration: Metrics | None = None
+    test: Metrics | None = None
+    strict: bool = False  # leave when score > threshold (the methods' own tau rule) instead of >=
+    chosen_on: str = "calibration"
+    search: str | None = None
+    headline: bool = False
+    timed: bool = False
+    reason: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OperatingPoint:
+        return _build(cls, d, thresholds=lambda t: [_dec(x) for x in t],
+                      calibration=lambda m: _build(Metrics, m), test=lambda m: _build(Metrics, m))
+
+    @property
+    def label(self) -> str:
+        """For display only (never parsed): e.g. ``within 1 pt``, ``≤ 50 % MACs``."""
+        t = self.target
+        if self.kind == "accuracy_drop":
+            return f"within {t * 100:g} pt"
+        if self.kind == "accuracy_drop_per_exit":
+            return f"within {t * 100:g} pt, per exit"
+        if self.kind == "patience":
+            return f"patience, within {t * 100:g} pt"
+        if self.kind == "macs_budget":
+            return f"≤ {t * 100:g} % MACs"
+        if self.kind == "msdnet_budget":
+            return f"MSDNet ≤ {t * 100:g} % MACs"
+        return self.kind.replace("_", " ")
+
+
+@dataclass
+class LatencyRecord:
+    """One timed variant at one batch size (docs/measurement.md). Variants that exit early carry the
+    exit fractions on the timed inputs, the strict MACs ratio they imply, the paired latency ratio
+    against ``backbone`` and the realisation."""
+
+    variant: str
+    batch_size: int
+    device: str
+    median_ms: float
+    iqr_ms: float
+    p90_ms: float
+    repeats: int
+    noisy: bool
+    n_batches: int | None = None
+    samples: int | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    latency_ratio: float | None = None
+    ratio_of: str | None = None
+    macs_ratio_strict: float | None = None
+    realisation: float | None = None
+    realisation_note: str | None = None
+    exit_fractions: list[float] | None = None
+
+
+@dataclass
+class RiskRow:
+    """One (rule, risk, eps) of the risk-control protocol, summarised over trials. ``promise``:
+    ``expectation``, ``high-probability`` or ``none`` -- what the harness checks the row against."""
+
+    rule: str
+    risk: str
+    eps: float
+    guarantee: str
+    promise: str
+    test_risk_mean: float
+    test_risk_std: float
+    violation_freq: float
+    mean_exit_index: float
+    rel_macs_strict_mean: float
+    lambda_mean: float | None = None
+
+
+@dataclass
+class RiskControlResult:
+    """The risk-control protocol of one cell (docs/risk_control.md); rows in registry order."""
+
+    score: str
+    delta: float
+    n_cal: int
+    population: int
+    trials: int
+    sampling: str
+    allowance: float
+    seconds: float
+    rows: list[RiskRow] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RiskControlResult:
+        return _build(cls, d, rows=lambda rs: [_build(RiskRow, r) for r in rs])
+
+
+@dataclass
+class ExitRow:
+    """One exit: where it sits, what it costs (relative to the backbone, both accountings), its accuracy."""
+
+    name: str
+    block_index: int
+    macs_cumulative: int
+    head_macs: int
+    rel_macs_strict: float
+    rel_macs_paper: float
+    calibration_accuracy: float
+    test_accuracy: float
+
+
+@dataclass
+class BackboneResult:
+    """The reference backbone of a cell: its accuracy on both splits and its MACs."""
+
+    name: str
+    test_accuracy: float
+    calibration_accuracy: float
+    macs: int
+    macs_counter: str
+    blocks: int
+    small_stem: bool | None = None
+    training: dict = field(default_factory=dict)
+
+
+@dataclass
+class ThresholdSweep:
+    """Every threshold of the shared grid on both splits: lists aligned with ``thresholds``."""
+
+    score: str
+    thresholds: list[float]
+    note: str
+    calibration: dict[str, list]
+    test: dict[str, list]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ThresholdSweep:
+        return _build(cls, d, thresholds=lambda t: [_dec(x) for x in t])
+
+
+@dataclass
+class CellResult:
+    """One cell's result file. ``status`` is ``ok`` or ``error`` (then ``error`` and ``traceback`` say why).
+
+    ``path``, ``mtime`` and ``label`` are filled by the loader (where the file was, when it was written,
+    a short setting label unique among the loaded results) and never written.
+    """
+
+    status: str
+    cell: str
+    config: dict
+    schema_version: int = SCHEMA_VERSION
+    setting_id: str | None = None
+    analysis: dict | None = None
+    env: dict | None = None
+    higher_is_better: dict | None = None
+    data: dict | None = None
+    backbone: BackboneResult | None = None
+    exits: list[ExitRow] = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    sweep: ThresholdSweep | None = None
+    operating_points: list[OperatingPoint] = field(default_factory=list)
+    latency: list[LatencyRecord] = field(default_factory=list)
+    risk_control: RiskControlResult | None = None
+    traces: dict | None = None
+    weights: str | None = None
+    seconds: float | None = None
+    finished: str | None = None
+    reanalysed: dict | None = None
+    env_analysis: dict | None = None
+    error: str | None = None
+    traceback: str | None = None
+    path: str | None = field(default=None, metadata={"runtime": True})
+    mtime: float | None = field(default=None, metadata={"runtime": True})
+    label: str | None = field(default=None, metadata={"runtime": True})
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "result") -> CellResult:
+        """Read a stored result; refuses other schema versions with a one-line :class:`UserError`."""
+        check_schema(d, where)
+        return _build(cls, d, backbone=lambda b: _build(BackboneResult, b),
+                      exits=lambda es: [_build(ExitRow, e) for e in es], sweep=ThresholdSweep.from_dict,
+                      operating_points=lambda ps: [OperatingPoint.from_dict(p) for p in ps],
+                      latency=lambda ls: [_build(LatencyRecord, x) for x in ls],
+                      risk_control=RiskControlResult.from_dict)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def point(self, kind: str, target: float | None = None) -> OperatingPoint | None:
+        """The operating point of ``kind`` (and ``target``, when given), or None."""
+        for p in self.operating_points:
+            if p.kind == kind and (target is None or (p.target is not None and abs(p.target - target) < 1e-12)):
+                return p
+        return None
+
+    def headline(self) -> OperatingPoint | None:
+        """The point tables and figures lead with (the method's calibrated accuracy-drop point)."""
+        return next((p for p in self.operating_points if p.headline), None)
+
+    def latency_record(self, variant: str, batch_size: int) -> LatencyRecord | None:
+        return next((x for x in self.latency if x.variant == variant and x.batch_size == batch_size), None)
+
+    def latency_noisy(self, batch_size: int) -> bool:
+        """Whether a record timed at ``batch_size`` is flagged noisy: the ratio is then not to be trusted."""
+        return any(x.noisy for x in self.latency if x.batch_size == batch_size)
+
+
+def check_schema(result: dict, where: Any, *, older_ok: bool = False) -> None:
+    """Refuse a result of another schema version (with ``older_ok``, only a newer one) with a one-line
+    :class:`UserError` saying what to do."""
+    v = result.get("schema_version")
+    if not isinstance(v, int):
+        raise UserError(f"{where}: not an exitbench result (no schema_version)")
+    if v > SCHEMA_VERSION:
+        raise UserError(f"{where}: schema_version {v} is newer than this exitbench's ({SCHEMA_VERSION}); "
+                        "upgrade exitbench, or use another results directory")
+    if v < SCHEMA_VERSION and not older_ok:
+        raise UserError(f"{where}: schema_version {v} is older than this exitbench's ({SCHEMA_VERSION}); "
+                        "rerun `exitbench run` with the same --out to recompute it (trained backbones are reused "
+                        "from the cache), or read it with the exitbench that wrote it")
 
 
 # What a method setting is: everything that makes two cells of one (dataset, backbone) panel more
@@ -253,9 +364,9 @@ def _dataset_options(config: dict) -> dict[str, Any]:
     return {k: v for k, v in (config.get("dataset_options") or {}).items() if k not in ("root", "download")}
 
 
-def result_setting_id(result: dict) -> str:
-    """The stored ``setting_id`` of a result, or the one its config gives (results from before it was stored)."""
-    return result.get("setting_id") or setting_id(result.get("config") or {})
+def result_setting_id(result: CellResult) -> str:
+    """The stored ``setting_id`` of a result, or the one its config gives (an error cell stores none)."""
+    return result.setting_id or setting_id(result.config or {})
 
 
 def _fmt(v: Any) -> str:
@@ -281,11 +392,11 @@ def _setting_fields(config: dict) -> dict[str, Any]:
     return out
 
 
-def setting_labels(results: list[dict]) -> dict[tuple[str, str, str], str]:
+def setting_labels(results: list[CellResult]) -> dict[tuple[str, str, str], str]:
     """:func:`label_key` -> a short label, unique within its (dataset, backbone) panel: the swept keys,
     plus every field that tells apart settings which would otherwise share a label (e.g.
     ``pteenet loss=v1`` / ``pteenet loss=v2``)."""
-    by_id = {label_key(r): r["config"] for r in results if r.get("config")}
+    by_id = {label_key(r): r.config for r in results if r.config}
     groups: dict[tuple, list[tuple]] = {}
     for sid, c in by_id.items():
         groups.setdefault((sid[0], sid[1], setting_label(c)), []).append(sid)
@@ -305,7 +416,7 @@ def setting_labels(results: list[dict]) -> dict[tuple[str, str, str], str]:
     return {sid: (f"{lab} [{sid[2][:6]}]" if seen[sid[:2], lab] > 1 else lab) for sid, lab in out.items()}
 
 
-def label_key(result: dict) -> tuple[str, str, str]:
+def label_key(result: CellResult) -> tuple[str, str, str]:
     """The key of a result in :func:`setting_labels`."""
-    c = result.get("config") or {}
+    c = result.config or {}
     return (c.get("dataset"), c.get("backbone"), result_setting_id(result))

@@ -443,13 +443,8 @@ def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-def relative_costs(exits: Sequence[ExitPoint], head_macs: Sequence[int], total_macs: int) -> list[float]:
-    """Paper-accounting relative cost of each exit: (prefix + own head) / backbone; final exit = 1."""
-    return [(e.macs_cumulative + h) / total_macs for e, h in zip(exits, head_macs)] + [1.0]
-
-
 __all__ = [
     "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "ExitOutputs", "ExitPoint", "HParam", "Method",
     "MultiExitNet", "Policy", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
-    "list_methods", "place_exits", "register_method", "relative_costs",
+    "list_methods", "place_exits", "register_method",
 ]

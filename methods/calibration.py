@@ -94,20 +94,23 @@ def _argmin_where(ok: Tensor, primary: Tensor, secondary: Tensor) -> int | None:
 
 
 def accuracy_drop(trace: TraceLike, score: str, strict_costs: Sequence[float], drop: float,
-                  thresholds: Tensor | None = None) -> Choice:
-    """Cheapest shared threshold (expected strict MACs) with accuracy >= backbone accuracy - ``drop``.
+                  thresholds: Tensor | None = None, reference: float | None = None) -> Choice:
+    """Cheapest shared threshold (expected strict MACs) with accuracy >= ``reference`` - ``drop``; ties:
+    the more accurate, then the first.
 
-    The backbone is the final exit. ``thresholds`` defaults to ``quantile_grid`` of the scores. The
-    final exit alone always qualifies unless ``drop`` < 0; infeasible then, with the reason.
+    ``reference`` is the accuracy to stay close to, on this trace: the harness passes the reference
+    backbone's calibration accuracy (a joint method's final exit is not the backbone); by default the
+    final exit's. ``thresholds`` defaults to ``quantile_grid`` of the scores. Infeasible (with the
+    reason) when no threshold on the grid qualifies.
     """
     scores = trace.scores(score)
     grid = quantile_grid(scores) if thresholds is None else thresholds
     err_exit = _errors(trace)
     err, cost, frac = sweep_metrics(scores, err_exit, strict_costs, grid)
-    target = 1 - err_exit[-1].mean().item() - drop
+    target = (1 - err_exit[-1].mean().item() if reference is None else reference) - drop
     g = _argmin_where(1 - err >= target - _TOL, cost, err)
     if g is None:
-        return Choice(False, reason=f"no threshold reaches accuracy {target:.4f} (backbone - {drop})")
+        return Choice(False, reason=f"no threshold reaches accuracy {target:.4f} (reference - {drop})")
     return _choice(g, grid, err, cost, frac, scores.shape[0])
 
 
@@ -274,15 +277,16 @@ def coordinate_descent(scores: Tensor, exit_loss: Tensor, costs: Sequence[float]
 
 
 def per_exit_accuracy_drop(trace: TraceLike, score: str, strict_costs: Sequence[float], drop: float, *,
-                           grid_size: int = 50, sweeps: int = 4) -> Choice:
+                           grid_size: int = 50, sweeps: int = 4, reference: float | None = None) -> Choice:
     """Per-exit thresholds (coordinate descent) with the least expected strict MACs whose accuracy
-    is >= backbone accuracy - ``drop``. At least as cheap as ``accuracy_drop`` on the same grid size."""
+    is >= ``reference`` - ``drop`` (``reference`` as in :func:`accuracy_drop`). At least as cheap as
+    ``accuracy_drop`` on the same grid size."""
     scores = trace.scores(score)
     err_exit = _errors(trace)
-    limit = err_exit[-1].mean().item() + drop
+    limit = (err_exit[-1].mean().item() if reference is None else 1 - reference) + drop
     thr, feasible = coordinate_descent(scores, err_exit, strict_costs, limit, grid_size=grid_size, sweeps=sweeps)
     if not bool(feasible):
-        return Choice(False, reason=f"even the final exit misses accuracy backbone - {drop}")
+        return Choice(False, reason=f"no per-exit thresholds reach accuracy reference - {drop}")
     thr = thr[None]
     err, cost, frac = sweep_metrics(scores, err_exit, strict_costs, thr)
     return _choice(0, thr, err, cost, frac, scores.shape[0])

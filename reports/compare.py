@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exitbench.reports import load
+from exitbench.store import write_text_atomic
 
 Getter = Callable[[dict], float | None]
 
@@ -36,27 +37,27 @@ class Metric:
 def metrics_for(results: list[dict]) -> list[Metric]:
     """Every comparable metric present in ``results`` (stable order)."""
     ms = [Metric("backbone.test_accuracy", "backbone test accuracy (%)", "test_accuracy", 100, 2,
-                 lambda r: (r.get("backbone") or {}).get("test_accuracy"))]
+                 lambda r: r.backbone.test_accuracy if r.backbone else None)]
     op = load.op_label(results)
     for key, label, scale, digits in (("accuracy", "test accuracy (%)", 100, 2), ("agreement", "agreement (%)", 100, 2),
                                       ("rel_macs_strict", "relative MACs, strict", 1, 4),
                                       ("rel_macs_paper", "relative MACs, paper", 1, 4)):
         ms.append(Metric(f"op.{key}", f"{op}: {label}", key, scale, digits,
                          lambda r, k=key: load.op_value(r, k)))
-    for b in load.BUDGETS:
+    for b in load.budgets(results):
         ms.append(Metric(f"budget.{b:g}", f"accuracy at {100 * b:g} % MACs (%)", "accuracy", 100, 2,
                          lambda r, b=b: load.budget_accuracy(r, b)))
-    keys = sorted({(x.get("variant"), x.get("batch_size")) for r in load.ok(results) for x in r.get("latency") or []},
+    keys = sorted({(x.variant, x.batch_size) for r in load.ok(results) for x in r.latency},
                   key=lambda k: (str(k[0]), k[1] or 0))
     for variant, bs in keys:
         ms.append(Metric(f"latency.{variant}.b{bs}.median_ms", f"{variant} median ms, batch {bs}", "median_ms", 1, 3,
-                         lambda r, k=(variant, bs): (load.latency(r).get(k) or {}).get("median_ms")))
+                         lambda r, k=(variant, bs): load.latency_value(r, *k, "median_ms")))
         if variant == "dynamic":
             for key in ("latency_ratio", "realisation"):
                 ms.append(Metric(f"latency.b{bs}.{key}", f"{key.replace('_', ' ')}, batch {bs}", key, 1, 3,
-                                 lambda r, k=key, b=bs: (load.latency(r).get(("dynamic", b)) or {}).get(k)))
+                                 lambda r, k=key, b=bs: load.latency_value(r, "dynamic", b, k)))
     ms.append(Metric("training.seconds_per_epoch", "training s/epoch", "seconds_per_epoch", 1, 3,
-                     lambda r: (r.get("training") or {}).get("seconds_per_epoch")))
+                     lambda r: r.training.get("seconds_per_epoch")))
     return ms
 
 
@@ -77,7 +78,7 @@ def _cells(results: list[dict]) -> dict[tuple, dict]:
     out: dict[tuple, dict] = {}
     for r in results:
         k = _cell_key(r)
-        if k not in out or r.get("_mtime", 0) > out[k].get("_mtime", 0):  # the newest file wins
+        if k not in out or (r.mtime or 0) > (out[k].mtime or 0):  # the newest file wins
             out[k] = r
     return out
 
@@ -93,7 +94,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _values(results: list[dict], field: Callable[[dict], object]) -> list[str]:
-    return sorted({str(v) for v in (field(r) for r in results) if v is not None}, key=load.natural_key)
+    return sorted({str(v) for v in (field(r) for r in results) if v is not None}, key=load.order_key)
 
 
 def flags(a: list[dict], b: list[dict]) -> list[str]:
@@ -102,30 +103,28 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
     ca, cb = _cells(a), _cells(b)
     labels = _labels(a, b)
     name = lambda k: f"{k[1]} on {k[0]}, {labels.get(k[2], k[2])} [{k[2][:6]}], seed {k[3]}"
-    for k in sorted(cb, key=load.natural_key):
+    for k in sorted(cb, key=load.order_key):
         rb, ra = cb[k], ca.get(k)
-        if rb.get("status") == "error":
-            why = str(rb.get("error") or "").strip().splitlines()[:1]
-            what = ("NEW FAILURE" if ra is not None and ra.get("status") != "error" else
+        if rb.status == "error":
+            why = str(rb.error or "").strip().splitlines()[:1]
+            what = ("NEW FAILURE" if ra is not None and ra.status != "error" else
                     "still failing" if ra is not None else "failing (new cell)")
             out.append(f"{what}: {name(k)}: {why[0] if why else 'no message'}")
-        elif ra is not None and ra.get("status") == "error" and rb.get("status") == "ok":
+        elif ra is not None and ra.status == "error" and rb.ok:
             out.append(f"fixed: {name(k)} (an error in A, ok in B)")
-        elif rb.get("status") == "skipped" and ra is not None and ra.get("status") == "ok":
-            out.append(f"newly skipped: {name(k)}: {rb.get('reason')}")
     # unmatched cells are listed one by one: a setting that changed shows up here, never mis-paired
     for side, ks in (("only in A (no match in B)", [k for k in ca if k not in cb]),
                      ("only in B (no match in A)", [k for k in cb if k not in ca])):
-        out += [f"{side}: {name(k)}" for k in sorted(ks, key=load.natural_key)]
+        out += [f"{side}: {name(k)}" for k in sorted(ks, key=load.order_key)]
     okA, okB = load.ok(a), load.ok(b)
-    pkgs = sorted({p for r in okA + okB for p in ((r.get("env") or {}).get("packages") or {})})
-    checks: list[tuple[str, Callable[[dict], object]]] = [
-        (f"{p} version", lambda r, p=p: ((r.get("env") or {}).get("packages") or {}).get(p)) for p in pkgs]
-    checks += [("python", lambda r: (r.get("env") or {}).get("python")),
-               ("schema version", lambda r: r.get("schema_version")),
-               ("device", lambda r: (r.get("env") or {}).get("device")),
-               ("CPU", lambda r: (r.get("env") or {}).get("cpu")),
-               ("threads", lambda r: (r.get("env") or {}).get("threads"))]
+    pkgs = sorted({p for r in okA + okB for p in ((r.env or {}).get("packages") or {})})
+    checks: list[tuple[str, Callable[[load.CellResult], object]]] = [
+        (f"{p} version", lambda r, p=p: ((r.env or {}).get("packages") or {}).get(p)) for p in pkgs]
+    checks += [("python", lambda r: (r.env or {}).get("python")),
+               ("schema version", lambda r: r.schema_version),
+               ("device", lambda r: (r.env or {}).get("device")),
+               ("CPU", lambda r: (r.env or {}).get("cpu")),
+               ("threads", lambda r: (r.env or {}).get("threads"))]
     for m in sorted({load.config(r).get("method") for r in okA + okB} - {None}):
         checks.append((f"{m} method version", lambda r, m=m: load.config(r).get("method_version")
                        if load.config(r).get("method") == m else None))
@@ -135,8 +134,8 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
             kind = "machine mismatch (latencies not comparable)" if what in ("device", "CPU", "threads") \
                 else "version mismatch"
             out.append(f"{kind}: {what} {' / '.join(va)} (A) vs {' / '.join(vb)} (B)")
-    ga, gb = _values(okA, lambda r: (r.get("env") or {}).get("git_commit")), \
-        _values(okB, lambda r: (r.get("env") or {}).get("git_commit"))
+    ga, gb = _values(okA, lambda r: (r.env or {}).get("git_commit")), \
+        _values(okB, lambda r: (r.env or {}).get("git_commit"))
     if ga and gb and ga != gb:
         out.append(f"code: git commit {' / '.join(c[:10] for c in ga)} (A) vs {' / '.join(c[:10] for c in gb)} (B)")
     da, db = load.directions(okA), load.directions(okB)
@@ -145,7 +144,7 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
             out.append(f"schema mismatch: higher_is_better[{k}] is {da[k]} in A and {db[k]} in B (B's is used)")
     changed = []
     ignore = {"method_version"}
-    for k in sorted(set(ca) & set(cb), key=load.natural_key):
+    for k in sorted(set(ca) & set(cb), key=load.order_key):
         fa, fb = _flat(load.config(ca[k])), _flat(load.config(cb[k]))
         diff = sorted(x for x in set(fa) | set(fb) if x not in ignore and fa.get(x) != fb.get(x))
         if diff:
@@ -175,7 +174,7 @@ def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
     ga, gb = load.group(load.ok(a), _setting_key), load.group(load.ok(b), _setting_key)
     out = []
     mets = metrics_for(load.ok(a) + load.ok(b))
-    for key in sorted(set(ga) & set(gb), key=load.natural_key):
+    for key in sorted(set(ga) & set(gb), key=load.order_key):
         sa, sb = {load.seed(r): r for r in ga[key]}, {load.seed(r): r for r in gb[key]}
         common = [x for x in sa if x in sb]  # the same seeds on both sides, or the means would differ by design
         for m in mets:
@@ -255,6 +254,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
     text = render(args.a, args.b, a, b, args.k, args.unchanged)
     print(text, end="")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
     return 0

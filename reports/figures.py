@@ -24,6 +24,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from exitbench.reports import load  # noqa: E402
 from exitbench.reports.tables import risk_aggregate  # noqa: E402
+from exitbench.store import write_atomic  # noqa: E402
 
 STYLE = Path(__file__).with_name("exitbench.mplstyle")
 FOOT_FONTSIZE = 6.5
@@ -56,8 +57,7 @@ def rule_styles(rules: list[str]) -> dict[str, dict]:
     """Risk-control rules: the cycle for the selection rules, fixed gray styles for the two baselines."""
     special = {"oracle": {"color": "0.55", "linestyle": "-", "marker": "", "linewidth": 3.0, "alpha": 0.55},
                "random": {"color": "0.45", "linestyle": (0, (1, 1.5)), "marker": "x"}}
-    base = series_styles([r for r in load.RULE_ORDER if r not in special]
-                         + [r for r in rules if r not in load.RULE_ORDER])
+    base = series_styles([r for r in rules if r not in special])  # rules in the stored (registry) order
     return {r: special.get(r) or base[r] for r in rules}
 
 
@@ -107,8 +107,9 @@ def save(fig, out_dir: str | Path, stem: str) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
-    fig.savefig(png, metadata={"Software": None})
-    fig.savefig(pdf, metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
+    write_atomic(pdf, lambda tmp: fig.savefig(tmp, format="pdf",
+                                              metadata={"CreationDate": None, "Creator": None, "Producer": None}))
     plt.close(fig)
     return [png, pdf]
 
@@ -130,7 +131,7 @@ def accuracy_vs_macs(results: list[dict], view: str = "strict"):
     paper accounting, as PTEENet/EENet plot it."""
     if view not in ("strict", "paper"):
         raise ValueError(f"view must be 'strict' or 'paper', not {view!r}")
-    cells = [r for r in load.ok(results) if (r.get("sweep") or {}).get("test")]
+    cells = [r for r in load.ok(results) if r.sweep is not None and r.sweep.test]
     if not cells:
         return None
     xkey = "rel_macs_strict" if view == "strict" else "rel_macs_paper"
@@ -161,7 +162,7 @@ def accuracy_vs_macs(results: list[dict], view: str = "strict"):
                     err = (np.std(tx(px), ddof=1), np.std(py, ddof=1)) if len(pts) > 1 else (None, None)
                     ax.errorbar(float(np.mean(tx(px))), float(py.mean()), xerr=err[0], yerr=err[1], fmt="o",
                                 ms=8, mfc="none", mec=kw["color"], ecolor=kw["color"], mew=1.3, zorder=4)
-            per_seed = {load.seed(r): r["backbone"].get("test_accuracy") for r in rs}
+            per_seed = {load.seed(r): r.backbone.test_accuracy for r in rs}
             bm, bs, bn = load.mean_std(per_seed.values())
             if bn:
                 ax.errorbar(1.0 if view == "strict" else 0.0, 100 * bm, yerr=100 * bs if bn > 1 else None,
@@ -195,7 +196,7 @@ def exit_distribution(results: list[dict]):
     oplabel = load.op_label(cells)
     panels = load.group(cells, load.panel_key)
     n_bars = max(len(load.group(rs, load.setting)) for rs in panels.values())
-    n_exits = max(len(r.get("exits") or []) for r in cells) or 1
+    n_exits = max(len(r.exits) for r in cells) or 1
     with style():
         fig, axes = _panels(len(panels), w=max(3.0, 0.75 * n_bars + 1.6), h=3.3)
         cmap = plt.get_cmap("cividis")
@@ -256,7 +257,7 @@ def latency(results: list[dict]):
     """Per (dataset, backbone): measured time ratio vs MACs ratio of the real early-exit forward (one
     marker per method setting, fill per batch size, mean ± std over seeds), and the realisation
     (1 - time ratio) / (1 - MACs ratio) as bars with their values."""
-    cells = [r for r in load.ok(results) if any(x.get("variant") == "dynamic" for x in r.get("latency") or [])]
+    cells = [r for r in load.ok(results) if any(x.latency_ratio is not None for x in r.latency)]
     if not cells:
         return None
     labels = load.settings(cells)
@@ -285,15 +286,15 @@ def latency(results: list[dict]):
                     dyn = [d for d in dyn if d]
                     if not dyn:
                         continue
-                    mx = load.mean_std(d.get("macs_ratio_strict") for d in dyn)
-                    ty = load.mean_std(d.get("latency_ratio") for d in dyn)
+                    mx = load.mean_std(d.macs_ratio_strict for d in dyn)
+                    ty = load.mean_std(d.latency_ratio for d in dyn)
                     if mx[2] and ty[2]:
                         left.errorbar(mx[0], ty[0], xerr=mx[1] if mx[2] > 1 else None,
                                       yerr=ty[1] if ty[2] > 1 else None, ls="", marker=kw["marker"],
                                       color=kw["color"], fillstyle=fill[b], ms=7, mew=1.2, zorder=4)
                         path.append((b, mx[0], ty[0]))
                         lo, hi = min(lo, mx[0], ty[0]), max(hi, mx[0], ty[0])
-                    re_ = load.mean_std(d.get("realisation") for d in dyn)
+                    re_ = load.mean_std(d.realisation for d in dyn)
                     noisy = any(load.latency_noisy(r, b) for r in seeds)
                     x = j + (i - (len(bss) - 1) / 2) * width
                     if re_[2]:
@@ -344,7 +345,7 @@ def latency(results: list[dict]):
         for b in bss:
             handles[f"batch {b}"] = (Line2D([], [], ls="", marker="o", color="0.3", fillstyle=fill[b], ms=6),
                                      Patch(linewidth=1.0, **_bar_look(fill[b], "0.3")))
-        devs = sorted({str(x.get("device")) for r in cells for x in r.get("latency") or []})
+        devs = sorted({str(x.device) for r in cells for x in r.latency})
         note = (f"Timed on {', '.join(devs)}: median of per-repeat paired ratios of the real early-exit forward vs "
                 "the backbone on the same inputs; *: a noisy record (IQR > 10 % of its median); †: MACs above the "
                 "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
@@ -366,8 +367,8 @@ def risk_control(rows: list[dict], title: str, note: str):
     if not rows:
         return None
     agg = risk_aggregate(rows)
-    risks = load.ordered((x.get("risk") for x in rows), load.RISK_ORDER)
-    rules = load.ordered((x.get("rule") for x in rows), load.RULE_ORDER)
+    risks = load.ordered(x.get("risk") for x in rows)
+    rules = load.ordered(x.get("rule") for x in rows)
     epss = sorted(set(load.finite(x.get("eps") for x in rows)))
     deltas = sorted(set(load.finite(x.get("delta") for x in rows)))
     d_rep, e_rep = load.representative(deltas, 0.1), load.representative(epss, 0.05)

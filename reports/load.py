@@ -1,18 +1,19 @@
-"""Reading result files and pulling the numbers the tables and figures need out of them.
+"""The one loader of stored results, and the accessors tables and figures read them with.
 
-Pure Python + numpy on the stored JSON (``exitbench.results`` is the only harness module used, and it is
-torch-free). Every operating point and budget choice here is made on the calibration split and reported
-on test, as the runner did.
+Results are read only through the typed contract (``exitbench.results.CellResult``); nothing here
+imports torch or re-decides a threshold: every operating point (accuracy drop, MACs budgets, patience,
+MSDNet budgets) was chosen on calibration by the runner and is only looked up by its ``kind`` and
+``target``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,24 +23,15 @@ import numpy as np
 from exitbench.errors import UserError
 from exitbench.results import (
     HIGHER_IS_BETTER,
-    check_schema,
+    CellResult,
+    LatencyRecord,
+    OperatingPoint,
     label_key,
-    latency_noisy,  # noqa: F401  (re-exported for tables and figures)
-    latest_run,
     result_setting_id,  # noqa: F401  (re-exported for reports.compare)
     setting_label,
     setting_labels,
 )
-
-BUDGETS = (0.25, 0.5, 0.75, 1.0)
-RISK_ORDER = ("gap-prediction", "gap-brier", "consistency-prediction", "consistency-brier")
-RULE_ORDER = ("naive", "crc", "crc-raw", "ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit",
-              "oracle", "random")
-# Rules that promise P(risk > eps) <= delta, and the one that promises E[risk] <= eps (population risk).
-HIGH_PROBABILITY_RULES = ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit")
-EXPECTATION_RULES = ("crc",)
-# no guarantee (crc-raw: only for monotone losses), or not deployable
-BASELINE_RULES = ("naive", "crc-raw", "oracle", "random")
+from exitbench.store import latest_run, read_json
 
 
 class ReportError(UserError):
@@ -60,9 +52,9 @@ def result_files(results_dir: str | Path) -> list[Path]:
     return paths
 
 
-def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
+def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[CellResult]:
     """Every readable cell result of the latest run under ``results_dir/cells`` (or ``results_dir``
-    itself), each with ``_path``, ``_mtime`` and a unique short ``_label`` added.
+    itself), each with ``path``, ``mtime`` and a unique short ``label`` filled in.
     Cells the directory's manifest does not list are left out, and named on stderr, unless
     ``all_cells``. Unreadable files are skipped with a warning on stderr."""
     paths, others = latest_run(results_dir, result_files(results_dir))
@@ -70,80 +62,101 @@ def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[dict]:
         names = ", ".join(p.stem for p in others[:3]) + (", ..." if len(others) > 3 else "")
         print(f"exitbench: note: {len(others)} cells in {results_dir} are not part of the latest run ({names}); "
               "--all includes them", file=sys.stderr)
-    out = []
+    out: list[CellResult] = []
     for p in paths + (others if all_cells else []):
         try:
-            r = json.loads(p.read_text())
+            d = read_json(p)
         except (OSError, ValueError) as e:
             print(f"exitbench: warning: skipping unreadable result {p}: {e}", file=sys.stderr)
             continue
-        if not isinstance(r, dict) or "status" not in r:
+        if not isinstance(d, dict) or "status" not in d:
             print(f"exitbench: warning: skipping {p}: not a cell result", file=sys.stderr)
             continue
-        check_schema(r, p)
-        r["_path"] = str(p)
-        r["_mtime"] = p.stat().st_mtime
+        r = CellResult.from_dict(d, p)  # another schema version: a one-line UserError
+        r.path, r.mtime = str(p), p.stat().st_mtime
         out.append(r)
     if not out:
         raise ReportError(f"{results_dir}: no readable cell results")
     labels = setting_labels(out)
     for r in out:
-        r["_label"] = labels.get(label_key(r)) or setting(r)
+        r.label = labels.get(label_key(r)) or setting(r)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- keys
 
-def natural_key(s: Any) -> tuple:
-    """Sort ``lam=2`` before ``lam=10``."""
-    parts = re.split(r"(\d+(?:\.\d+)?)", str(s))
-    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
+def sortable(v: Any) -> tuple:
+    """A sort key for a typed value: numbers by value (2 before 10), then everything else as text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    if isinstance(v, (list, tuple)):
+        return (1, 0.0, "", *[sortable(x) for x in v])
+    return (2, 0.0, str(v))
 
 
-def config(r: dict) -> dict:
-    return r.get("config") or {}
+def order_key(key: Any) -> tuple:
+    """Sort key for a tuple of typed values (a group key)."""
+    return tuple(sortable(k) for k in key) if isinstance(key, tuple) else (sortable(key),)
 
 
-def panel_key(r: dict) -> tuple[str, str]:
+def config(r: CellResult) -> dict:
+    return r.config or {}
+
+
+def panel_key(r: CellResult) -> tuple[str, str]:
     c = config(r)
     return (str(c.get("dataset", "?")), str(c.get("backbone", "?")))
 
 
-def setting(r: dict) -> str:
+def setting(r: CellResult) -> str:
     """The short label of a result's method setting (unique per setting_id among the loaded results)."""
-    if r.get("_label"):
-        return r["_label"]
+    if r.label:
+        return r.label
     c = config(r)
-    return setting_label(c) if c else str(r.get("cell", "?"))
+    return setting_label(c) if c else str(r.cell)
 
 
-def setting_key(r: dict) -> tuple[str, str, str]:
+def setting_order(r: CellResult) -> tuple:
+    """Where a setting sorts: by method, then by the typed values of its swept hyper-parameters."""
+    c = config(r)
+    hp = c.get("hparams") or {}
+    return (str(c.get("method")), tuple(sortable(hp.get(k)) for k in c.get("swept") or ()), setting(r))
+
+
+def setting_key(r: CellResult) -> tuple[str, str, str]:
     return (*panel_key(r), setting(r))
 
 
-def seed(r: dict) -> Any:
+def seed(r: CellResult) -> Any:
     return config(r).get("seed")
 
 
-def ok(results: Iterable[dict]) -> list[dict]:
-    return [r for r in results if r.get("status") == "ok"]
+def ok(results: Iterable[CellResult]) -> list[CellResult]:
+    return [r for r in results if r.ok]
 
 
-def group(results: Iterable[dict], key) -> dict:
-    """``key(r) -> tuple`` groups, sorted naturally by key."""
+def group(results: Iterable[CellResult], key) -> dict:
+    """``key(r)`` groups, ordered by panel and then by setting (typed hyper-parameter values, never a
+    label read back); members sorted by seed."""
     g: dict = defaultdict(list)
     for r in results:
         g[key(r)].append(r)
-    return {k: sorted(g[k], key=lambda r: natural_key(seed(r))) for k in sorted(g, key=natural_key)}
+    if not all(isinstance(r, CellResult) for rs in g.values() for r in rs):  # derived rows: by their key
+        return {k: g[k] for k in sorted(g, key=order_key)}
+    first = {k: min((*panel_key(r), *setting_order(r)) for r in rs) for k, rs in g.items()}
+    return {k: sorted(g[k], key=lambda r: sortable(seed(r))) for k in sorted(g, key=lambda k: first[k])}
 
 
-def by_setting(results: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:
+def by_setting(results: Iterable[CellResult]) -> dict[tuple[str, str, str], list[CellResult]]:
     return group(ok(results), setting_key)
 
 
-def settings(results: Iterable[dict]) -> list[str]:
+def settings(results: Iterable[CellResult]) -> list[str]:
     """Every method setting label, in the order used for styles and table rows."""
-    return sorted({setting(r) for r in ok(results)}, key=natural_key)
+    order: dict[str, tuple] = {}
+    for r in ok(results):
+        order[setting(r)] = min(order.get(setting(r), setting_order(r)), setting_order(r))
+    return sorted(order, key=lambda s: order[s])
 
 
 def slug(*parts: Any) -> str:
@@ -151,11 +164,11 @@ def slug(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
 
-def directions(results: Iterable[dict]) -> dict[str, bool]:
+def directions(results: Iterable[CellResult]) -> dict[str, bool]:
     """``higher_is_better`` as declared in the results (later files win), over the schema's defaults."""
     d = dict(HIGHER_IS_BETTER)
     for r in results:
-        d.update(r.get("higher_is_better") or {})
+        d.update(r.higher_is_better or {})
     return d
 
 
@@ -179,61 +192,64 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
 
 # ------------------------------------------------------------------------------------- measurements
 
-def operating_point(r: dict, prefix: str = "within_") -> dict | None:
-    """The calibrated accuracy-drop operating point (``within_1pt`` by default), if recorded."""
-    for op in r.get("operating_points") or []:
-        if str(op.get("name", "")).startswith(prefix):
-            return op
-    return None
+def operating_point(r: CellResult) -> OperatingPoint | None:
+    """The headline operating point (the method's calibrated accuracy-drop point), if recorded."""
+    return r.headline()
 
 
-def op_value(r: dict, key: str, split: str = "test") -> float | None:
-    """A metric of the within-drop operating point on ``split``; None when infeasible or missing."""
+def op_value(r: CellResult, key: str, split: str = "test") -> Any:
+    """A metric of the headline operating point on ``split``; None when infeasible or missing."""
     op = operating_point(r)
-    if not op or not op.get("feasible", True) or split not in op:
-        return None
-    return op[split].get(key)
+    metrics = getattr(op, split, None) if op is not None and op.feasible else None
+    return None if metrics is None else getattr(metrics, key)
 
 
-def op_label(results: Iterable[dict]) -> str:
+def op_label(results: Iterable[CellResult]) -> str:
+    """The headline point's label (e.g. ``within 1 pt``), from its typed kind and target."""
     for r in ok(results):
         op = operating_point(r)
-        if op:
-            # within_1pt, or within_1pt_per_exit for methods calibrated with one threshold per exit
-            m = re.fullmatch(r"within_(.+?)pt(_per_exit)?", str(op["name"]))
-            return f"within {m.group(1)} pt" if m else str(op["name"])
+        if op is not None:
+            return op.label.removesuffix(", per exit")
     return "within 1 pt"
 
 
-def budget_accuracy(r: dict, budget: float) -> float | None:
-    """Test accuracy at the most accurate threshold whose *calibration* strict MACs fit ``budget``
-    (ties: the cheaper one); None when no threshold fits."""
-    sw = r.get("sweep") or {}
-    cal, test = sw.get("calibration") or {}, sw.get("test") or {}
-    macs, acc, tacc = cal.get("rel_macs_strict") or [], cal.get("accuracy") or [], test.get("accuracy") or []
-    best = None
-    for i, (m, a) in enumerate(zip(macs, acc)):
-        if m <= budget + 1e-9 and (best is None or (a, -m) > (acc[best], -macs[best])):
-            best = i
-    return None if best is None or best >= len(tacc) else tacc[best]
+def budget_accuracy(r: CellResult, budget: float) -> float | None:
+    """Test accuracy at the cell's ``macs_budget`` point for ``budget`` (chosen on calibration by the
+    runner); None when no threshold fits the budget or the point was not recorded."""
+    op = r.point("macs_budget", budget)
+    return op.test.accuracy if op is not None and op.feasible and op.test is not None else None
 
 
-def latency(r: dict) -> dict[tuple[str, int], dict]:
-    return {(x.get("variant"), x.get("batch_size")): x for x in r.get("latency") or []}
+def budgets(results: Iterable[CellResult]) -> list[float]:
+    """Every MACs budget that some ok cell has a point for, ascending."""
+    return sorted({p.target for r in ok(results) for p in r.operating_points
+                   if p.kind == "macs_budget" and p.target is not None})
 
 
-def batch_sizes(results: Iterable[dict]) -> list[int]:
-    return sorted({x["batch_size"] for r in ok(results) for x in r.get("latency") or []
-                   if x.get("variant") == "dynamic" and isinstance(x.get("batch_size"), int)})
+def latency(r: CellResult) -> dict[tuple[str, int], LatencyRecord]:
+    return {(x.variant, x.batch_size): x for x in r.latency}
 
 
-def exit_names(r: dict) -> list[str]:
-    return [str(e.get("name", f"exit {i + 1}")) for i, e in enumerate(r.get("exits") or [])]
+def latency_value(r: CellResult, variant: str, batch_size: int, key: str) -> Any:
+    x = r.latency_record(variant, batch_size)
+    return None if x is None else getattr(x, key)
 
 
-def test_curve(r: dict, x_key: str = "rel_macs_strict", y_key: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:
+def latency_noisy(r: CellResult, batch_size: int) -> bool:
+    return r.latency_noisy(batch_size)
+
+
+def batch_sizes(results: Iterable[CellResult]) -> list[int]:
+    return sorted({x.batch_size for r in ok(results) for x in r.latency if x.latency_ratio is not None})
+
+
+def exit_names(r: CellResult) -> list[str]:
+    return [e.name for e in r.exits]
+
+
+def test_curve(r: CellResult, x_key: str = "rel_macs_strict", y_key: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:
     """One seed's sweep on test, sorted by cost; repeated costs are averaged."""
-    t = (r.get("sweep") or {}).get("test") or {}
+    t = r.sweep.test if r.sweep is not None else {}
     x, y = np.asarray(t.get(x_key) or [], float), np.asarray(t.get(y_key) or [], float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
@@ -260,23 +276,24 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], n: int = 200):
 
 # ---------------------------------------------------------------------------------------- risk control
 
-def risk_rows(results: Iterable[dict]) -> list[dict]:
-    """Every risk-control row of every ok cell, flattened with its cell's keys, delta and n_cal."""
+def risk_rows(results: Iterable[CellResult]) -> list[dict]:
+    """Every risk-control row of every ok cell as one flat record (a derived table, in the stored
+    order), with its cell's keys, delta, n_cal, trials and score."""
     out = []
     for r in ok(results):
-        rc = r.get("risk_control")
-        if not isinstance(rc, dict):
+        rc = r.risk_control
+        if rc is None:
             continue
-        for row in rc.get("rows") or []:
-            out.append({**row, "dataset": panel_key(r)[0], "backbone": panel_key(r)[1], "setting": setting(r),
-                        "seed": seed(r), "delta": rc.get("delta"), "n_cal": rc.get("n_cal"),
-                        "trials": rc.get("trials"), "score": rc.get("score")})
+        for row in rc.rows:
+            out.append({**asdict(row), "dataset": panel_key(r)[0], "backbone": panel_key(r)[1],
+                        "setting": setting(r), "seed": seed(r), "delta": rc.delta, "n_cal": rc.n_cal,
+                        "trials": rc.trials, "score": rc.score})
     return out
 
 
-def ordered(values: Iterable[Any], order: tuple) -> list:
-    vals = set(values)
-    return [v for v in order if v in vals] + sorted(vals - set(order), key=natural_key)
+def ordered(values: Iterable[Any]) -> list:
+    """Distinct values in order of first appearance: risks and rules are stored in registry order."""
+    return list(dict.fromkeys(v for v in values if v is not None))
 
 
 def representative(values: Iterable[float], prefer: float) -> float:
@@ -296,29 +313,28 @@ def _device(env: dict) -> str:
     return f"{dev} ({env.get('cpu') or 'unknown CPU'}{f', {threads} threads' if threads else ''})"
 
 
-def result_dates(results: Iterable[dict]) -> list[str]:
-    """Dates the results were written (a timestamp in the result when there is one, else the file's)."""
+def result_dates(results: Iterable[CellResult]) -> list[str]:
+    """Dates the results were written (the result's ``finished`` stamp when there is one, else the file's)."""
     out = set()
     for r in results:
-        stamp = r.get("finished") or r.get("timestamp") or r.get("date")
-        if isinstance(stamp, str) and re.match(r"\d{4}-\d\d-\d\d", stamp):
-            out.add(stamp[:10])
-        elif r.get("_mtime"):
-            out.add(datetime.fromtimestamp(r["_mtime"], timezone.utc).strftime("%Y-%m-%d"))
+        if r.finished:
+            out.add(r.finished[:10])
+        elif r.mtime:
+            out.add(datetime.fromtimestamp(r.mtime, timezone.utc).strftime("%Y-%m-%d"))
     return sorted(out)
 
 
 def _join(values: Iterable[Any]) -> str:
-    v = sorted({str(x) for x in values if x is not None}, key=natural_key)
+    v = sorted({str(x) for x in values if x is not None})
     return " / ".join(v) if v else "?"
 
 
-def env_note(results: Iterable[dict]) -> str:
+def env_note(results: Iterable[CellResult]) -> str:
     """One line: device, torch and timm versions, dates; mixed values are listed with ``/``."""
-    rs = [r for r in results if r.get("env")]
+    rs = [r for r in results if r.env]
     if not rs:
         return "environment not recorded"
-    envs = [r["env"] for r in rs]
+    envs = [r.env for r in rs]
     pk = [e.get("packages") or {} for e in envs]
     dates = result_dates(rs)
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "?"

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exitbench.reports import figures, load, tables
+from exitbench.store import write_atomic, write_text_atomic
 
 
 @dataclass
@@ -31,13 +32,13 @@ class Fig:
 Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", Table) | ("figure", Fig)
 
 
-def _failures(results: list[dict]) -> list[str]:
+def _failures(results: list[load.CellResult]) -> list[str]:
     out = []
     for r in results:
-        if r.get("status") != "ok":
-            what = r.get("error") or r.get("reason") or "no message recorded"
-            what = str(what).strip().splitlines()[0] if str(what).strip() else "no message recorded"
-            out.append(f"`{r.get('cell') or Path(r.get('_path', '?')).stem}`: {r.get('status')}: {what}")
+        if not r.ok:
+            what = str(r.error or "").strip()
+            what = what.splitlines()[0] if what else "no message recorded"
+            out.append(f"`{r.cell or Path(r.path or '?').stem}`: {r.status}: {what}")
     return out
 
 
@@ -52,8 +53,7 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
     blocks: list[Block] = [("h1", f"exitbench report: {Path(results_dir).resolve().name}")]
     n_set = len(load.by_setting(results))
     blocks.append(("p", f"{len(results)} cell results in `{results_dir}`: {len(good)} ok, "
-                        f"{sum(r.get('status') == 'error' for r in results)} errors, "
-                        f"{sum(r.get('status') == 'skipped' for r in results)} skipped; {n_set} method settings. "
+                        f"{sum(r.status == 'error' for r in results)} errors; {n_set} method settings. "
                         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."))
     blocks.append(("p", f"Environment: {load.env_note(results)}."))
 
@@ -68,8 +68,7 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
     def table(t: tables.Table) -> None:
         tab_dir.mkdir(parents=True, exist_ok=True)
         for ext, text in (("tex", tables.to_latex(t)), ("md", tables.to_markdown(t))):
-            p = tab_dir / f"{t.name}.{ext}"
-            p.write_text(text)
+            p = write_text_atomic(tab_dir / f"{t.name}.{ext}", text)
             written["tables"].append(p)
         blocks.append(("table", t))
 
@@ -101,15 +100,15 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
         _risk_section(good, blocks, figure, table, tab_dir, written)
     fails = _failures(results)
     if fails:
-        blocks.append(("h2", "Failed and skipped cells"))
+        blocks.append(("h2", "Failed cells"))
         blocks.append(("ul", fails))
     blocks.append(("h2", "Files"))
     blocks.append(("p", "LaTeX tables (booktabs) are in `tables/`, every figure as PNG and PDF in `figures/`."))
 
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(to_markdown(blocks))
-    page.write_text(to_html(blocks, fig_dir))
+    write_text_atomic(md, to_markdown(blocks))
+    write_text_atomic(page, to_html(blocks, fig_dir))
     written["report"] = [md, page]
     return written
 
@@ -133,15 +132,16 @@ def _risk_section(good, blocks, figure, table, tab_dir: Path, written: dict) -> 
         members = [r for r in good if load.setting_key(r) == (ds, bb, lab)]
         figure(figures.risk_control(rows, name, load.env_note(members)), stem, f"Risk control: {name}.")
         table(tables.risk_table(rows, stem.replace("risk_control", "risk", 1), f"Risk control: {name}"))
-        for k, a in sorted(tables.risk_aggregate(rows).items(), key=lambda kv: load.natural_key(kv[0])):
+        for k, a in tables.risk_aggregate(rows).items():  # in the stored (registry) order
             rows_csv.append({"dataset": ds, "backbone": bb, "method": lab, "n_cal": n_cal, "rule": k[0],
                              "risk": k[1], "eps": k[2], "delta": k[3], **a})
-    p = tab_dir / "risk_control.csv"
-    with p.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows_csv[0]))
-        w.writeheader()
-        w.writerows(rows_csv)
-    written["tables"].append(p)
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows_csv[0]))
+            w.writeheader()
+            w.writerows(rows_csv)
+
+    written["tables"].append(write_atomic(tab_dir / "risk_control.csv", write_csv))
 
 
 # ----------------------------------------------------------------------------------------- rendering

@@ -11,34 +11,45 @@ from pathlib import Path
 import pandas as pd
 
 from exitbench.reports import figures, load
-from exitbench.results import summary_rows
-
-_EMPTY_SPLIT = {"accuracy": None, "agreement": None, "rel_macs_strict": None, "rel_macs_paper": None,
-                "exit_fractions": []}
+from exitbench.store import write_atomic
 
 
-def _with_empty_splits(results: list[dict]) -> list[dict]:
-    """Infeasible operating points carry no calibration/test numbers; give them empty ones so that the
-    CSV keeps a row for them (with blanks) instead of failing."""
-    out = []
+def summary_rows(results: list[load.CellResult]) -> list[dict]:
+    """One flat row per (cell, operating point); a failed cell keeps one row with its error."""
+    rows = []
     for r in results:
-        ops = r.get("operating_points")
-        if r.get("status") == "ok" and ops and any("test" not in op for op in ops):
-            r = {**r, "operating_points": [op if "test" in op else {**op, "calibration": dict(_EMPTY_SPLIT),
-                                                                      "test": dict(_EMPTY_SPLIT)} for op in ops]}
-        out.append(r)
-    return out
+        c = r.config or {}
+        base = {"dataset": c.get("dataset"), "backbone": c.get("backbone"), "method": c.get("method"),
+                "setting": load.setting(r), "setting_id": load.result_setting_id(r), "seed": c.get("seed"),
+                "status": r.status, "cell": r.cell}
+        if not r.ok:
+            rows.append({**base, "error": r.error})
+            continue
+        for op in r.operating_points:
+            row = {**base, "operating_point": op.kind, "target": op.target, "score": op.score,
+                   "feasible": op.feasible, "headline": op.headline,
+                   "thresholds": None if op.thresholds is None else " ".join(f"{t:.6g}" for t in op.thresholds),
+                   "backbone_test_accuracy": r.backbone.test_accuracy, "backbone_gmacs": r.backbone.macs / 1e9}
+            for split in ("calibration", "test"):
+                m = getattr(op, split)
+                for k in ("accuracy", "agreement", "rel_macs_strict", "rel_macs_paper"):
+                    row[f"{split}_{k}"] = None if m is None else getattr(m, k)
+            row["test_exit_fractions"] = "" if op.test is None else " ".join(f"{f:.3f}" for f in op.test.exit_fractions)
+            if op.timed:
+                for x in r.latency:
+                    if x.latency_ratio is not None:
+                        row[f"latency_ratio_{x.variant}_b{x.batch_size}"] = x.latency_ratio
+                        row[f"realisation_{x.variant}_b{x.batch_size}"] = x.realisation
+                        row[f"noisy_b{x.batch_size}"] = r.latency_noisy(x.batch_size)
+            row["train_seconds"] = r.training.get("seconds")
+            rows.append(row)
+    return rows
 
 
-def write_csv(results: list[dict], path: Path) -> Path:
+def write_csv(results: list[load.CellResult], path: Path) -> Path:
     """One row per (cell, operating point); failed cells keep a row with their error."""
-    frame = pd.DataFrame(summary_rows(_with_empty_splits(results)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, float_format="%.5g")
-    tmp.replace(path)
-    return path
+    frame = pd.DataFrame(summary_rows(results))
+    return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.5g"))
 
 
 def accuracy_vs_macs(results: list[dict], path: Path) -> Path:
@@ -52,8 +63,7 @@ def accuracy_vs_macs(results: list[dict], path: Path) -> Path:
         with figures.style():
             fig = figures.plt.figure(figsize=(5, 1.2))
             fig.text(0.5, 0.5, "no successful cells to plot", ha="center", va="center")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
     figures.plt.close(fig)
     return path
 

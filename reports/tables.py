@@ -65,15 +65,17 @@ def _group_cells(ds: str, bb: str, first: bool) -> list[Cell]:
 
 # -------------------------------------------------------------------------------------------- tables
 
-def budget_table(results: list[dict], budgets: tuple[float, ...] = load.BUDGETS) -> Table:
-    """Test accuracy (%) of each method at fractions of the backbone's MACs; thresholds chosen on
-    calibration (the most accurate one whose calibration strict MACs fit the budget)."""
+def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | None = None) -> Table:
+    """Test accuracy (%) of each method at fractions of the backbone's MACs, read from the cells'
+    ``macs_budget`` points (chosen on calibration by the runner: the most accurate shared threshold whose
+    calibration strict MACs fit the budget). ``budgets`` default to every budget the results have."""
+    budgets = tuple(load.budgets(results)) if budgets is None else budgets
     cols = ["dataset", "backbone", "method", "seeds", *[f"{100 * b:g} % MACs" for b in budgets]]
     rows, starts, partial = [], [], False
     by_panel = load.group(load.ok(results), load.panel_key)
     for (ds, bb), cells in by_panel.items():
         starts.append(len(rows))
-        bb_acc = _per_seed(cells, lambda r: r["backbone"].get("test_accuracy"))
+        bb_acc = _per_seed(cells, lambda r: r.backbone.test_accuracy)
         base_txt, _ = fmt_pm(bb_acc, 100)
         ref = [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(len(bb_acc)))]
         ref += [Cell(base_txt if b >= 1.0 else DASH) for b in budgets]
@@ -125,15 +127,15 @@ def summary_table(results: list[dict]) -> Table:
         (lambda r: load.op_value(r, "rel_macs_paper"), 1, 3, hib.get("rel_macs_paper", False)),
     ]
     for b in bss:
-        specs.append((lambda r, b=b: (load.latency(r).get(("dynamic", b)) or {}).get("latency_ratio")
+        specs.append((lambda r, b=b: load.latency_value(r, "dynamic", b, "latency_ratio")
                       if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
-    specs.append((lambda r: (r.get("training") or {}).get("seconds"), 1, 1, False))
+    specs.append((lambda r: r.training.get("seconds"), 1, 1, False))
 
     rows, starts, partial, any_noisy = [], [], False, False
     for (ds, bb), cells in load.group(load.ok(results), load.panel_key).items():
         starts.append(len(rows))
-        bt = _per_seed(cells, lambda r: (r["backbone"].get("training") or {}).get("seconds"))
-        bb_acc = _per_seed(cells, lambda r: r["backbone"].get("test_accuracy"))
+        bt = _per_seed(cells, lambda r: r.backbone.training.get("seconds"))
+        bb_acc = _per_seed(cells, lambda r: r.backbone.test_accuracy)
         ref = [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(len(bb_acc))),
                Cell(fmt_pm(bb_acc, 100)[0]), Cell("100.0"),
                Cell("1.000"), Cell("1.000"), *[Cell("1.00") for _ in bss], Cell(fmt_pm(bt)[0])]
@@ -178,18 +180,18 @@ def summary_table(results: list[dict]) -> Table:
     return Table("summary", f"Methods at the {oplabel} operating point", cols, rows, align, starts, notes)
 
 
-def _per_seed(cells: list[dict], get: Callable[[dict], float | None]) -> list:
+def _per_seed(cells: list[load.CellResult], get: Callable[[load.CellResult], float | None]) -> list:
     """One value per seed: the backbone is shared by every method setting of a seed."""
     return list({load.seed(r): get(r) for r in cells}.values())
 
 
-def _op_feasible(r: dict) -> bool:
+def _op_feasible(r: load.CellResult) -> bool:
     op = load.operating_point(r)
-    return bool(op) and bool(op.get("feasible", True)) and "test" in op
+    return op is not None and op.feasible and op.test is not None
 
 
-def _devices(results: list[dict]) -> str:
-    devs = sorted({str(x.get("device")) for r in load.ok(results) for x in r.get("latency") or []})
+def _devices(results: list[load.CellResult]) -> str:
+    devs = sorted({str(x.device) for r in load.ok(results) for x in r.latency})
     return ", ".join(devs)
 
 
@@ -200,7 +202,7 @@ def risk_aggregate(rows: list[dict]) -> dict[tuple, dict]:
         acc.setdefault((x.get("rule"), x.get("risk"), x.get("eps"), x.get("delta")), []).append(x)
     out = {}
     for k, xs in acc.items():
-        agg = {"n_seeds": len(xs), "trials": xs[0].get("trials")}
+        agg = {"n_seeds": len(xs), "trials": xs[0].get("trials"), "promise": xs[0].get("promise")}
         for f in ("test_risk_mean", "test_risk_std", "violation_freq", "mean_exit_index",
                   "rel_macs_strict_mean", "lambda_mean"):
             agg[f] = load.mean_std(x.get(f) for x in xs)[0]
@@ -208,14 +210,15 @@ def risk_aggregate(rows: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def violates(rule: str, agg: dict, eps: float, delta: float) -> bool:
-    """Whether a rule broke its own promise beyond trial noise (two binomial / standard errors). The
-    same criterion for every rule of a kind: the population risk of each trial's choice."""
+def violates(agg: dict, eps: float, delta: float) -> bool:
+    """Whether a rule broke its own promise (the rows' stored ``promise``) beyond trial noise (two binomial
+    / standard errors). The same criterion for every rule of a kind: the population risk of each trial's
+    choice."""
     trials = agg.get("trials") or 100
-    if rule in load.HIGH_PROBABILITY_RULES:
+    if agg.get("promise") == "high-probability":
         v = agg["violation_freq"]
         return not math.isnan(v) and v > delta + 2 * math.sqrt(delta * (1 - delta) / trials)
-    if rule in load.EXPECTATION_RULES:
+    if agg.get("promise") == "expectation":
         m, s = agg["test_risk_mean"], agg["test_risk_std"]
         return not math.isnan(m) and m > eps + 2 * (0 if math.isnan(s) else s) / math.sqrt(trials)
     return False
@@ -230,14 +233,14 @@ def risk_table(rows: list[dict], name: str, title: str, eps: float | None = None
     agg = risk_aggregate(rows)
     cols = ["risk", "rule", "risk at λ̂", "P(risk > ε)", "rel. MACs ↓", "mean exit", "λ"]
     out, starts, flagged = [], [], False
-    for risk in load.ordered((x.get("risk") for x in rows), load.RISK_ORDER):
+    for risk in load.ordered(x.get("risk") for x in rows):
         starts.append(len(out))
         block, cand = [], []
-        for rule in load.ordered((x.get("rule") for x in rows), load.RULE_ORDER):
+        for rule in load.ordered(x.get("rule") for x in rows):
             a = agg.get((rule, risk, eps, delta))
             if a is None:
                 continue
-            bad = violates(rule, a, eps, delta)
+            bad = violates(a, eps, delta)
             flagged |= bad
             risk_txt = f"{a['test_risk_mean']:.3f}"
             if not math.isnan(a["test_risk_std"]):
@@ -246,7 +249,7 @@ def risk_table(rows: list[dict], name: str, title: str, eps: float | None = None
                    Cell(_f(a["violation_freq"], 2)), Cell(_f(a["rel_macs_strict_mean"], 3)),
                    Cell(_f(a["mean_exit_index"], 2)), Cell(_f(a["lambda_mean"], 2))]
             block.append(row)
-            if rule not in load.BASELINE_RULES and not bad and not math.isnan(a["rel_macs_strict_mean"]):
+            if a.get("promise") != "none" and not bad and not math.isnan(a["rel_macs_strict_mean"]):
                 cand.append((round(a["rel_macs_strict_mean"], 3), row))
         if cand:
             best = min(c[0] for c in cand)

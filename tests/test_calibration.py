@@ -49,6 +49,10 @@ def test_accuracy_drop_picks_the_cheapest_threshold_within_the_drop():
     ch = accuracy_drop(HAND, "max_softmax", STRICT, drop=1 / 6 + 1e-9, thresholds=GRID)
     assert ch.thresholds == (0.5,) and abs(ch.rel_macs_strict - 0.3) < 1e-9
     assert not accuracy_drop(HAND, "max_softmax", STRICT, drop=-0.5, thresholds=GRID).feasible
+    # an explicit reference accuracy (the harness passes the reference backbone's): 4/6 is reached by 0.5
+    ch = accuracy_drop(HAND, "max_softmax", STRICT, drop=0.0, thresholds=GRID, reference=4 / 6)
+    assert ch.thresholds == (0.5,)
+    assert not accuracy_drop(HAND, "max_softmax", STRICT, drop=0.0, thresholds=GRID, reference=0.9).feasible
 
 
 def test_macs_budget_picks_the_most_accurate_setting_that_fits():
@@ -57,6 +61,8 @@ def test_macs_budget_picks_the_most_accurate_setting_that_fits():
     assert ch.feasible and ch.thresholds == (0.65,)
     ch = macs_budget(HAND, "max_softmax", STRICT, budget=0.35, thresholds=GRID)
     assert ch.thresholds == (0.5,)
+    # 0.65, 0.75 and 0.85 all reach 5/6 within budget 0.9: ties on accuracy go to the cheaper threshold
+    assert macs_budget(HAND, "max_softmax", STRICT, budget=0.9, thresholds=GRID).thresholds == (0.65,)
     ch = macs_budget(HAND, "max_softmax", STRICT, budget=0.2)
     assert not ch.feasible and "below the cheapest" in ch.reason
 

@@ -108,6 +108,10 @@ def _batch(start: int, n: int, label_key: str, label_fn):
 
 @pytest.fixture
 def cifar_root(tmp_path, monkeypatch):
+    return _write_cifar(tmp_path, monkeypatch)
+
+
+def _write_cifar(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     d10 = tmp_path / "cifar-10-batches-py"
     d10.mkdir()
@@ -168,7 +172,7 @@ def test_md5_checked_without_patch(tmp_path):
         data.load_splits("cifar10", root=tmp_path)
 
 
-def test_svhn_roundtrip(tmp_path, monkeypatch):
+def _write_svhn(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
     root = tmp_path / "svhn"
     root.mkdir()
@@ -178,6 +182,11 @@ def test_svhn_roundtrip(tmp_path, monkeypatch):
         x[2, 3, 1] = 200  # green, row 2, column 3
         y = (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)  # 1..10; 10 is the digit 0
         scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
+    return tmp_path
+
+
+def test_svhn_roundtrip(tmp_path, monkeypatch):
+    _write_svhn(tmp_path, monkeypatch)
     s = data.load_splits("svhn", root=tmp_path, augment=True)
     assert not s.augment and not s.train.augment  # never flip house numbers
     assert (len(s.train), len(s.calibration), len(s.test)) == (90, 10, 12)
@@ -187,6 +196,33 @@ def test_svhn_roundtrip(tmp_path, monkeypatch):
     assert s.test.labels[9].item() == 0 and s.test.labels[0].item() == 1
     x, _ = s.test[0]
     assert x[1, 2, 3].item() == pytest.approx((200 / 255 - s.info.mean[1]) / s.info.std[1], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the dataset contract, generated from the registry
+
+# Every registered dataset needs a tiny copy in its real on-disk format here (None: needs no files).
+FIXTURES = {"digits": None, "synthetic": None, "cifar10": _write_cifar, "cifar100": _write_cifar,
+            "svhn": _write_svhn}
+
+
+@pytest.mark.parametrize("name", data.DATASETS.names())
+def test_every_registered_dataset_keeps_the_contract(name, tmp_path, monkeypatch):
+    assert name in FIXTURES, f"dataset {name!r} has no on-disk fixture: add a writer to FIXTURES in tests/test_data.py"
+    write = FIXTURES[name]
+    root = write(tmp_path, monkeypatch) if write else tmp_path
+    assert data.DATASETS.help(name), f"dataset {name!r} has no one-line help (its docstring)"
+    info = data.dataset_info(name)  # known without loading anything
+    s = data.load_splits(name, root=root, seed=0)
+    assert (s.info.name, s.info.num_classes, s.info.input_size, s.info.mean, s.info.std) == \
+        (name, info.num_classes, info.input_size, info.mean, info.std)
+    assert not set(s.train_indices) & set(s.calibration_indices)
+    for split in (s.train, s.calibration, s.test):
+        x, y = data.to_tensors(split)
+        assert len(x) > 0 and x.dtype == torch.float32 and tuple(x.shape[1:]) == info.input_size
+        assert int(y.min()) >= 0 and int(y.max()) < info.num_classes
+    augmented = data.load_splits(name, root=root, augment=True)
+    assert s.augment is False and augmented.augment == data.DATASETS.get(name).augment
 
 
 # ----------------------------------------------------------------------------------------------

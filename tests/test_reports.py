@@ -2,7 +2,7 @@
 commands end to end, and proof that reports/ never imports torch.
 
 Fixtures (tests/data/results) are thinned copies of a real quick run plus synthetic seeds, a joint
-method with an infeasible seed, a risk_control section, an error and a skipped cell
+method with an infeasible seed, a risk_control section and an error cell
 (tests/data/make_fixtures.py made them). Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest
 tests/test_reports.py`` and review the diff.
 """
@@ -23,6 +23,7 @@ import pytest
 
 from exitbench.cli import main
 from exitbench.reports import compare, figures, load, tables
+from exitbench.results import SCHEMA_VERSION, CellResult
 
 DATA = Path(__file__).parent / "data" / "results"
 GOLDEN = Path(__file__).parent / "golden"
@@ -32,6 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def results():
     return load.load_cells(DATA)
+
+
+def _result(**d) -> CellResult:
+    """A typed result from the fields a unit check needs."""
+    return CellResult.from_dict({"schema_version": SCHEMA_VERSION, "cell": "c", **d})
+
+
+def _point(kind="accuracy_drop", target=0.01, **test) -> dict:
+    metrics = {"accuracy": None, "agreement": None, "rel_macs_strict": None, "rel_macs_paper": None, **test}
+    return {"kind": kind, "target": target, "feasible": True, "score": "max_softmax",
+            "headline": kind == "accuracy_drop", "test": metrics, "calibration": metrics}
 
 
 def _golden(name: str, text: str) -> None:
@@ -75,9 +87,9 @@ def test_report_writes_markdown_html_latex_and_every_figure(report_dir):
     out, _ = report_dir
     md = (out / "report.md").read_text()
     for section in ("Accuracy versus cost", "Accuracy at a MACs budget", "within 1 pt operating point",
-                    "Where samples exit", "Latency", "Risk control", "Failed and skipped cells"):
+                    "Where samples exit", "Latency", "Risk control", "Failed cells"):
         assert section in md
-    assert "RuntimeError: synthetic failure for the fixture" in md and "skipped: branchynet" in md
+    assert "RuntimeError: synthetic failure for the fixture" in md
     stems = ["accuracy_vs_macs", "accuracy_vs_cost_reduction", "exit_distribution", "latency",
              "risk_control__digits__resnet18__pteenet-lam-1__ncal100"]
     for stem in stems:
@@ -132,16 +144,16 @@ def test_tables_mark_infeasible_partial_and_best(results):
 
 # --------------------------------------------------------------------------------------------- unit checks
 
-def _cell(cal_macs, cal_acc, test_acc):
-    return {"status": "ok", "sweep": {"calibration": {"rel_macs_strict": cal_macs, "accuracy": cal_acc},
-                                      "test": {"accuracy": test_acc}}}
-
-
-def test_budget_picks_the_most_accurate_threshold_that_fits_on_calibration():
-    r = _cell([0.3, 0.45, 0.5, 0.9], [0.70, 0.80, 0.80, 0.95], [0.71, 0.79, 0.9, 0.96])
-    assert load.budget_accuracy(r, 0.5) == 0.79  # ties on calibration accuracy: the cheaper threshold
+def test_budget_accuracy_reads_the_stored_budget_point_and_never_rechooses():
+    # the choice itself (most accurate within the budget on calibration, ties: the cheaper) is
+    # exitbench.methods.calibration.macs_budget's, tested in test_calibration.py
+    infeasible = {"kind": "macs_budget", "target": 0.25, "feasible": False, "score": "max_softmax"}
+    r = _result(status="ok", config={}, operating_points=[_point("macs_budget", 0.5, accuracy=0.79), infeasible,
+                                                           _point("macs_budget", 1.0, accuracy=0.96)])
+    assert load.budget_accuracy(r, 0.5) == 0.79
     assert load.budget_accuracy(r, 0.25) is None  # infeasible
-    assert load.budget_accuracy(r, 1.0) == 0.96
+    assert load.budget_accuracy(r, 1.0) == 0.96 and load.budget_accuracy(r, 0.75) is None  # not recorded
+    assert load.budgets([r]) == [0.25, 0.5, 1.0]
 
 
 def test_seed_curves_are_averaged_on_a_common_grid():
@@ -158,7 +170,7 @@ def test_latex_escape():
 
 
 def test_figures_skip_what_is_absent():
-    r = {"status": "ok", "config": {"dataset": "d", "backbone": "b", "method": "m"}, "backbone": {}}
+    r = _result(status="ok", config={"dataset": "d", "backbone": "b", "method": "m"})
     assert figures.latency([r]) is None and figures.exit_distribution([r]) is None
     assert figures.accuracy_vs_macs([r]) is None and figures.risk_groups([r]) == {}
 
@@ -169,7 +181,7 @@ def test_write_summary_keeps_working(tmp_path):
     shutil.copytree(DATA, tmp_path / "res")
     csv_path, png = write_summary(tmp_path / "res")
     text = csv_path.read_text()
-    assert "error" in text and "within_1pt" in text and png.stat().st_size > 10_000
+    assert "error" in text and "accuracy_drop" in text and "macs_budget" in text and png.stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------------------- compare
@@ -185,7 +197,8 @@ def _variant(tmp_path) -> Path:
         if "pteenet-lam1__" in p.name and r["status"] == "ok":
             r["operating_points"][0]["test"]["accuracy"] += 0.02
         if "pteenet-lam2__" in p.name:
-            r = {"schema_version": 1, "status": "error", "cell": r["cell"], "config": r["config"], "env": r["env"],
+            r = {"schema_version": SCHEMA_VERSION, "status": "error", "cell": r["cell"], "config": r["config"],
+                 "env": r["env"],
                  "error": "RuntimeError: out of memory"}
         p.write_text(json.dumps(r))
     next((b / "cells").glob("*sdn__seed1*")).unlink()
@@ -194,11 +207,12 @@ def _variant(tmp_path) -> Path:
 
 def test_compare_flags_failures_versions_and_significant_changes(tmp_path, capsys):
     b = _variant(tmp_path)
+    torch_a = next(r.env["packages"]["torch"] for r in load.load_cells(DATA) if r.env)
     assert main(["compare", str(DATA), str(b), "--out", str(tmp_path / "cmp.md")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"NEW FAILURE: resnet18 on digits, pteenet lam=2 \[\w{6}\], seed 0: RuntimeError: out of memory",
                      out)
-    assert "version mismatch: torch version 2.15.0 (A) vs 9.9.9 (B)" in out
+    assert f"version mismatch: torch version {torch_a} (A) vs 9.9.9 (B)" in out
     assert re.search(r"only in A \(no match in B\): resnet18 on digits, sdn \[\w{6}\], seed 1", out)
     row = next(line for line in out.splitlines() if "within 1 pt: test accuracy" in line and "lam=1" in line)
     assert "| ↑ |" in row and "+2.00" in row and "**BETTER**" in row
@@ -207,10 +221,9 @@ def test_compare_flags_failures_versions_and_significant_changes(tmp_path, capsy
 
 def test_compare_needs_seed_spread_and_reads_directions():
     def cells(accs, macs):
-        return [{"status": "ok", "config": {"dataset": "d", "backbone": "b", "method": "m", "seed": i},
-                 "higher_is_better": {"accuracy": True, "rel_macs_strict": False},
-                 "operating_points": [{"name": "within_1pt", "feasible": True,
-                                       "test": {"accuracy": a, "rel_macs_strict": m}}]}
+        return [_result(status="ok", config={"dataset": "d", "backbone": "b", "method": "m", "seed": i},
+                        higher_is_better={"accuracy": True, "rel_macs_strict": False},
+                        operating_points=[_point(accuracy=a, rel_macs_strict=m)])
                 for i, (a, m) in enumerate(zip(accs, macs))]
 
     a = cells([0.90, 0.91, 0.92], [0.5, 0.5, 0.5])
@@ -239,15 +252,14 @@ def test_report_cli_on_failures_only(tmp_path, capsys):
             shutil.copy(p, res)
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "0 ok, 1 errors, 1 skipped" in md and "synthetic failure" in md
+    assert "0 ok, 1 errors;" in md and "synthetic failure" in md
     assert "report.html" in capsys.readouterr().out
 
 
-def _two_settings(loss: str, accs: list[float]) -> list[dict]:
-    return [{"status": "ok", "config": {"dataset": "d", "backbone": "b", "method": "pteenet", "seed": i,
-                                        "hparams": {"lam": 1.0, "loss": loss}, "swept": ["lam"]},
-             "higher_is_better": {"accuracy": True},
-             "operating_points": [{"name": "within_1pt", "feasible": True, "test": {"accuracy": a}}]}
+def _two_settings(loss: str, accs: list[float]) -> list[CellResult]:
+    return [_result(status="ok", config={"dataset": "d", "backbone": "b", "method": "pteenet", "seed": i,
+                                         "hparams": {"lam": 1.0, "loss": loss}, "swept": ["lam"]},
+                    higher_is_better={"accuracy": True}, operating_points=[_point(accuracy=a)])
             for i, a in enumerate(accs)]
 
 
@@ -255,7 +267,7 @@ def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
     from exitbench.results import setting_id, setting_labels
 
     v1, v2 = _two_settings("v1", [0.9, 0.91]), _two_settings("v2", [0.95, 0.96])
-    assert setting_id(v1[0]["config"]) != setting_id(v2[0]["config"])
+    assert setting_id(v1[0].config) != setting_id(v2[0].config)
     labels = setting_labels(v1 + v2)
     assert sorted(labels.values()) == ["pteenet lam=1 loss=v1", "pteenet lam=1 loss=v2"]
     # seeds pool only within a setting: two rows of two seeds, not one of four
@@ -268,12 +280,12 @@ def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
 
 
 def test_reports_use_the_latest_run_and_list_the_rest(tmp_path, capsys):
-    from exitbench.results import write_manifest
+    from exitbench.store import write_manifest
 
     d = tmp_path / "R"
     shutil.copytree(DATA, d)
     stems = sorted(p.stem for p in (d / "cells").glob("*.json"))
-    write_manifest(d, "m", stems[:-2])
+    write_manifest(d, "m", stems[:-2], SCHEMA_VERSION)
     got = load.load_cells(d)
     assert len(got) == len(stems) - 2
     err = capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_run_writes_results_summary_and_figure(quick_run):
     cells = sorted((out / "cells").glob("*.json"))
     assert len(cells) == 2
     r = json.loads(cells[0].read_text())
-    assert r["schema_version"] == 2 and r["status"] == "ok"
+    assert r["schema_version"] == 3 and r["status"] == "ok"
     assert r["backbone"]["macs_counter"] == "ptflops-aten+attention" and (out / r["weights"]).exists()
     assert {"backbone", "dataset", "method", "hparams", "seed"} <= set(r["config"])
     assert r["config"]["hparams"]["lam"] in (0.5, 1.0) and r["config"]["swept"] == ["lam"]
@@ -60,7 +60,14 @@ def test_run_writes_results_summary_and_figure(quick_run):
     assert all(e["macs_cumulative"] > 0 and "test_accuracy" in e for e in r["exits"])
     assert len(r["sweep"]["test"]["accuracy"]) == len(r["sweep"]["thresholds"]) > 2
     op = r["operating_points"][0]
-    assert op["name"] == "within_1pt" and op["chosen_on"] == "calibration"
+    assert op["kind"] == "accuracy_drop" and op["target"] == 0.01 and op["chosen_on"] == "calibration"
+    assert op["headline"] and op["timed"] and len(op["thresholds"]) == 2
+    kinds = [(p["kind"], p.get("target")) for p in r["operating_points"]]
+    assert kinds == [("accuracy_drop", 0.01), ("patience", 0.01), *[("macs_budget", b) for b in (0.25, 0.5, 0.75, 1.0)],
+                     *[("msdnet_budget", b) for b in (0.25, 0.5, 0.75, 1.0)], ("method_default", None)]
+    for p in r["operating_points"]:
+        if p["kind"].endswith("budget") and p["feasible"]:  # a budget point fits its budget on calibration
+            assert p["calibration"]["rel_macs_strict"] <= p["target"] + 1e-9
     for split in ("calibration", "test"):
         assert {"accuracy", "agreement", "rel_macs_strict", "rel_macs_paper", "exit_fractions"} <= set(op[split])
         assert math.isclose(sum(op[split]["exit_fractions"]), 1.0)
@@ -165,33 +172,43 @@ def test_validate_and_list(tmp_path, capsys):
 
 
 def test_operating_point_selection_is_on_calibration():
-    from exitbench.benchmarks.runner import operating_points
-    from exitbench.benchmarks.traces import Sweep
+    from exitbench.benchmarks.config import expand
+    from exitbench.benchmarks.stages import evaluate_points
+    from exitbench.methods import calibration
+    from exitbench.methods.base import get_method
+    from tests.conftest import synthetic_trace
 
-    def sweep(acc, cost):
-        n = len(acc)
-        return Sweep(torch.arange(n, dtype=torch.float64), torch.tensor(acc, dtype=torch.float64),
-                     torch.ones(n, dtype=torch.float64), torch.full((n, 2), 0.5, dtype=torch.float64),
-                     torch.tensor(cost, dtype=torch.float64), torch.tensor(cost, dtype=torch.float64))
+    class Costs:
+        strict, paper = [0.3, 0.5, 0.7, 1.1], [0.3, 0.5, 0.7, 1.0]
 
-    cal = sweep([0.80, 0.895, 0.90, 0.90], [0.3, 0.5, 0.7, 1.0])
-    test = sweep([0.99, 0.10, 0.50, 0.60], [0.3, 0.5, 0.7, 1.0])  # test must not influence the choice
-    op = operating_points(cal, test, backbone_cal_acc=0.90, drop=0.01)[0]
-    assert op["threshold"] == 1.0 and op["test"]["accuracy"] == 0.10
-    assert operating_points(cal, test, backbone_cal_acc=0.99, drop=0.01)[0]["feasible"] is False
+    cell = expand({**TINY, "methods": [{"name": "sdn"}]})[0]
+    method = get_method("sdn")()
+    cal = synthetic_trace(400, exits=4, seed=0)
+    ref = (cal.predictions()[-1] == cal.labels).double().mean().item()
+    pts = {s: evaluate_points(cell, method, {"calibration": cal, "test": synthetic_trace(400, exits=4, seed=s)},
+                              Costs, ref)[1] for s in (1, 2)}
+    a, b = pts[1][0], pts[2][0]
+    assert a.kind == "accuracy_drop" and a.headline and a.feasible
+    # test must not influence the choice: two test splits, the same thresholds; they are calibration's own
+    assert a.thresholds == b.thresholds and a.test.accuracy != b.test.accuracy
+    grid = calibration.quantile_grid(cal.scores("max_softmax"), cell.evaluation.grid_size)
+    assert list(calibration.accuracy_drop(cal, "max_softmax", Costs.strict, 0.01, grid, ref).thresholds) == a.thresholds
+    assert a.calibration.accuracy >= ref - 0.01
+    unreachable = evaluate_points(cell, method, {"calibration": cal, "test": cal}, Costs, 1.5)[1][0]
+    assert unreachable.feasible is False and unreachable.thresholds is None and unreachable.reason
 
 
 def test_harness_trained_backbones_are_reproducible(tmp_path):
     """Same cell, fresh caches, a disturbed global RNG: the very same weights."""
     from exitbench.benchmarks.config import expand
     from exitbench.benchmarks.data import load_splits
-    from exitbench.benchmarks.runner import prepare_backbone
+    from exitbench.benchmarks.stages import prepare_backbone
 
     cell = expand({**TINY, "backbone_training": {"epochs": 1}})[0]
     splits = load_splits("synthetic", n=160, num_classes=3, image_size=16)
-    a, _ = prepare_backbone(cell, splits, tmp_path / "c1")
+    a = prepare_backbone(cell, splits, tmp_path / "c1").backbone
     torch.rand(100)
-    b, _ = prepare_backbone(cell, splits, tmp_path / "c2")
+    b = prepare_backbone(cell, splits, tmp_path / "c2").backbone
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -203,10 +220,11 @@ def test_per_exit_thresholds_are_screened_on_calibration_and_timed(tmp_path):
     assert main(["run", _write(tmp_path, m), "--out", str(out), "--quiet"]) == 0
     r = json.loads(next((out / "cells").glob("*.json")).read_text())
     op = r["operating_points"][0]
-    assert op["name"] == "within_1pt_per_exit" and op["chosen_on"] == "calibration"
-    assert isinstance(op["threshold"], list) and len(op["threshold"]) == 2
+    assert op["kind"] == "accuracy_drop_per_exit" and op["chosen_on"] == "calibration" and op["headline"]
+    assert isinstance(op["thresholds"], list) and len(op["thresholds"]) == 2
     assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
-    assert op.get("latency") and {x["variant"] for x in r["latency"]} == {"backbone", "dynamic"}
+    assert op["timed"] and {x["variant"] for x in r["latency"]} == {"backbone", "dynamic"}
+    assert not any(p["timed"] for p in r["operating_points"][1:])
     assert r["config"]["trains_backbone"] is True
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from exitbench.benchmarks.traces import Trace, evaluate, threshold_grid
+from exitbench.benchmarks.traces import Trace, evaluate
+from exitbench.methods.calibration import quantile_grid
 from exitbench.methods.policies import first_exit, max_softmax, neg_entropy
 
 
@@ -65,7 +66,7 @@ def test_evaluate_metrics_and_cost_accountings():
 
 
 def test_grid_comes_from_calibration_quantiles_and_ends_with_never_exit():
-    grid = threshold_grid(_trace(), "max_softmax", n=50)
+    grid = quantile_grid(_trace().scores("max_softmax"), n=50)
     assert grid[-1] == float("inf") and torch.all(grid[:-1].diff() > 0) and len(grid) <= 50
     assert grid[0] > 0 and grid[-2] <= 1
 

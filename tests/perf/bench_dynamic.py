@@ -21,8 +21,9 @@ import torch
 from exitbench.benchmarks.backbones import create_backbone
 from exitbench.benchmarks.flops import cost_table, head_macs
 from exitbench.benchmarks.latency import realisation
-from exitbench.benchmarks.traces import collect_trace, evaluate, threshold_grid
+from exitbench.benchmarks.traces import collect_trace, evaluate
 from exitbench.methods.base import get_method
+from exitbench.methods.calibration import quantile_grid
 from exitbench.methods.policies import ThresholdPolicy
 
 torch.set_num_threads(2)
@@ -72,7 +73,7 @@ def test_forward_dynamic_vs_backbone(benchmark, setup):
 
 def test_trace_sweep_vs_network_pass(benchmark, setup):
     _, net, x, _, trace, table = setup
-    grid = threshold_grid(trace, "confidence", n=100)
+    grid = quantile_grid(trace.scores("confidence"), n=100)
     with torch.no_grad():
         one_pass = _median_seconds(lambda: net.forward_all(x))
     benchmark.group = "100-threshold sweep on a 256-sample trace"

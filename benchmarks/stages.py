@@ -1,0 +1,364 @@
+"""A cell as named stages: prepare data -> prepare backbone -> fit method -> record traces (+ save
+weights) -> evaluate operating points -> time latency -> control risk -> assemble the result.
+
+Each stage is a function with typed inputs and outputs and can be run (and tested) alone. The first
+four are keyed by ``Cell.key()``; the last three each by their own analysis key
+(``Cell.analysis_keys()``), so a re-analysis re-runs only the stages downstream of what changed, from
+the stored traces and weights (:func:`exitbench.benchmarks.runner.reanalyse`). Every threshold is chosen
+by ``exitbench.methods.calibration``; this module only evaluates the choices on both splits.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from exitbench.benchmarks import backbones as bb
+from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.data import Splits, load_splits, make_loader, to_tensors
+from exitbench.benchmarks.env import env_fingerprint
+from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, head_macs
+from exitbench.benchmarks.latency import measure_latency
+from exitbench.benchmarks.risk_protocol import run_protocol
+from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate
+from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
+from exitbench.methods import calibration
+from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError, get_method
+from exitbench.methods.calibration import Choice
+from exitbench.methods.policies import make_policy
+from exitbench.results import (
+    HIGHER_IS_BETTER,
+    SCHEMA_VERSION,
+    BackboneResult,
+    CellResult,
+    ExitRow,
+    LatencyRecord,
+    Metrics,
+    OperatingPoint,
+    RiskControlResult,
+    ThresholdSweep,
+    setting_id,
+)
+from exitbench.store import read_json, write_atomic, write_json_atomic
+
+BACKBONE_RECIPE_VERSION = "1"  # bump when train_backbone changes in a way that changes weights
+SPLITS = ("calibration", "test")
+
+
+# ------------------------------------------------------------------------------------ stage outputs
+
+@dataclass
+class Reference:
+    """The prepared reference backbone and its accuracy on both splits (the target of every drop)."""
+
+    backbone: StagedBackbone
+    stats: dict
+    calibration_accuracy: float
+    test_accuracy: float
+
+
+@dataclass
+class Fitted:
+    """The method's trained multi-exit net, its exits and their costs."""
+
+    method: Method
+    net: MultiExitNet
+    exits: list
+    head_macs: list[int]
+    costs: CostTable
+    training: dict
+
+
+# ----------------------------------------------------------------------------------- 1. prepare data
+
+def prepare_data(cell: Cell, download: bool = False, memo: dict | None = None) -> Splits:
+    """The cell's three splits (memoised per dataset, seed and options across the cells of a run)."""
+    memo = {} if memo is None else memo
+    opts = dict(cell.dataset_options)
+    dl = bool(opts.pop("download", False)) or download
+    key = json.dumps([cell.dataset, cell.seed, opts], sort_keys=True, default=str)
+    if key not in memo:
+        memo[key] = load_splits(cell.dataset, seed=cell.seed, download=dl, **opts)
+    return memo[key]
+
+
+# ------------------------------------------------------------------------------- 2. prepare backbone
+
+def make_backbone(cell: Cell, splits: Splits, *, weights: bool = True) -> StagedBackbone:
+    """The cell's backbone with its weights file or pretrained weights (not the harness-trained ones)."""
+    info = splits.info
+    path = cell.weights if cell.weights not in ("train", "pretrained") else None
+    return bb.create_backbone(cell.backbone, num_classes=info.num_classes, input_size=info.input_size,
+                              small_stem=cell.small_stem, pretrained=weights and cell.weights == "pretrained",
+                              weights=path if weights else None)
+
+
+def backbone_cache_path(cell: Cell, backbone: StagedBackbone, cache_dir: Path) -> Path:
+    """Where harness-trained weights live: keyed by everything that determines them."""
+    from importlib.metadata import version
+    determines = {
+        "backbone": cell.backbone, "small_stem": getattr(backbone, "small_stem", None),
+        "input_size": list(backbone.input_size), "num_classes": backbone.num_classes,
+        "dataset": cell.dataset, "dataset_options": {k: v for k, v in cell.dataset_options.items()
+                                                     if k not in ("root", "download")},
+        "seed": cell.seed, "recipe": asdict(cell.backbone_training), "recipe_version": BACKBONE_RECIPE_VERSION,
+        "timm": version("timm"), "torch": version("torch").split("+")[0],
+    }
+    key = hashlib.sha256(json.dumps(determines, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"{cell.dataset}__{cell.backbone}__seed{cell.seed}__{key}.safetensors"
+
+
+def _weights(cell: Cell, splits: Splits, cache_dir: Path) -> tuple[StagedBackbone, dict]:
+    torch.manual_seed(cell.seed)  # the initial weights are part of what the seed determines
+    backbone = make_backbone(cell, splits)
+    if cell.weights != "train":
+        return backbone, {"weights": cell.weights}
+    path = backbone_cache_path(cell, backbone, cache_dir)
+    stats_path = path.with_suffix(".json")
+    if path.exists() and stats_path.exists():
+        bb.load_weights(backbone, path)
+        return backbone, {"weights": "train", "cache": str(path), "cached": True, **read_json(stats_path)}
+    budget = cell.backbone_training
+    stats = train_backbone(backbone, {"train": make_loader(splits.train, budget.batch_size, True, cell.seed)}, budget)
+    bb.save_weights(backbone, path)  # atomic: a crash never leaves a half-written cache entry
+    write_json_atomic(stats_path, stats)
+    return backbone, {"weights": "train", "cache": str(path), "cached": False, **stats}
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> float:
+    return (logits.argmax(-1) == labels).double().mean().item()
+
+
+def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path) -> Reference:
+    """The reference backbone (pretrained, a file, or trained here and cached) in eval mode, with its
+    calibration and test accuracy."""
+    backbone, stats = _weights(cell, splits, cache_dir)
+    backbone.eval()
+    (cal_x, cal_y), (test_x, test_y) = to_tensors(splits.calibration), to_tensors(splits.test)
+    return Reference(backbone, stats, _accuracy(predict_logits(backbone, cal_x), cal_y),
+                     _accuracy(predict_logits(backbone, test_x), test_y))
+
+
+# ------------------------------------------------------------------------------------ 3. fit method
+
+def place(cell: Cell, method: Method, backbone: StagedBackbone) -> list:
+    """The method's exit points on ``backbone``; an impossible placement names the cell's field."""
+    try:
+        return method.place_exits(backbone)
+    except UserError as e:
+        raise UserError(f"{cell.where}.hparams: {e}") from None
+
+
+def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone) -> Fitted:
+    """Place the exits, build the multi-exit net (on a copy of the backbone when the method trains it),
+    cost its exits, and train it on train (calibration only for early stopping); eval mode on return."""
+    method = get_method(cell.method)(**cell.hparams)
+    exits = place(cell, method, backbone)
+    torch.manual_seed(cell.seed)  # same head initialisation for the same cell
+    start_from = backbone
+    if method.trains_backbone:  # joint training changes the backbone: keep the reference intact
+        start_from = make_backbone(cell, splits, weights=False) if cell.init == "scratch" else copy.deepcopy(backbone)
+    net = method.build(start_from, exits, splits.info.num_classes)
+    h_macs = [head_macs(h, e) for h, e in zip(net.heads[:-1], exits)]
+    costs = cost_table(backbone, exits, h_macs)
+    net.rel_costs = torch.tensor(costs.paper, dtype=torch.float32)
+    budget = method.budget()
+    loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed),
+               "calibration": make_loader(splits.calibration, budget.batch_size, False, cell.seed)}
+    training = method.fit(net, loaders, budget, method_trainer)
+    net.eval()
+    return Fitted(method, net, exits, h_macs, costs, training)
+
+
+def rebuild(cell: Cell, splits: Splits, method: Method, weights: Path) -> tuple[StagedBackbone, MultiExitNet]:
+    """The reference backbone (architecture only: timing does not depend on its weights) and the trained
+    net from its saved weights, in eval mode. Nothing is trained."""
+    from safetensors.torch import load_model
+
+    torch.manual_seed(cell.seed)
+    backbone = make_backbone(cell, splits, weights=False)
+    backbone.eval()
+    net = method.build(copy.deepcopy(backbone), place(cell, method, backbone), splits.info.num_classes)
+    load_model(net, str(weights), strict=True)  # safetensors: no pickle, nothing executed
+    net.eval()
+    return backbone, net
+
+
+# ---------------------------------------------------------------------------------- 4. record traces
+
+def artifact_paths(out_dir: Path, cell: Cell) -> dict[str, Path]:
+    """Where a cell's traces and trained weights live under the results directory."""
+    slug = cell.slug()
+    return {"calibration": out_dir / "traces" / f"{slug}.calibration.safetensors",
+            "test": out_dir / "traces" / f"{slug}.test.safetensors",
+            "weights": out_dir / "weights" / f"{slug}.safetensors"}
+
+
+def record_traces(net: MultiExitNet, splits: Splits) -> dict[str, Trace]:
+    """One ``forward_all`` pass per held-out split: every exit's logits (and confidences)."""
+    return {s: collect_trace(net, *to_tensors(getattr(splits, s))) for s in SPLITS}
+
+
+def save_artifacts(out_dir: Path, cell: Cell, traces: dict[str, Trace], net: MultiExitNet) -> None:
+    """Traces and the trained net's weights (safetensors, shared tensors once), each written atomically."""
+    from safetensors.torch import save_model
+
+    files = artifact_paths(out_dir, cell)
+    for split, tr in traces.items():
+        write_atomic(files[split], tr.save)
+    write_atomic(files["weights"], lambda tmp: save_model(net, str(tmp)))
+
+
+def load_traces(out_dir: Path, cell: Cell) -> dict[str, Trace]:
+    files = artifact_paths(out_dir, cell)
+    return {s: Trace.load(files[s]) for s in SPLITS}
+
+
+# ------------------------------------------------------------------------- 5. evaluate operating points
+
+def _metrics(s: Sweep) -> Metrics:
+    return Metrics(s.accuracy[0].item(), s.agreement[0].item(), s.rel_macs_strict[0].item(),
+                   s.rel_macs_paper[0].item(), s.exit_fractions[0].tolist())
+
+
+def _point(kind: str, target: float | None, choice: Choice, score: str, traces: dict[str, Trace],
+           costs: CostTable, *, search: str, strict: bool = False, chosen_on: str = "calibration") -> OperatingPoint:
+    """An operating point from a calibration choice, evaluated on both splits."""
+    if not choice.feasible:
+        return OperatingPoint(kind, target, False, score, search=search, reason=choice.reason)
+    th = torch.tensor([choice.thresholds], dtype=torch.float64)
+    on = {s: _metrics(evaluate(traces[s], score, th, costs.strict, costs.paper, exit_strict=strict)) for s in SPLITS}
+    return OperatingPoint(kind, target, True, score, list(choice.thresholds), on["calibration"], on["test"],
+                          chosen_on=chosen_on, search=search, strict=strict)
+
+
+def evaluate_points(cell: Cell, method: Method, traces: dict[str, Trace], costs: CostTable,
+                    reference_accuracy: float) -> tuple[ThresholdSweep, list[OperatingPoint]]:
+    """The shared-threshold sweep on both splits, and every operating point, chosen on calibration by
+    ``exitbench.methods.calibration`` (reference: the backbone's calibration accuracy) and reported on
+    test. The headline is the method's own accuracy-drop point (per exit for per-exit methods)."""
+    ev, score, cal = cell.evaluation, method.score, traces["calibration"]
+    grid = calibration.quantile_grid(cal.scores(score), ev.grid_size)
+    sweeps = {s: evaluate(traces[s], score, grid, costs.strict, costs.paper) for s in SPLITS}
+    drop, k = ev.accuracy_drop, cal.num_exits - 1
+    points = [_point("accuracy_drop", drop, calibration.accuracy_drop(cal, score, costs.strict, drop, grid,
+                                                                      reference_accuracy),
+                     score, traces, costs, search="shared threshold, quantile grid")]
+    if method.per_exit_thresholds:
+        points.insert(0, _point("accuracy_drop_per_exit", drop, calibration.per_exit_accuracy_drop(
+            cal, score, costs.strict, drop, reference=reference_accuracy), score, traces, costs,
+            search="coordinate descent per exit"))
+    points[0].headline = True
+    points.append(_point("patience", drop, calibration.accuracy_drop(cal, "patience", costs.strict, drop,
+                                                                     reference=reference_accuracy),
+                         "patience", traces, costs, search="PABEE patience, shared"))
+    for b in ev.budgets:
+        points.append(_point("macs_budget", b, calibration.macs_budget(cal, score, costs.strict, b, grid),
+                             score, traces, costs, search="shared threshold, quantile grid"))
+    for b in ev.budgets:
+        _, (choice,) = calibration.geometric_budget(cal, score, costs.strict, budget=b)
+        points.append(_point("msdnet_budget", b, choice, score, traces, costs, search="MSDNet p sweep"))
+    default = method.default_thresholds()
+    if default is not None:  # the methods' own rule is "exit when h > tau" (strict), as their help says
+        points.append(_point("method_default", None, Choice(True, (float(default),) * k), score, traces, costs,
+                             search="hyper-parameter", strict=True, chosen_on="hyper-parameter"))
+    sweep = ThresholdSweep(score, grid.tolist(), "thresholds from calibration-score quantiles; metrics on each split",
+                           **{s: _sweep_lists(sweeps[s]) for s in SPLITS})
+    return sweep, points
+
+
+def _sweep_lists(s: Sweep) -> dict[str, list]:
+    return {"accuracy": s.accuracy.tolist(), "agreement": s.agreement.tolist(),
+            "rel_macs_strict": s.rel_macs_strict.tolist(), "rel_macs_paper": s.rel_macs_paper.tolist(),
+            "exit_fractions": s.exit_fractions.tolist()}
+
+
+# ------------------------------------------------------------------------------------ 6. time latency
+
+def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points: list[OperatingPoint],
+                 test_x: Tensor, strict_costs: list[float]) -> list[LatencyRecord]:
+    """The registered latency variants against the backbone at the headline point (marked ``timed``)."""
+    ev = cell.evaluation
+    head = next((p for p in points if p.headline), None)
+    for p in points:
+        p.timed = False
+    if not (ev.latency and head is not None and head.feasible):
+        return []
+    head.timed = True
+    policy = make_policy(head.score, head.thresholds, head.strict)
+    records = measure_latency(backbone, net, policy, test_x, strict_costs, batch_sizes=ev.latency_batch_sizes,
+                              repeats=ev.latency_repeats, threads=ev.threads)
+    return [LatencyRecord(**r) for r in records]
+
+
+# ------------------------------------------------------------------------------------ 7. control risk
+
+def control_risk(cell: Cell, method: Method, traces: dict[str, Trace], strict_costs: list[float]
+                 ) -> RiskControlResult | None:
+    """The risk-control protocol, offline on the traces: seconds, not network passes."""
+    rc = cell.risk_control
+    if not rc.enabled:
+        return None
+    return RiskControlResult.from_dict(run_protocol(
+        traces["calibration"], traces["test"], strict_costs,
+        score="confidence" if method.score == "confidence" else "max_softmax", rules=rc.rules, risks=rc.risks,
+        eps=rc.eps, delta=rc.delta, n_cal=rc.n_cal or None, trials=rc.trials, seed=cell.seed))
+
+
+# ------------------------------------------------------------------------------------ 8. the result
+
+def exit_rows(fitted: Fitted, backbone: StagedBackbone, traces: dict[str, Trace]) -> list[ExitRow]:
+    """Where each exit sits, what it costs under both accountings, and its accuracy on both splits."""
+    acc = {s: (traces[s].predictions() == traces[s].labels[None]).double().mean(1).tolist() for s in SPLITS}
+    rows = []
+    for k in range(fitted.net.num_exits):
+        early = k < len(fitted.exits)
+        e = fitted.exits[k] if early else None
+        rows.append(ExitRow(e.name if early else "final", e.index if early else len(backbone.blocks) - 1,
+                            e.macs_cumulative if early else backbone.macs,
+                            fitted.head_macs[k] if early else backbone.head_macs,
+                            fitted.costs.strict[k], fitted.costs.paper[k], acc["calibration"][k], acc["test"][k]))
+    return rows
+
+
+def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces: dict[str, Trace],
+             sweep: ThresholdSweep, points: list[OperatingPoint], latency: list[LatencyRecord],
+             risk: RiskControlResult | None, seconds: float) -> CellResult:
+    """The cell's typed result (status ``ok``)."""
+    config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
+              "trains_backbone": fitted.method.trains_backbone}
+    b = ref.backbone
+    slug = cell.slug()
+    return CellResult(
+        status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=setting_id(config),
+        analysis=cell.analysis_keys(), env=env_fingerprint("cpu", cell.evaluation.threads),
+        higher_is_better=dict(HIGHER_IS_BETTER),
+        data={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
+              "num_classes": splits.info.num_classes, "input_size": list(splits.info.input_size)},
+        backbone=BackboneResult(cell.backbone, ref.test_accuracy, ref.calibration_accuracy, b.macs, MACS_COUNTER,
+                                len(b.blocks), getattr(b, "small_stem", None), ref.stats),
+        exits=exit_rows(fitted, b, traces), training=fitted.training, sweep=sweep, operating_points=points,
+        latency=latency, risk_control=risk, traces={s: f"traces/{slug}.{s}.safetensors" for s in SPLITS},
+        weights=f"weights/{slug}.safetensors", seconds=seconds, finished=now())
+
+
+def write_result(path: Path, result: CellResult) -> None:
+    """The cell's JSON, atomically."""
+    write_json_atomic(path, result.to_dict())
+
+
+def now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,110 @@
+"""The one atomic writer, for every file exitbench writes (results, traces, weights, reports, figures),
+and the results directory's manifest. Torch-free.
+
+A writer fills a temporary sibling ``.NAME.PID.tmp`` and renames it over the target in one step, so a
+reader sees the old file or the whole new one, never a torn write; a writer killed between the two
+leaves only the temporary file, which :func:`remove_orphans` deletes once its PID is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def tmp_path(path: str | Path) -> Path:
+    """The temporary sibling a writer fills before the rename: ``.NAME.PID.tmp``."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary sibling, which then replaces ``path`` in one rename. The
+    temporary file is removed if ``write`` fails. Returns ``path``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(p)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename: a crash cannot leave an empty target
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as JSON atomically (no NaN or inf: they are not JSON)."""
+    return write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False, default=_jsonable))
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete temporary files in ``folder`` left by writers that are no longer running (a kill
+    between write and rename); returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        pid = p.name[:-4].rsplit(".", 1)[-1]
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = int(pid) != os.getpid()
+            except OSError:
+                alive = False
+        if not alive:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def write_manifest(results_dir: str | Path, matrix: str, cells: list[str], schema_version: int) -> None:
+    """Record which cells (file stems under cells/) the latest matrix run of ``results_dir`` covers;
+    reports and compare use these and list any other cells found as not part of the latest run."""
+    write_json_atomic(Path(results_dir) / MANIFEST, {"schema_version": schema_version, "matrix": matrix,
+                                                      "written": datetime.now(timezone.utc).isoformat(),
+                                                      "cells": list(cells)})
+
+
+def read_manifest(results_dir: str | Path) -> dict | None:
+    """The manifest of ``results_dir``, or None when there is none (results from before manifests)."""
+    try:
+        m = read_json(Path(results_dir) / MANIFEST)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("cells"), list) else None
+
+
+def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split result ``paths`` into (part of the latest matrix run, not part of it) by the directory's
+    manifest; without a manifest every path counts as part of it."""
+    m = read_manifest(results_dir)
+    if m is None:
+        return list(paths), []
+    names = set(m["cells"])
+    return [p for p in paths if p.stem in names], [p for p in paths if p.stem not in names]
