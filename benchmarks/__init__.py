@@ -1,1 +1,2 @@
-"""The exitbench harness: backbones, data, FLOPs, traces, training, latency, runner and CLI."""
+"""exitbench.benchmarks, the harness: data, backbones, costs, traces, training, latency, a cell's stages
+and the matrix runner (docs/architecture.md)."""

@@ -51,6 +51,9 @@ def test_run_writes_results_summary_and_figure(quick_run):
     assert len(cells) == 2
     r = json.loads(cells[0].read_text())
     assert r["schema_version"] == 3 and r["status"] == "ok"
+    from exitbench.results import CellResult
+
+    assert CellResult.from_dict(r).to_dict() == r  # the file is exactly one typed result
     assert r["backbone"]["macs_counter"] == "ptflops-aten+attention" and (out / r["weights"]).exists()
     assert {"backbone", "dataset", "method", "hparams", "seed"} <= set(r["config"])
     assert r["config"]["hparams"]["lam"] in (0.5, 1.0) and r["config"]["swept"] == ["lam"]

@@ -1,0 +1,93 @@
+"""Each stage of a cell alone, on tiny data: typed inputs and outputs, and run_cell as exactly their
+sequence (its result equals running the stages by hand)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exitbench.benchmarks import runner
+from exitbench.benchmarks import stages as st
+from exitbench.benchmarks.config import expand
+from exitbench.benchmarks.data import to_tensors
+from exitbench.results import CellResult, LatencyRecord, OperatingPoint, RiskControlResult, ThresholdSweep
+from tests.test_runner import TINY
+
+
+@pytest.fixture(scope="module")
+def cell():
+    m = {**TINY, "methods": [{"name": "sdn", "hparams": {"epochs": 1, "n_exits": 2, "placement": "linear"}}],
+         "backbone_training": {"epochs": 1}}
+    return expand(m)[0]
+
+
+@pytest.fixture(scope="module")
+def staged(cell, tmp_path_factory):
+    """The stages run one by one, each output kept."""
+    out, cache = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("cache")
+    torch.set_num_threads(1)
+    splits = st.prepare_data(cell)
+    ref = st.prepare_backbone(cell, splits, cache)
+    fitted = st.fit_method(cell, splits, ref.backbone)
+    traces = st.record_traces(fitted.net, splits)
+    st.save_artifacts(out, cell, traces, fitted.net)
+    sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
+    latency = st.time_latency(cell, ref.backbone, fitted.net, points, to_tensors(splits.test)[0], fitted.costs.strict)
+    risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
+    result = st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, 1.0)
+    return dict(out=out, cache=cache, splits=splits, ref=ref, fitted=fitted, traces=traces, sweep=sweep,
+                points=points, latency=latency, risk=risk, result=result)
+
+
+def test_data_and_backbone(staged, cell):
+    splits, ref = staged["splits"], staged["ref"]
+    assert st.prepare_data(cell, memo={"x": 1}) is not splits  # memo keyed by dataset, seed and options
+    memo: dict = {}
+    assert st.prepare_data(cell, memo=memo) is st.prepare_data(cell, memo=memo)
+    assert not ref.backbone.training and 0 <= ref.calibration_accuracy <= 1 and ref.stats["weights"] == "train"
+    assert ref.stats["cached"] is False and st.prepare_backbone(cell, splits, staged["cache"]).stats["cached"]
+
+
+def test_fit_and_traces(staged, cell):
+    fitted, traces = staged["fitted"], staged["traces"]
+    assert fitted.net.num_exits == 3 and len(fitted.exits) == 2 and not fitted.net.training
+    assert len(fitted.costs.strict) == 3 and fitted.costs.paper[-1] == 1.0 and fitted.training
+    for split, tr in traces.items():
+        assert tr.logits.shape[:2] == (3, len(getattr(staged["splits"], split)))
+    assert all(p.exists() for p in st.artifact_paths(staged["out"], cell).values())
+    back = st.load_traces(staged["out"], cell)
+    assert torch.equal(back["test"].logits, traces["test"].logits)
+
+
+def _untimed(d):
+    """A result dict without what timing, dates and the machine decide."""
+    if isinstance(d, dict):
+        return {k: _untimed(v) for k, v in d.items()
+                if k not in ("seconds", "seconds_per_epoch", "finished", "env", "latency", "timed", "cached",
+                             "cache")}
+    return [_untimed(v) for v in d] if isinstance(d, list) else d
+
+
+def test_points_latency_risk_and_the_result(staged, cell):
+    sweep, points, latency, risk, result = (staged[k] for k in ("sweep", "points", "latency", "risk", "result"))
+    assert isinstance(sweep, ThresholdSweep) and sweep.thresholds[-1] == float("inf")
+    assert all(isinstance(p, OperatingPoint) for p in points) and sum(p.headline for p in points) == 1
+    assert [p for p in points if p.timed] == [p for p in points if p.headline and p.feasible]
+    assert all(isinstance(x, LatencyRecord) for x in latency)
+    assert isinstance(risk, RiskControlResult) and {r.rule for r in risk.rows} >= {"crc", "ucb-wsr", "ltt"}
+    assert isinstance(result, CellResult) and result.ok and result.setting_id
+    assert CellResult.from_dict(result.to_dict()).to_dict() == result.to_dict()  # the file form round-trips
+
+
+def test_the_weights_rebuild_the_same_net(staged, cell):
+    backbone, net = st.rebuild(cell, staged["splits"], staged["fitted"].method,
+                               st.artifact_paths(staged["out"], cell)["weights"])
+    x = to_tensors(staged["splits"].test)[0][:8]
+    with torch.no_grad():
+        a, b = net.forward_all(x).logits, staged["fitted"].net.forward_all(x).logits
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_run_cell_is_the_sequence_of_the_stages(staged, cell, tmp_path):
+    r = runner.run_cell(cell, tmp_path, staged["cache"])  # cached backbone: the same reference
+    assert _untimed(r.to_dict()) == _untimed(staged["result"].to_dict())
