@@ -213,6 +213,15 @@ def op_label(results: Iterable[CellResult]) -> str:
     return "within 1 pt"
 
 
+def op_drop_label(results: Iterable[CellResult]) -> str:
+    """The headline point's accuracy drop as text (``1 pt``), from its typed target."""
+    for r in ok(results):
+        op = operating_point(r)
+        if op is not None and op.target is not None:
+            return f"{op.target * 100:g} pt"
+    return "1 pt"
+
+
 def budget_accuracy(r: CellResult, budget: float) -> float | None:
     """Test accuracy at the cell's ``macs_budget`` point for ``budget`` (chosen on calibration by the
     runner); None when no threshold fits the budget or the point was not recorded."""

@@ -163,7 +163,7 @@ def summary_table(results: list[dict]) -> Table:
         _bold_best(block, means, {4 + k: s[3] for k, s in enumerate(specs)})
         rows += block
     notes = [f"At the {oplabel} operating point: the cheapest threshold (strict MACs) whose calibration accuracy "
-             f"is {oplabel[len('within '):]} or less below the backbone's (one threshold per exit where the "
+             f"is {load.op_drop_label(results)} or less below the backbone's (one threshold per exit where the "
              f"method calibrates per exit), reported on test; mean ± std over seeds; "
              "best per column in bold.",
              "MACs: relative to the backbone; strict counts every head evaluated on the way, paper only the "
