@@ -222,17 +222,18 @@ def op_drop_label(results: Iterable[CellResult]) -> str:
     return "1 pt"
 
 
-def budget_accuracy(r: CellResult, budget: float) -> float | None:
-    """Test accuracy at the cell's ``macs_budget`` point for ``budget`` (chosen on calibration by the
-    runner); None when no threshold fits the budget or the point was not recorded."""
-    op = r.point("macs_budget", budget)
+def budget_accuracy(r: CellResult, budget: float, kind: str = "macs_budget") -> float | None:
+    """Test accuracy at the cell's budget point of ``kind`` (``macs_budget`` or ``msdnet_budget``) for
+    ``budget``, chosen on calibration by the runner; None when nothing fits the budget or the point was
+    not recorded."""
+    op = r.point(kind, budget)
     return op.test.accuracy if op is not None and op.feasible and op.test is not None else None
 
 
-def budgets(results: Iterable[CellResult]) -> list[float]:
-    """Every MACs budget that some ok cell has a point for, ascending."""
+def budgets(results: Iterable[CellResult], kind: str = "macs_budget") -> list[float]:
+    """Every budget that some ok cell has a point of ``kind`` for, ascending."""
     return sorted({p.target for r in ok(results) for p in r.operating_points
-                   if p.kind == "macs_budget" and p.target is not None})
+                   if p.kind == kind and p.target is not None})
 
 
 def latency(r: CellResult) -> dict[tuple[str, int], LatencyRecord]:

@@ -85,6 +85,8 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
                    "backbone prefix plus only the head taken; rejected heads are free).")
         blocks.append(("h2", "Accuracy at a MACs budget"))
         table(tables.budget_table(good))
+        if load.budgets(good, "msdnet_budget"):
+            table(tables.budget_table(good, kind="msdnet_budget"))
         blocks.append(("h2", f"Methods at the {oplabel} operating point"))
         table(tables.summary_table(good))
         blocks.append(("h2", "Where samples exit"))

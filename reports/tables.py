@@ -65,11 +65,23 @@ def _group_cells(ds: str, bb: str, first: bool) -> list[Cell]:
 
 # -------------------------------------------------------------------------------------------- tables
 
-def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | None = None) -> Table:
-    """Test accuracy (%) of each method at fractions of the backbone's MACs, read from the cells'
-    ``macs_budget`` points (chosen on calibration by the runner: the most accurate shared threshold whose
-    calibration strict MACs fit the budget). ``budgets`` default to every budget the results have."""
-    budgets = tuple(load.budgets(results)) if budgets is None else budgets
+BUDGET_KINDS = {  # kind -> (file stem, title, how the point was chosen)
+    "macs_budget": ("budget", "Accuracy at a MACs budget",
+                    "the most accurate shared threshold whose calibration cost (strict MACs, relative to the "
+                    "backbone) fits the budget"),
+    "msdnet_budget": ("budget_msdnet", "Accuracy at a MACs budget, MSDNet's geometric exit shares",
+                      "MSDNet's budgeted thresholds (exit k takes a share of the samples proportional to p^k) for "
+                      "the most accurate p whose calibration cost (strict MACs) fits the budget"),
+}
+
+
+def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | None = None,
+                 kind: str = "macs_budget") -> Table:
+    """Test accuracy (%) of each method at fractions of the backbone's MACs, read from the cells' budget
+    points of ``kind`` (``BUDGET_KINDS``; chosen on calibration by the runner, never here). ``budgets``
+    default to every budget the results have."""
+    budgets = tuple(load.budgets(results, kind)) if budgets is None else budgets
+    stem, title, how = BUDGET_KINDS[kind]
     cols = ["dataset", "backbone", "method", "seeds", *[f"{100 * b:g} % MACs" for b in budgets]]
     rows, starts, partial = [], [], False
     by_panel = load.group(load.ok(results), load.panel_key)
@@ -85,7 +97,7 @@ def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | No
             row = [*_group_cells(ds, bb, False), Cell(label), Cell(str(len(seeds)))]
             mrow = [math.nan] * 4
             for b in budgets:
-                accs = [load.budget_accuracy(r, b) for r in seeds]
+                accs = [load.budget_accuracy(r, b, kind) for r in seeds]
                 got = [a for a in accs if a is not None]
                 text, m = fmt_pm(got, 100)
                 if got and len(got) < len(accs):
@@ -97,12 +109,11 @@ def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | No
             means.append(mrow)
         _bold_best(block, means, {4 + i: True for i in range(len(budgets))})
         rows += block
-    notes = ["Test accuracy (%) at the most accurate threshold whose calibration cost (strict MACs, relative "
-             "to the backbone) fits the budget; mean ± std over seeds; best method per column in bold.",
+    notes = [f"Test accuracy (%) at {how}; mean ± std over seeds; best method per column in bold.",
              f"{DASH}: no threshold meets the budget on calibration (infeasible)."]
     if partial:
         notes.append("(k/n): the budget is met in k of n seeds; the mean is over those k.")
-    return Table("budget", "Accuracy at a MACs budget", cols, rows, "lllr" + "r" * len(budgets), starts, notes)
+    return Table(stem, title, cols, rows, "lllr" + "r" * len(budgets), starts, notes)
 
 
 def summary_table(results: list[dict]) -> Table:

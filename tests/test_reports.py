@@ -101,7 +101,7 @@ def test_report_writes_markdown_html_latex_and_every_figure(report_dir):
     assert page.count('src="data:image/png;base64,') == len(stems)
     assert "src=\"figures" not in page and "<link" not in page  # self-contained
     assert "<strong>" in page and "<table>" in page
-    for name in ("budget", "summary", "risk__digits__resnet18__pteenet-lam-1__ncal100"):
+    for name in ("budget", "budget_msdnet", "summary", "risk__digits__resnet18__pteenet-lam-1__ncal100"):
         tex = (out / "tables" / f"{name}.tex").read_text()
         assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{" in tex
     assert "ltt-per-exit" in (out / "tables" / "risk_control.csv").read_text()
@@ -113,6 +113,7 @@ def test_budget_table_golden(results):
     t = tables.budget_table(results)
     _golden("budget.md", tables.to_markdown(t))
     _golden("budget.tex", tables.to_latex(t))
+    _golden("budget_msdnet.md", tables.to_markdown(tables.budget_table(results, kind="msdnet_budget")))
 
 
 def test_summary_table_golden(results):
