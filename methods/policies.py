@@ -111,10 +111,10 @@ class PatiencePolicy:
     """PABEE: leave at early exit k once ``patience_counters`` reaches ``thresholds[k]`` there.
 
     Stateful, for ``MultiExitNet.forward_dynamic``, which calls ``accept(k, ...)`` for k = 0, 1, ...
-    with only the rows that have not left yet, in their original order. The policy remembers the
-    previous exit's predictions, counters and its own accept mask, and drops the accepted rows before
-    comparing (a call with k = 0 starts a new batch). A batch whose rows do not match is an error, not
-    a silent misalignment.
+    and, after removing the rows that left, ``compact(index)`` with the positions of the rows that stayed
+    (in the previous call's order). The policy keeps the previous exit's predictions and counters for
+    exactly the rows it will see next, so no boolean indexing (a hidden device sync) is needed. A call
+    with k = 0 starts a new batch; rows that do not match are an error, not a silent misalignment.
     """
 
     score = "patience"
@@ -125,7 +125,6 @@ class PatiencePolicy:
         self._k = -1
         self._pred: Tensor | None = None
         self._counter: Tensor | None = None
-        self._accepted: Tensor | None = None
 
     @classmethod
     def shared(cls, patience: float, n_early: int, strict: bool = False) -> PatiencePolicy:
@@ -136,19 +135,21 @@ class PatiencePolicy:
         if k == 0:
             counter = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
         else:
-            if k != self._k + 1 or self._pred is None or self._counter is None or self._accepted is None:
+            if k != self._k + 1 or self._pred is None or self._counter is None:
                 raise RuntimeError(f"PatiencePolicy: accept(k={k}) after k={self._k}; exits must come in order "
                                    "starting at 0")
-            keep = ~self._accepted
-            prev_pred, prev_counter = self._pred[keep], self._counter[keep]
-            if prev_pred.shape != pred.shape:
+            if self._pred.shape != pred.shape:
                 raise RuntimeError(f"PatiencePolicy: exit {k} got {pred.shape[0]} rows, expected the "
-                                   f"{prev_pred.shape[0]} that did not leave at exit {k - 1}")
-            counter = torch.where(pred == prev_pred, prev_counter + 1, torch.zeros_like(prev_counter))
+                                   f"{self._pred.shape[0]} that did not leave at exit {k - 1}")
+            counter = torch.where(pred == self._pred, self._counter + 1, torch.zeros_like(self._counter))
         t = self.thresholds[k]
-        accepted = counter > t if self.strict else counter >= t
-        self._k, self._pred, self._counter, self._accepted = k, pred, counter, accepted
-        return accepted
+        self._k, self._pred, self._counter = k, pred, counter
+        return counter > t if self.strict else counter >= t
+
+    def compact(self, index: Tensor) -> None:
+        """Keep the state of the rows at ``index`` (those that did not leave), in that order."""
+        if self._pred is not None and self._counter is not None:
+            self._pred, self._counter = self._pred.index_select(0, index), self._counter.index_select(0, index)
 
 
 def make_policy(score: str, thresholds: Sequence[float], strict: bool = False) -> ThresholdPolicy | PatiencePolicy:
