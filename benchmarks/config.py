@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
 from exitbench.methods.base import Budget, UserError, did_you_mean
 from exitbench.methods.rules import RISKS, SELECTION_RULES
 
@@ -57,7 +58,7 @@ class Evaluation:
     threads: int = 2
     accuracy_drop: float = 0.01  # the "within 1 point" operating points (shared, per exit, patience)
     budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # MACs budgets (strict, relative): budget points
-    latency_variants: tuple[str, ...] = ("backbone", "dynamic")  # registered in benchmarks.latency
+    latency_variants: tuple[str, ...] = DEFAULT_VARIANTS  # registered in benchmarks.variants
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,6 @@ def expand(matrix: dict) -> list[Cell]:
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in evaluation.budgets):
         raise UserError(f"evaluation.budgets: MACs budgets must be positive numbers (relative strict MACs, e.g. 0.5), "
                         f"got {list(evaluation.budgets)}")
-    from exitbench.benchmarks.latency import LATENCY_VARIANTS
-
     for v in evaluation.latency_variants:
         LATENCY_VARIANTS.get(v)  # an unknown name: one line with the nearest ones
     for k, low in (("threads", 1), ("latency_repeats", 1), ("grid_size", 2)):

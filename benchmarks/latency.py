@@ -1,51 +1,29 @@
-"""Timing protocol for the real dynamic forward against the plain backbone (docs/measurement.md).
+"""Timing protocol: the registered latency variants side by side (docs/measurement.md).
 
-Both variants run on the same inputs, interleaved repeat by repeat, and the order alternates
-(backbone first on even repeats, dynamic first on odd ones) so that drift in machine load and
-cache warmth hit both alike. A repeat times one pass over a fixed set of batches; we report the
-median, IQR and p90 of the per-batch time. The latency ratio is the median of the per-repeat
-paired ratios (dynamic / backbone of the same repeat), which cancels load shared by a pair. A
-record whose IQR exceeds ``NOISY_IQR`` of its median is flagged ``noisy``.
-``realisation = (1 - latency_ratio) / (1 - macs_ratio)``: the share of the MACs saved on these
-very inputs that became wall-clock time saved; ``realisation_note`` says what its sign means.
+Every variant (``exitbench.benchmarks.variants``) runs on the same inputs, interleaved repeat by repeat,
+and the order rotates (with two variants it alternates) so that drift in machine load and cache warmth
+hit all alike. A repeat times one pass over a fixed set of batches; we report the median, IQR and p90 of
+the per-batch time. Each variant's latency ratio is the median of its per-repeat paired ratios against
+the backbone of the same repeat, which cancels load shared by a pair. A record whose IQR exceeds
+``NOISY_IQR`` of its median is flagged ``noisy``. ``realisation = (1 - latency_ratio) / (1 - macs_ratio)``:
+the share of the MACs saved on these very inputs that became wall-clock time saved;
+``realisation_note`` says what its sign means.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS, LatencyVariant, Run
 from exitbench.methods.base import MultiExitNet, Policy
-from exitbench.registry import Registry
 
 NOISY_IQR = 0.10  # a record whose IQR exceeds this share of its median is flagged noisy
-
-
-@dataclass(frozen=True)
-class LatencyVariant:
-    """One way of running a network that the protocol times: ``make(backbone, net, policy)`` returns the
-    callable timed on each batch. ``exits``: it really leaves early under the policy, so its record gets
-    the exit fractions, latency ratio against ``backbone`` and realisation."""
-
-    name: str
-    make: Callable[[nn.Module, MultiExitNet, Policy], Callable[[Tensor], object]]
-    exits: bool = False
-
-
-LATENCY_VARIANTS: Registry[LatencyVariant] = Registry("latency variant", base=LatencyVariant,
-                                                      group="exitbench.latency_variants",
-                                                      field="evaluation.latency_variants")
-LATENCY_VARIANTS.register("backbone", LatencyVariant("backbone", lambda bb, net, policy: bb.__call__),
-                          help="the plain backbone: the reference every ratio is taken against")
-LATENCY_VARIANTS.register("dynamic", LatencyVariant("dynamic", lambda bb, net, policy:
-                                                    (lambda x: net.forward_dynamic(x, policy)), exits=True),
-                          help="MultiExitNet.forward_dynamic: real per-sample early exit with batch compaction")
 
 
 @contextmanager
@@ -69,11 +47,11 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q * 100) - 1] if len(xs) > 1 else xs[0]
 
 
-def _pass(fn: Callable[[Tensor], object], batches: list[Tensor], device: torch.device) -> float:
+def _pass(runs: list[Run], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
-    for b in batches:
-        fn(b)
+    for run in runs:
+        run()
     _sync(device)  # around the whole call: heads and gating included
     return time.perf_counter() - start
 
@@ -105,19 +83,29 @@ def realisation_note(latency_ratio: float, macs_ratio: float) -> str:
 def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
                     strict_costs: Sequence[float], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
                     warmup: int = 2, max_samples_batch1: int = 32, max_batches: int = 1,
-                    threads: int | None = None, variants: Sequence[str] = ("backbone", "dynamic")) -> list[dict]:
+                    threads: int | None = None, variants: Sequence[str] = DEFAULT_VARIANTS) -> list[dict]:
     """Time the registered latency ``variants`` (``backbone`` always among them, first) on ``images``
     for each batch size.
 
     For batch size b > 1 we use up to ``max_batches`` full batches (one smaller batch when ``images``
     holds fewer than b); at b = 1 the first ``max_samples_batch1`` samples one by one. Returns one
-    record per (variant, batch size); the dynamic record carries the exit fractions on these inputs,
-    the strict MACs ratio they imply, the latency ratio and the realisation.
+    record per (variant, batch size): the timing statistics, the latency ratio against the backbone
+    (paired per repeat), ``simulation``, and for variants that exit the exit fractions on these inputs,
+    the strict MACs ratio they imply, the realisation and whether the predictions equal compaction's.
     """
     with num_threads(threads):
         chosen = [LATENCY_VARIANTS.get(v) for v in dict.fromkeys(["backbone", *variants])]
         return _measure(backbone, net, policy, images, strict_costs, batch_sizes, repeats, warmup,
                         max_samples_batch1, max_batches, chosen)
+
+
+def _outcome(v: LatencyVariant, backbone: nn.Module, net: MultiExitNet, policy: Policy,
+             batches: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(predictions, exit index) of an exiting variant on ``batches`` (an untimed pass), else None."""
+    if not v.exits:
+        return None
+    outs = [run() for run in v.prepare(backbone, net, policy, batches)]
+    return torch.cat([o[0].argmax(-1) for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
 
 
 def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor, strict_costs: Sequence[float],
@@ -126,31 +114,37 @@ def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Ten
     device = images.device
     backbone.eval()
     net.eval()
+    costs = torch.tensor(strict_costs, dtype=torch.float64)
     records: list[dict] = []
     for b in batch_sizes:
         n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
         batches = list(torch.split(images[:n], b))
-        exit_idx = torch.cat([net.forward_dynamic(x, policy)[1] for x in batches])
-        fractions = torch.bincount(exit_idx.cpu(), minlength=net.num_exits).double() / len(exit_idx)
-        macs_ratio = float(fractions @ torch.tensor(strict_costs, dtype=torch.float64))
-        runs = {v.name: v.make(backbone, net, policy) for v in variants}
+        outcome = {v.name: _outcome(v, backbone, net, policy, batches) for v in variants}
+        reference = outcome.get("compaction")
+        runs = {v.name: v.prepare(backbone, net, policy, batches) for v in variants}
         for _ in range(warmup):
-            for run in runs.values():
-                _pass(run, batches, device)
+            for r in runs.values():
+                _pass(r, device)
         times: dict[str, list[float]] = {name: [] for name in runs}
         order = list(runs)
         for i in range(repeats):  # rotate which variant goes first (two variants: alternate)
             for name in order[i % len(order):] + order[:i % len(order)]:
-                times[name].append(_pass(runs[name], batches, device))
-        common = {"batch_size": b, "n_batches": len(batches), "samples": len(exit_idx), "device": str(device),
+                times[name].append(_pass(runs[name], device))
+        common = {"batch_size": b, "n_batches": len(batches), "samples": n, "device": str(device),
                   "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
         for v in variants:
-            rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches))}
-            if v.exits:
-                ratio = statistics.median(d / bk for d, bk in zip(times[v.name], times["backbone"]))  # paired
-                rec.update({"latency_ratio": ratio, "ratio_of": "median of per-repeat paired ratios",
-                            "macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
+            rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches)), "simulation": v.simulation}
+            if v.name != "backbone":
+                rec["latency_ratio"] = statistics.median(t / bk for t, bk in zip(times[v.name], times["backbone"]))
+                rec["ratio_of"] = "median of per-repeat paired ratios"
+            if outcome[v.name] is not None:
+                preds, exit_idx = outcome[v.name]
+                fractions = torch.bincount(exit_idx, minlength=net.num_exits).double() / len(exit_idx)
+                macs_ratio, ratio = float(fractions @ costs), rec["latency_ratio"]
+                rec.update({"macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
                             "realisation_note": realisation_note(ratio, macs_ratio),
                             "exit_fractions": fractions.tolist()})
+                if reference is not None:
+                    rec["same_as_compaction"] = bool(torch.equal(preds, reference[0]))
             records.append(rec)
     return records

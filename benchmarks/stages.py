@@ -294,7 +294,7 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
     head.timed = True
     policy = make_policy(head.score, head.thresholds, head.strict)
     records = measure_latency(backbone, net, policy, test_x, strict_costs, batch_sizes=ev.latency_batch_sizes,
-                              repeats=ev.latency_repeats, threads=ev.threads)
+                              repeats=ev.latency_repeats, threads=ev.threads, variants=ev.latency_variants)
     return [LatencyRecord(**r) for r in records]
 
 

@@ -124,7 +124,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 # The modules that define the product's registries; importing them fills exitbench.registry.REGISTRIES.
 REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.methods.rules",
-                    "exitbench.benchmarks.data", "exitbench.benchmarks.latency")
+                    "exitbench.benchmarks.data", "exitbench.benchmarks.variants")
 
 
 def load_registries() -> dict:

@@ -164,12 +164,14 @@ class LatencyRecord:
     samples: int | None = None
     dtype: str | None = None
     threads: int | None = None
+    simulation: bool = False  # a reference (full+select, per-stage-ideal), not a deployable execution
     latency_ratio: float | None = None
     ratio_of: str | None = None
     macs_ratio_strict: float | None = None
     realisation: float | None = None
     realisation_note: str | None = None
     exit_fractions: list[float] | None = None
+    same_as_compaction: bool | None = None  # its predictions equal per-sample exit's (batch-uniform: not always)
 
 
 @dataclass
@@ -323,9 +325,10 @@ class CellResult:
     def latency_record(self, variant: str, batch_size: int) -> LatencyRecord | None:
         return next((x for x in self.latency if x.variant == variant and x.batch_size == batch_size), None)
 
-    def latency_noisy(self, batch_size: int) -> bool:
-        """Whether a record timed at ``batch_size`` is flagged noisy: the ratio is then not to be trusted."""
-        return any(x.noisy for x in self.latency if x.batch_size == batch_size)
+    def latency_noisy(self, batch_size: int, variant: str = "compaction") -> bool:
+        """Whether the backbone's or ``variant``'s record at ``batch_size`` is flagged noisy: their ratio is
+        then not to be trusted."""
+        return any(x.noisy for x in self.latency if x.batch_size == batch_size and x.variant in ("backbone", variant))
 
 
 def check_schema(result: dict, where: Any, *, older_ok: bool = False) -> None:

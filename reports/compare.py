@@ -52,10 +52,10 @@ def metrics_for(results: list[dict]) -> list[Metric]:
     for variant, bs in keys:
         ms.append(Metric(f"latency.{variant}.b{bs}.median_ms", f"{variant} median ms, batch {bs}", "median_ms", 1, 3,
                          lambda r, k=(variant, bs): load.latency_value(r, *k, "median_ms")))
-        if variant == "dynamic":
+        if variant != "backbone":
             for key in ("latency_ratio", "realisation"):
-                ms.append(Metric(f"latency.b{bs}.{key}", f"{key.replace('_', ' ')}, batch {bs}", key, 1, 3,
-                                 lambda r, k=key, b=bs: load.latency_value(r, "dynamic", b, k)))
+                ms.append(Metric(f"latency.{variant}.b{bs}.{key}", f"{variant} {key.replace('_', ' ')}, batch {bs}",
+                                 key, 1, 3, lambda r, k=key, b=bs, v=variant: load.latency_value(r, v, b, k)))
     ms.append(Metric("training.seconds_per_epoch", "training s/epoch", "seconds_per_epoch", 1, 3,
                      lambda r: r.training.get("seconds_per_epoch")))
     return ms

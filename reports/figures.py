@@ -282,7 +282,7 @@ def latency(results: list[dict]):
                 kw = st[label]
                 path = []
                 for i, b in enumerate(bss):
-                    dyn = [load.latency(r).get(("dynamic", b)) for r in seeds]
+                    dyn = [load.latency(r).get((load.HEADLINE_VARIANT, b)) for r in seeds]
                     dyn = [d for d in dyn if d]
                     if not dyn:
                         continue
@@ -351,6 +351,65 @@ def latency(results: list[dict]):
                 "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
                 + _seeds_note(cells))
         _finish(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})
+    return fig
+
+
+def latency_variants(results: list[load.CellResult]):
+    """The latency variants side by side: one row of panels per (dataset, backbone), one panel per batch
+    size; per method setting a group of bars, one per variant, with its time relative to the backbone
+    (mean over seeds, ± std), simulations hatched, and the per-stage ideal as a red reference tick."""
+    cells = [r for r in load.ok(results) if any(x.variant != "backbone" for x in r.latency)]
+    if not cells:
+        return None
+    variants = load.ordered(x.variant for r in cells for x in r.latency
+                            if x.variant not in ("backbone", load.IDEAL_VARIANT))
+    if not variants:
+        return None
+    simulated = {x.variant for r in cells for x in r.latency if x.simulation}
+    bss = load.batch_sizes(cells)
+    panels = load.group(cells, load.panel_key)
+    st = series_styles(variants)
+    n_bars = max(len(load.group(rs, load.setting)) for rs in panels.values())
+    with style():
+        w = max(3.4, 0.32 * n_bars * len(variants) + 1.0)
+        fig, axes = plt.subplots(len(panels), len(bss), figsize=(w * len(bss), 3.0 * len(panels)), squeeze=False)
+        handles: dict = {}
+        width = 0.8 / len(variants)
+        for row, ((ds, bb), rs) in zip(axes, panels.items()):
+            groups = load.group(rs, load.setting)
+            for ax, b in zip(row, bss):
+                for j, seeds in enumerate(groups.values()):
+                    for i, v in enumerate(variants):
+                        m, sd, n = load.mean_std(load.latency_value(r, v, b, "latency_ratio") for r in seeds)
+                        if not n:
+                            continue
+                        x = j + (i - (len(variants) - 1) / 2) * width
+                        look = {"facecolor": st[v]["color"], "edgecolor": st[v]["color"]}
+                        if v in simulated:
+                            look = {"facecolor": "white", "edgecolor": st[v]["color"], "hatch": "////"}
+                        ax.bar(x, m, width * 0.92, linewidth=1.0, label=v, **look)
+                        if n > 1:
+                            ax.errorbar(x, m, yerr=sd, fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2)
+                    ideal = load.mean_std(load.latency_value(r, load.IDEAL_VARIANT, b, "latency_ratio") for r in seeds)
+                    if ideal[2]:
+                        ax.hlines(ideal[0], j - 0.45, j + 0.45, color="#c0392b", lw=1.8, zorder=5,
+                                  label="per-stage ideal")
+                ax.axhline(1.0, color="0.45", lw=0.9, ls="--", zorder=1, label="backbone")
+                ax.set_xticks(np.arange(len(groups)), list(groups), rotation=25 if len(groups) > 2 else 0,
+                              ha="right" if len(groups) > 2 else "center", fontsize=7.5)
+                ax.set_xlim(-0.6, max(len(groups), 1) - 0.4)
+                ax.grid(axis="x", visible=False)
+                ax.set_ylabel("time / backbone time")
+                ax.set_title(f"{bb} on {ds}, batch {b}")
+                _collect(handles, ax)
+        order = [v for v in variants if v in handles] + [k for k in ("per-stage ideal", "backbone") if k in handles]
+        labels = [f"{v} (simulation)" if v in simulated else v for v in order]
+        devs = sorted({str(x.device) for r in cells for x in r.latency})
+        note = (f"Timed on {', '.join(devs)}, every variant on the same inputs in rotated order; bars: median of the "
+                "per-repeat paired ratios to the backbone (mean ± std over seeds); hatched: simulations, not "
+                "deployable; red tick: each stage and head timed alone on exactly the samples that reach it. "
+                + load.env_note(cells) + _seeds_note(cells))
+        _finish(fig, [handles[k] for k in order], labels, note)
     return fig
 
 

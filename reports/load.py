@@ -236,6 +236,10 @@ def budgets(results: Iterable[CellResult], kind: str = "macs_budget") -> list[fl
                    if p.kind == kind and p.target is not None})
 
 
+HEADLINE_VARIANT = "compaction"  # real per-sample exit: the variant the summary table and latency figure show
+IDEAL_VARIANT = "per-stage-ideal"  # drawn as a reference line, not as a bar
+
+
 def latency(r: CellResult) -> dict[tuple[str, int], LatencyRecord]:
     return {(x.variant, x.batch_size): x for x in r.latency}
 
@@ -245,11 +249,12 @@ def latency_value(r: CellResult, variant: str, batch_size: int, key: str) -> Any
     return None if x is None else getattr(x, key)
 
 
-def latency_noisy(r: CellResult, batch_size: int) -> bool:
-    return r.latency_noisy(batch_size)
+def latency_noisy(r: CellResult, batch_size: int, variant: str = HEADLINE_VARIANT) -> bool:
+    return r.latency_noisy(batch_size, variant)
 
 
 def batch_sizes(results: Iterable[CellResult]) -> list[int]:
+    """Batch sizes at which some variant was timed against the backbone."""
     return sorted({x.batch_size for r in ok(results) for x in r.latency if x.latency_ratio is not None})
 
 

@@ -99,6 +99,10 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
                    "Measured wall-clock of the real early-exit forward relative to the backbone against the "
                    "MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved became "
                    "time saved.")
+            figure(figures.latency_variants(good), "latency_variants",
+                   "The execution strategies side by side at the timed operating point, per batch size: time "
+                   "relative to the backbone; the red tick is the per-stage ideal (compaction with zero "
+                   "overhead); hatched bars are simulations.")
         _risk_section(good, blocks, figure, table, tab_dir, written)
     fails = _failures(results)
     if fails:

@@ -40,7 +40,7 @@ def summary_rows(results: list[load.CellResult]) -> list[dict]:
                     if x.latency_ratio is not None:
                         row[f"latency_ratio_{x.variant}_b{x.batch_size}"] = x.latency_ratio
                         row[f"realisation_{x.variant}_b{x.batch_size}"] = x.realisation
-                        row[f"noisy_b{x.batch_size}"] = r.latency_noisy(x.batch_size)
+                        row[f"noisy_{x.variant}_b{x.batch_size}"] = r.latency_noisy(x.batch_size, x.variant)
             row["train_seconds"] = r.training.get("seconds")
             rows.append(row)
     return rows

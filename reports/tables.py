@@ -138,7 +138,7 @@ def summary_table(results: list[dict]) -> Table:
         (lambda r: load.op_value(r, "rel_macs_paper"), 1, 3, hib.get("rel_macs_paper", False)),
     ]
     for b in bss:
-        specs.append((lambda r, b=b: load.latency_value(r, "dynamic", b, "latency_ratio")
+        specs.append((lambda r, b=b: load.latency_value(r, load.HEADLINE_VARIANT, b, "latency_ratio")
                       if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
     specs.append((lambda r: r.training.get("seconds"), 1, 1, False))
 

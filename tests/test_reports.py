@@ -90,7 +90,7 @@ def test_report_writes_markdown_html_latex_and_every_figure(report_dir):
                     "Where samples exit", "Latency", "Risk control", "Failed cells"):
         assert section in md
     assert "RuntimeError: synthetic failure for the fixture" in md
-    stems = ["accuracy_vs_macs", "accuracy_vs_cost_reduction", "exit_distribution", "latency",
+    stems = ["accuracy_vs_macs", "accuracy_vs_cost_reduction", "exit_distribution", "latency", "latency_variants",
              "risk_control__digits__resnet18__pteenet-lam-1__ncal100"]
     for stem in stems:
         assert f"figures/{stem}.png" in md

@@ -27,7 +27,8 @@ def _result() -> CellResult:
               OperatingPoint("macs_budget", 0.5, True, "max_softmax", [0.8], m, m),
               OperatingPoint("macs_budget", 0.25, False, "max_softmax", reason="budget below the cheapest")]
     lat = [LatencyRecord("backbone", 1, "cpu", 1.0, 0.1, 1.2, 5, False),
-           LatencyRecord("dynamic", 1, "cpu", 0.8, 0.2, 1.0, 5, True, latency_ratio=0.8, exit_fractions=[0.5, 0.5])]
+           LatencyRecord("compaction", 1, "cpu", 0.8, 0.2, 1.0, 5, True, latency_ratio=0.8, exit_fractions=[0.5, 0.5]),
+           LatencyRecord("masking", 1, "cpu", 0.9, 0.0, 1.0, 5, False, latency_ratio=0.9)]
     rc = RiskControlResult("max_softmax", 0.1, 100, 400, 10, "with replacement", 0.06, 0.1,
                            [RiskRow("crc", "gap-prediction", 0.05, "E[R] <= eps", "expectation", 0.04, 0.01, 0.1,
                                     0.5, 0.8, 0.3)])
@@ -46,7 +47,8 @@ def test_points_and_latency_are_found_by_typed_values_not_names():
     r = _result()
     assert r.headline() is r.operating_points[0] and r.point("macs_budget", 0.5).thresholds == [0.8]
     assert r.point("macs_budget", 0.25).feasible is False and r.point("macs_budget", 0.75) is None
-    assert r.latency_record("dynamic", 1).latency_ratio == 0.8 and r.latency_noisy(1)
+    assert r.latency_record("compaction", 1).latency_ratio == 0.8 and r.latency_noisy(1)
+    assert not r.latency_noisy(1, "masking") and not r.latency_noisy(1, "backbone")  # per pair with the backbone
     assert r.operating_points[1].label == "≤ 50 % MACs" and r.operating_points[0].label == "within 1 pt"
     assert set(POINT_KINDS) >= {p.kind for p in r.operating_points}
 

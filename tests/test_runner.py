@@ -77,11 +77,16 @@ def test_run_writes_results_summary_and_figure(quick_run):
     # within 1 point on calibration, by construction
     assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
     lat = {(x["variant"], x["batch_size"]): x for x in r["latency"]}
-    assert set(lat) == {("backbone", 1), ("dynamic", 1), ("backbone", 16), ("dynamic", 16)}
+    variants = ("backbone", "compaction", "masking", "batch-uniform", "full+select", "per-stage-ideal")
+    assert set(lat) == {(v, b) for v in variants for b in (1, 16)}
     for x in lat.values():
         assert x["median_ms"] > 0 and x["iqr_ms"] >= 0 and x["repeats"] == 2
-    dyn = lat[("dynamic", 16)]
+    dyn = lat[("compaction", 16)]
     assert "realisation" in dyn and dyn["latency_ratio"] > 0 and dyn["realisation_note"]
+    # per-sample variants agree with compaction exactly; the simulations are labelled as such
+    assert lat[("masking", 16)]["same_as_compaction"] and lat[("full+select", 16)]["same_as_compaction"]
+    assert lat[("masking", 16)]["exit_fractions"] == dyn["exit_fractions"]
+    assert {v for (v, _), x in lat.items() if x["simulation"]} == {"full+select", "per-stage-ideal"}
     assert all(isinstance(x["noisy"], bool) for x in lat.values())
     assert torch.get_num_threads() == THREADS_BEFORE, "the run's thread count leaked out"
     assert (out / "summary.csv").stat().st_size > 0 and (out / "accuracy_vs_macs.png").stat().st_size > 1000
@@ -226,7 +231,7 @@ def test_per_exit_thresholds_are_screened_on_calibration_and_timed(tmp_path):
     assert op["kind"] == "accuracy_drop_per_exit" and op["chosen_on"] == "calibration" and op["headline"]
     assert isinstance(op["thresholds"], list) and len(op["thresholds"]) == 2
     assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
-    assert op["timed"] and {x["variant"] for x in r["latency"]} == {"backbone", "dynamic"}
+    assert op["timed"] and {"backbone", "compaction"} <= {x["variant"] for x in r["latency"]}
     assert not any(p["timed"] for p in r["operating_points"][1:])
     assert r["config"]["trains_backbone"] is True
 
@@ -312,8 +317,8 @@ def test_evaluation_changes_reanalyse_without_training(quick_run, tmp_path, caps
         lat = json.loads(p.read_text())["latency"]
         old = {(x["variant"], x["batch_size"]): x for x in before[p.name]["latency"]}
         for x in lat:
-            if x["variant"] == "dynamic":
-                assert x["exit_fractions"] == old[("dynamic", x["batch_size"])]["exit_fractions"]
+            if x["variant"] == "compaction":
+                assert x["exit_fractions"] == old[("compaction", x["batch_size"])]["exit_fractions"]
     assert main([*run, "--rc-eps", "0.05"]) == 0
     assert "0 re-analysed, 2 reused" in capsys.readouterr().out
 

@@ -74,9 +74,12 @@ def jitter(r: dict, seed: int, scale: float = 0.01) -> dict:
                 op[split]["accuracy"] = clip(op[split]["accuracy"] + rng.normal(0, scale))
                 op[split]["rel_macs_strict"] *= 1 + rng.normal(0, scale)
     for x in r["latency"]:
-        x["median_ms"] *= 1 + RNG.normal(0, 0.03)
-        if x["variant"] == "dynamic":
+        x["median_ms"] *= 1 + (RNG if x["variant"] in ("backbone", "compaction") else RNG_MORE).normal(0, 0.03)
+        if x["variant"] == "compaction":  # drawn from RNG as before; the other variants from their own generator
             x["latency_ratio"] *= 1 + RNG.normal(0, 0.03)
+        elif x.get("latency_ratio") is not None:
+            x["latency_ratio"] *= 1 + RNG_MORE.normal(0, 0.03)
+        if x.get("macs_ratio_strict") is not None:
             x["realisation"] = (1 - x["latency_ratio"]) / (1 - x["macs_ratio_strict"])
     r["training"]["seconds"] *= 1 + RNG.normal(0, 0.05)
     return _round(r)

@@ -1,0 +1,145 @@
+"""Latency variants: the ways of running a multi-exit net that the timing protocol puts side by side.
+
+A variant is a registered :class:`LatencyVariant`; ``prepare(backbone, net, policy, batches)`` returns
+one callable per batch (anything a variant precomputes happens there, outside the timed region). A
+variant that ``exits`` returns ``(logits, exit index)`` per batch, so its record carries where samples
+left, the MACs ratio that implies and the realisation. ``simulation`` marks variants that are not a
+deployable execution (they are references, and are labelled so in every record and figure).
+
+- ``backbone``: the plain backbone, the reference of every ratio.
+- ``compaction``: ``MultiExitNet.forward_dynamic``, real per-sample exit; rows that leave are removed
+  from the batch (one host read per exit).
+- ``masking``: no compaction; every stage runs on the whole batch, rows that left are carried along and
+  their outputs kept; it stops when every row has left (one host read per exit).
+- ``batch-uniform``: the whole batch leaves at the first exit where every sample qualifies, else goes
+  on (earlyon's batched mode); its samples leave later than under compaction.
+- ``full+select`` (simulation): every exit is run, then each sample's exit is picked -- what an offline
+  evaluation on traces assumes; it saves no time by construction.
+- ``per-stage-ideal`` (simulation): each stage and head timed alone on exactly the samples that reach
+  it under compaction (inputs precomputed): the time compaction would take with zero overhead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from exitbench.methods.base import MultiExitNet, Policy, _split_head_output
+from exitbench.registry import Registry
+
+Run = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class LatencyVariant:
+    """One way of running a network under the timing protocol (see the module docstring)."""
+
+    name: str
+    prepare: Callable[[nn.Module, MultiExitNet, Policy, Sequence[Tensor]], list[Run]]
+    exits: bool = False
+    simulation: bool = False
+
+
+LATENCY_VARIANTS: Registry[LatencyVariant] = Registry("latency variant", base=LatencyVariant,
+                                                      group="exitbench.latency_variants",
+                                                      field="evaluation.latency_variants")
+
+
+def _each(fn: Callable[[Tensor], object], batches: Sequence[Tensor]) -> list[Run]:
+    return [lambda b=b: fn(b) for b in batches]
+
+
+@torch.no_grad()
+def masked_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
+    """Per-sample exit without compaction: (logits [B, C], exit index [B])."""
+    n, last = x.shape[0], net.num_exits - 1
+    exit_index = torch.full((n,), last, dtype=torch.long, device=x.device)
+    done = torch.zeros(n, dtype=torch.bool, device=x.device)
+    out: Tensor | None = None
+    for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
+        x = stage(x)
+        logits, conf = _split_head_output(head(x))
+        out = logits if out is None else torch.where(done[:, None], out, logits)
+        if k == last:
+            break
+        leave = policy.accept(k, logits, conf) & ~done
+        exit_index = torch.where(leave, k, exit_index)
+        done = done | leave
+        if bool(done.all()):  # the one host read of this exit
+            break
+    assert out is not None
+    return out, exit_index
+
+
+@torch.no_grad()
+def batch_uniform_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
+    """The whole batch leaves at the first exit where every sample qualifies: (logits, exit index)."""
+    last = net.num_exits - 1
+    for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
+        x = stage(x)
+        logits, conf = _split_head_output(head(x))
+        if k == last or bool(policy.accept(k, logits, conf).all()):  # one host read per exit
+            return logits, torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+    raise AssertionError("unreachable: the last exit always returns")
+
+
+@torch.no_grad()
+def full_select_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
+    """Run every exit, then pick each sample's first accepting exit: (logits, exit index)."""
+    out = net.forward_all(x)
+    conf = out.confidence or [None] * net.num_exits
+    n, last = x.shape[0], net.num_exits - 1
+    exit_index = torch.full((n,), last, dtype=torch.long, device=x.device)
+    for k in range(last):  # in order (a stateful policy needs it); the first accepting exit wins
+        first = policy.accept(k, out.logits[k], conf[k]) & (exit_index == last)
+        exit_index = torch.where(first, k, exit_index)
+    stacked = torch.stack(out.logits)  # [E, B, C]
+    return stacked.gather(0, exit_index[None, :, None].expand(1, n, stacked.shape[-1]))[0], exit_index
+
+
+def _ideal(backbone: nn.Module, net: MultiExitNet, policy: Policy, batches: Sequence[Tensor]) -> list[Run]:
+    """Per batch: the inputs each stage sees under compaction, precomputed; the timed call runs every
+    stage and head alone on exactly those inputs."""
+    runs = []
+    for b in batches:
+        _, exit_idx = net.forward_dynamic(b, policy)
+        feats, x = [], b
+        with torch.no_grad():
+            for k, stage in enumerate(net.stages):
+                keep = torch.nonzero(exit_idx >= k).flatten()  # outside the timed region
+                x_k = x.index_select(0, keep) if len(keep) < len(x) else x
+                feats.append(x_k)
+                x = stage(x)
+        def run(feats=feats) -> None:
+            with torch.no_grad():
+                for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
+                    if len(feats[k]):
+                        head(stage(feats[k]))
+        runs.append(run)
+    return runs
+
+
+for _name, _variant, _help in (
+    ("backbone", LatencyVariant("backbone", lambda bb, net, pol, bs: _each(bb, bs)),
+     "the plain backbone: the reference every ratio is taken against"),
+    ("compaction", LatencyVariant("compaction", lambda bb, net, pol, bs: _each(lambda x: net.forward_dynamic(x, pol),
+                                                                              bs), exits=True),
+     "real per-sample exit: rows that leave are removed from the batch (MultiExitNet.forward_dynamic)"),
+    ("masking", LatencyVariant("masking", lambda bb, net, pol, bs: _each(lambda x: masked_forward(net, x, pol), bs),
+                               exits=True),
+     "per-sample exit without compaction: rows that left are carried along until all have left"),
+    ("batch-uniform", LatencyVariant("batch-uniform", lambda bb, net, pol, bs:
+                                     _each(lambda x: batch_uniform_forward(net, x, pol), bs), exits=True),
+     "the whole batch leaves at the first exit where every sample qualifies (earlyon's batched mode)"),
+    ("full+select", LatencyVariant("full+select", lambda bb, net, pol, bs:
+                                   _each(lambda x: full_select_forward(net, x, pol), bs), exits=True, simulation=True),
+     "simulation: every exit is run, then each sample's exit is picked (what trace evaluation assumes)"),
+    ("per-stage-ideal", LatencyVariant("per-stage-ideal", _ideal, simulation=True),
+     "simulation: each stage and head timed alone on exactly the samples that reach it under compaction"),
+):
+    LATENCY_VARIANTS.register(_name, _variant, help=_help)
+
+DEFAULT_VARIANTS = ("backbone", "compaction", "masking", "batch-uniform", "full+select", "per-stage-ideal")
