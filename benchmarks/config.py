@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
 from exitbench.methods.base import Budget, UserError, did_you_mean
 from exitbench.methods.rules import RISKS, SELECTION_RULES
@@ -59,6 +60,8 @@ class Evaluation:
     accuracy_drop: float = 0.01  # the "within 1 point" operating points (shared, per exit, patience)
     budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # MACs budgets (strict, relative): budget points
     latency_variants: tuple[str, ...] = DEFAULT_VARIANTS  # registered in benchmarks.variants
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: training, traces and timing (auto: CUDA if present)
+    dtype: str = "float32"  # the inference dtype timed: float32 | bfloat16 | float16
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class Cell:
         ev = asdict(self.evaluation)
         points = {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
         latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads",
-                                                   "latency_variants")}}
+                                                   "latency_variants", "device", "dtype")}}
         return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(asdict(self.risk_control))}
 
     def slug(self) -> str:
@@ -239,6 +242,12 @@ def expand(matrix: dict) -> list[Cell]:
                         f"got {list(evaluation.budgets)}")
     for v in evaluation.latency_variants:
         LATENCY_VARIANTS.get(v)  # an unknown name: one line with the nearest ones
+    check_device_name(evaluation.device)
+    if evaluation.dtype not in DTYPES:
+        raise UserError(f"evaluation.dtype: unknown dtype {evaluation.dtype!r}; use {', '.join(DTYPES)}")
+    if training.precision not in PRECISIONS:
+        raise UserError(f"backbone_training.precision: unknown precision {training.precision!r}; use "
+                        f"{', '.join(PRECISIONS)}")
     for k, low in (("threads", 1), ("latency_repeats", 1), ("grid_size", 2)):
         if getattr(evaluation, k) < low:
             raise UserError(f"evaluation.{k}: must be >= {low}, got {getattr(evaluation, k)}")

@@ -344,10 +344,14 @@ def to_tensors(dataset: Dataset, batch_size: int = 512) -> tuple[Tensor, Tensor]
     return torch.cat(xs), torch.cat(ys).long()
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling order (and worker seeds) come from a generator seeded with ``seed``."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                device: torch.device | None = None) -> DataLoader:
+    """A DataLoader whose shuffling order (and worker seeds) come from a generator seeded with ``seed``.
+    For a CUDA ``device`` batches come from 2 worker processes into pinned memory (copied asynchronously)."""
+    cuda = device is not None and device.type == "cuda"
+    workers = max(num_workers, 2) if cuda else num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, pin_memory=cuda,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
 
 
 __all__ = [

@@ -12,8 +12,13 @@ from typing import Any
 PACKAGES = ("exitbench", "torch", "torchvision", "timm", "ptflops", "numpy", "pandas")
 
 
-def env_fingerprint(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
-    """Package versions, git commit, machine and device: enough to tell two runs' set-ups apart."""
+def env_fingerprint(device: Any = "cpu", threads: int | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Package versions, git commit, machine and device (name, driver, CUDA, cuDNN on a GPU; the dtype
+    timed): enough to tell two runs' set-ups apart."""
+    import torch
+
+    from exitbench.benchmarks.device import device_env
+
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -26,9 +31,9 @@ def env_fingerprint(device: str = "cpu", threads: int | None = None) -> dict[str
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
-        "device": device,
         "threads": threads,
         "git_commit": _git_commit(),
+        **device_env(torch.device(device), dtype),
     }
 
 

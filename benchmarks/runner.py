@@ -17,6 +17,7 @@ from tqdm import tqdm
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import to_tensors
+from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.latency import num_threads
 from exitbench.methods.base import StagedBackbone, UserError, get_method
@@ -28,10 +29,12 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
              ) -> CellResult:
     """Run one cell from scratch, stage by stage, and return its result (status ``ok``); raises on failure."""
     start = time.perf_counter()
+    device = resolve_device(cell.evaluation.device, "evaluation.device")
     with num_threads(cell.evaluation.threads):
+        prepare(device)
         splits = st.prepare_data(cell, download, memo)
-        ref = st.prepare_backbone(cell, splits, cache_dir)
-        fitted = st.fit_method(cell, splits, ref.backbone)
+        ref = st.prepare_backbone(cell, splits, cache_dir, device)
+        fitted = st.fit_method(cell, splits, ref.backbone, device)
         traces = st.record_traces(fitted.net, splits)
         st.save_artifacts(out_dir, cell, traces, fitted.net)
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
@@ -56,8 +59,8 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
     start = time.perf_counter()
     keys, old = cell.analysis_keys(), previous.analysis or {}
     redo = [k for k in ("points", "latency", "risk_control") if keys[k] != old.get(k)]
-    if "points" in redo and "latency" not in redo:
-        redo.insert(1, "latency")  # latency is timed at the headline point
+    if ("points" in redo or _moved(previous, cell)) and "latency" not in redo:
+        redo.insert(1 if "points" in redo else 0, "latency")  # timed at the headline point, on this device
     with num_threads(cell.evaluation.threads):
         method = get_method(cell.method)(**cell.hparams)
         traces, costs = st.load_traces(out_dir, cell), _StoredCosts(previous)
@@ -67,12 +70,15 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
         latency = previous.latency
         if "latency" in redo:
             splits = st.prepare_data(cell, download, memo)
-            backbone, net = st.rebuild(cell, splits, method, st.artifact_paths(out_dir, cell)["weights"])
+            device = resolve_device(cell.evaluation.device, "evaluation.device")
+            prepare(device)
+            backbone, net = st.rebuild(cell, splits, method, st.artifact_paths(out_dir, cell)["weights"], device)
             latency = st.time_latency(cell, backbone, net, points, to_tensors(splits.test)[0], costs.strict)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
     result = replace(previous, sweep=sweep, operating_points=points, latency=latency, risk_control=risk,
                      config={**previous.config, **cell.to_dict()}, analysis=keys,
-                     env_analysis=env_fingerprint("cpu", cell.evaluation.threads),
+                     env_analysis=env_fingerprint(_device_of(latency, cell), cell.evaluation.threads,
+                                                  cell.evaluation.dtype),
                      reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
     return result, redo
 
@@ -96,13 +102,25 @@ def _reusable(previous: CellResult | None, cell: Cell, out_dir: Path) -> str:
         return "run"
     if not all(p.exists() for p in st.artifact_paths(out_dir, cell).values()):
         return "run"  # its traces/weights are gone: recompute from scratch
-    return "reuse" if previous.analysis == cell.analysis_keys() else "reanalyse"
+    return "reuse" if previous.analysis == cell.analysis_keys() and not _moved(previous, cell) else "reanalyse"
+
+
+def _moved(previous: CellResult, cell: Cell) -> bool:
+    """Whether the cell's latency was timed on another device than the one its settings resolve to here
+    (``auto`` on a machine with a GPU after a CPU run, say): then it is re-timed, nothing retrained."""
+    timed = {x.device for x in previous.latency}
+    return bool(timed) and str(resolve_device(cell.evaluation.device, "evaluation.device")) not in timed
+
+
+def _device_of(latency: list, cell: Cell) -> str:
+    """The device the latency records were timed on (or the configured one when nothing was timed)."""
+    return latency[0].device if latency else resolve_device(cell.evaluation.device, "evaluation.device").type
 
 
 def _error(cell: Cell, e: Exception) -> CellResult:
     msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     return CellResult(status="error", cell=cell.slug(), config=cell.to_dict(), schema_version=SCHEMA_VERSION,
-                      env=env_fingerprint("cpu", cell.evaluation.threads), error=msg,
+                      env=env_fingerprint("cpu", cell.evaluation.threads), error=msg,  # the host at least
                       traceback=traceback.format_exc(limit=8))
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from exitbench.benchmarks import backbones as bb
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits, load_splits, make_loader, to_tensors
+from exitbench.benchmarks.device import check_dtype
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, head_macs
 from exitbench.benchmarks.latency import measure_latency
@@ -100,6 +101,13 @@ def make_backbone(cell: Cell, splits: Splits, *, weights: bool = True) -> Staged
                               weights=path if weights else None)
 
 
+def _recipe(cell: Cell) -> dict:
+    recipe = asdict(cell.backbone_training)
+    if recipe.get("precision") == "fp32":  # fp32 was the only precision before it was a setting: same key as then
+        recipe.pop("precision")
+    return recipe
+
+
 def backbone_cache_path(cell: Cell, backbone: StagedBackbone, cache_dir: Path) -> Path:
     """Where harness-trained weights live: keyed by everything that determines them."""
     from importlib.metadata import version
@@ -108,25 +116,27 @@ def backbone_cache_path(cell: Cell, backbone: StagedBackbone, cache_dir: Path) -
         "input_size": list(backbone.input_size), "num_classes": backbone.num_classes,
         "dataset": cell.dataset, "dataset_options": {k: v for k, v in cell.dataset_options.items()
                                                      if k not in ("root", "download")},
-        "seed": cell.seed, "recipe": asdict(cell.backbone_training), "recipe_version": BACKBONE_RECIPE_VERSION,
+        "seed": cell.seed, "recipe": _recipe(cell), "recipe_version": BACKBONE_RECIPE_VERSION,
         "timm": version("timm"), "torch": version("torch").split("+")[0],
     }
     key = hashlib.sha256(json.dumps(determines, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / f"{cell.dataset}__{cell.backbone}__seed{cell.seed}__{key}.safetensors"
 
 
-def _weights(cell: Cell, splits: Splits, cache_dir: Path) -> tuple[StagedBackbone, dict]:
+def _weights(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device) -> tuple[StagedBackbone, dict]:
     torch.manual_seed(cell.seed)  # the initial weights are part of what the seed determines
     backbone = make_backbone(cell, splits)
     if cell.weights != "train":
-        return backbone, {"weights": cell.weights}
+        return backbone.to(device), {"weights": cell.weights}
     path = backbone_cache_path(cell, backbone, cache_dir)
     stats_path = path.with_suffix(".json")
     if path.exists() and stats_path.exists():
         bb.load_weights(backbone, path)
-        return backbone, {"weights": "train", "cache": str(path), "cached": True, **read_json(stats_path)}
+        return backbone.to(device), {"weights": "train", "cache": str(path), "cached": True, **read_json(stats_path)}
     budget = cell.backbone_training
-    stats = train_backbone(backbone, {"train": make_loader(splits.train, budget.batch_size, True, cell.seed)}, budget)
+    backbone.to(device)
+    loader = make_loader(splits.train, budget.batch_size, True, cell.seed, device=device)
+    stats = {**train_backbone(backbone, {"train": loader}, budget), "device": str(device)}
     bb.save_weights(backbone, path)  # atomic: a crash never leaves a half-written cache entry
     write_json_atomic(stats_path, stats)
     return backbone, {"weights": "train", "cache": str(path), "cached": False, **stats}
@@ -136,10 +146,10 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1) == labels).double().mean().item()
 
 
-def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path) -> Reference:
-    """The reference backbone (pretrained, a file, or trained here and cached) in eval mode, with its
-    calibration and test accuracy."""
-    backbone, stats = _weights(cell, splits, cache_dir)
+def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device | None = None) -> Reference:
+    """The reference backbone (pretrained, a file, or trained here on ``device`` and cached) in eval mode on
+    ``device`` (default: the CPU), with its calibration and test accuracy."""
+    backbone, stats = _weights(cell, splits, cache_dir, device or torch.device("cpu"))
     backbone.eval()
     (cal_x, cal_y), (test_x, test_y) = to_tensors(splits.calibration), to_tensors(splits.test)
     return Reference(backbone, stats, _accuracy(predict_logits(backbone, cal_x), cal_y),
@@ -156,7 +166,7 @@ def place(cell: Cell, method: Method, backbone: StagedBackbone) -> list:
         raise UserError(f"{cell.where}.hparams: {e}") from None
 
 
-def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone) -> Fitted:
+def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: torch.device | None = None) -> Fitted:
     """Place the exits, build the multi-exit net (on a copy of the backbone when the method trains it),
     cost its exits, and train it on train (calibration only for early stopping); eval mode on return."""
     method = get_method(cell.method)(**cell.hparams)
@@ -170,16 +180,18 @@ def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone) -> Fitted:
     costs = cost_table(backbone, exits, h_macs)
     net.rel_costs = torch.tensor(costs.paper, dtype=torch.float32)
     budget = method.budget()
-    loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed),
-               "calibration": make_loader(splits.calibration, budget.batch_size, False, cell.seed)}
+    net.to(device or torch.device("cpu"))  # the reference backbone's modules go along where they are shared
+    loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed, device=device),
+               "calibration": make_loader(splits.calibration, budget.batch_size, False, cell.seed, device=device)}
     training = method.fit(net, loaders, budget, method_trainer)
     net.eval()
     return Fitted(method, net, exits, h_macs, costs, training)
 
 
-def rebuild(cell: Cell, splits: Splits, method: Method, weights: Path) -> tuple[StagedBackbone, MultiExitNet]:
+def rebuild(cell: Cell, splits: Splits, method: Method, weights: Path, device: torch.device | None = None
+            ) -> tuple[StagedBackbone, MultiExitNet]:
     """The reference backbone (architecture only: timing does not depend on its weights) and the trained
-    net from its saved weights, in eval mode. Nothing is trained."""
+    net from its saved weights, in eval mode on ``device``. Nothing is trained."""
     from safetensors.torch import load_model
 
     torch.manual_seed(cell.seed)
@@ -187,8 +199,8 @@ def rebuild(cell: Cell, splits: Splits, method: Method, weights: Path) -> tuple[
     backbone.eval()
     net = method.build(copy.deepcopy(backbone), place(cell, method, backbone), splits.info.num_classes)
     load_model(net, str(weights), strict=True)  # safetensors: no pickle, nothing executed
-    net.eval()
-    return backbone, net
+    device = device or torch.device("cpu")
+    return backbone.to(device).eval(), net.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------- 4. record traces
@@ -284,7 +296,8 @@ def _sweep_lists(s: Sweep) -> dict[str, list]:
 
 def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points: list[OperatingPoint],
                  test_x: Tensor, strict_costs: list[float]) -> list[LatencyRecord]:
-    """The registered latency variants against the backbone at the headline point (marked ``timed``)."""
+    """The registered latency variants against the backbone at the headline point (marked ``timed``), on
+    the device the net is on, in ``evaluation.dtype`` (both networks are put back in float32 after)."""
     ev = cell.evaluation
     head = next((p for p in points if p.headline), None)
     for p in points:
@@ -293,8 +306,14 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
         return []
     head.timed = True
     policy = make_policy(head.score, head.thresholds, head.strict)
-    records = measure_latency(backbone, net, policy, test_x, strict_costs, batch_sizes=ev.latency_batch_sizes,
-                              repeats=ev.latency_repeats, threads=ev.threads, variants=ev.latency_variants)
+    device = next(net.parameters()).device
+    dtype = check_dtype(net, test_x, ev.dtype, device)
+    try:
+        records = measure_latency(backbone.to(device, dtype), net.to(device, dtype), policy, test_x.to(device, dtype),
+                                  strict_costs, batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats,
+                                  threads=ev.threads, variants=ev.latency_variants)
+    finally:
+        backbone.float(), net.float()
     return [LatencyRecord(**r) for r in records]
 
 
@@ -338,7 +357,8 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
     slug = cell.slug()
     return CellResult(
         status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=setting_id(config),
-        analysis=cell.analysis_keys(), env=env_fingerprint("cpu", cell.evaluation.threads),
+        analysis=cell.analysis_keys(),
+        env=env_fingerprint(next(fitted.net.parameters()).device, cell.evaluation.threads, cell.evaluation.dtype),
         higher_is_better=dict(HIGHER_IS_BETTER),
         data={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
               "num_classes": splits.info.num_classes, "input_size": list(splits.info.input_size)},

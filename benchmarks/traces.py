@@ -58,13 +58,14 @@ def collect_trace(net: MultiExitNet, images: Tensor, labels: Tensor, batch_size:
     """One ``forward_all`` pass over ``images`` in eval mode."""
     was_training = net.training
     net.eval()
+    device = next(net.parameters()).device
     logits: list[list[Tensor]] = []
     confs: list[list[Tensor]] = []
     for start in range(0, len(images), batch_size):
-        out = net.forward_all(images[start:start + batch_size])
-        logits.append([lg.float() for lg in out.logits])
+        out = net.forward_all(images[start:start + batch_size].to(device))
+        logits.append([lg.float().cpu() for lg in out.logits])  # traces live on the CPU
         if out.confidence is not None:
-            confs.append([c.float() for c in out.confidence])
+            confs.append([c.float().cpu() for c in out.confidence])
     net.train(was_training)
     stacked = torch.stack([torch.cat(col) for col in zip(*logits)])
     conf = torch.stack([torch.cat(col) for col in zip(*confs)]) if confs else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from exitbench.benchmarks.device import check_precision
 from exitbench.methods.base import Budget, ExitOutputs, UserError
 
 LossFn = Callable[[Any, Tensor, nn.Module], Tensor]
@@ -36,11 +38,17 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
         budget: Budget, *, schedule: str = "none") -> dict:
     """Train ``model`` on ``loaders['train']`` for ``budget.epochs`` (or until ``budget.max_seconds``).
 
-    ``loss_fn(model(x), y, model)`` is minimised over ``params``. ``schedule`` is ``none`` (the
-    reference settings of the methods) or ``cosine``. Returns the stats recorded in results.
+    ``loss_fn(model(x), y, model)`` is minimised over ``params``, on the device the model is on (batches
+    are moved there), under autocast when ``budget.precision`` is bf16 or fp16 (fp16 with loss scaling).
+    ``schedule`` is ``none`` (the reference settings of the methods) or ``cosine``. Returns the stats
+    recorded in results.
     """
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
+    device = params[0].device
+    amp = check_precision(budget.precision, device, "precision")
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else nullcontext
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     opt = make_optimizer(params, budget)
     steps = budget.epochs * len(loaders["train"])
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
@@ -52,10 +60,17 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
         model.train()
         total, count = 0.0, 0
         for x, y in loaders["train"]:
-            loss = loss_fn(model(x), y, model)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                loss = loss_fn(model(x), y, model)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             if sched is not None:
                 sched.step()
             total += loss.item() * len(y)
@@ -94,6 +109,8 @@ def train_backbone(backbone: nn.Module, loaders: dict[str, DataLoader], budget: 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Logits of a plain classifier over ``images`` in eval mode."""
+    """Logits of a plain classifier over ``images`` in eval mode, computed on the model's device (on CPU)."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])

@@ -64,9 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"threads": args.threads} if args.threads else {}
     if args.no_latency:
         overrides["latency"] = False
+    if args.device:
+        overrides["device"] = args.device
     if overrides:  # evaluation only: finished cells are re-analysed, not retrained
         cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
     cells = _risk_overrides(args, cells)
+    from exitbench.benchmarks.device import resolve_device
+
+    for spec in sorted({c.evaluation.device for c in cells}):  # a missing device: one line, nothing run
+        resolve_device(spec, "--device" if args.device else "evaluation.device")
     for p in (cell_path(out, c) for c in cells):  # never overwrite what a newer exitbench wrote
         try:
             stored = read_json(p)
@@ -188,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--download", action="store_true", help="download missing torchvision datasets")
     run.add_argument("--threads", type=int, help="CPU threads for training and timing (default: the matrix's)")
     run.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    run.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps: where cells train, record traces and are "
+                                      "timed (default: the matrix's evaluation.device, auto = CUDA if present); "
+                                      "finished cells are re-timed there, not retrained")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rc = run.add_argument_group("risk control (override the matrix's risk_control block and switch it on)")
     rc.add_argument("--rc-rules", help="comma-separated: naive,crc,crc-raw,ucb-wsr,ucb-hb,ucb-hoeffding,ltt,"

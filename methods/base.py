@@ -283,6 +283,7 @@ class Budget:
     batch_size: int = 128
     max_seconds: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast in the shared training loop (fp16 on CUDA only)
 
 
 Trainer = Callable[..., dict]

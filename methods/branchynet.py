@@ -75,6 +75,8 @@ class BranchyNet(Method):
         "lr": HParam(1e-3, "Adam learning rate (paper: 1e-3)"),
         "betas": HParam((0.99, 0.999), "Adam betas (paper: 0.99, 0.999; the reference code uses 0.9, 0.999)"),
         "batch_size": HParam(128, "training batch size"),
+        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
+                                ("fp32", "bf16", "fp16")),
         "weight_decay": HParam(0.0, "Adam weight decay (none in the paper)"),
     }
 

@@ -60,6 +60,8 @@ class EENet(Method):
         "epochs": HParam(10, "joint training epochs (reference: 150)"),
         "lr": HParam(1e-3, "Adam learning rate (reference: 1e-3)"),
         "batch_size": HParam(32, "training batch size (reference: 32)"),
+        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
+                                ("fp32", "bf16", "fp16")),
         "weight_decay": HParam(1e-4, "Adam weight decay (reference: 1e-4)"),
     }
 

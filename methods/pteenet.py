@@ -42,6 +42,8 @@ class PTEENet(Method):
         "epochs": HParam(10, "training epochs"),
         "lr": HParam(1e-3, "Adam learning rate"),
         "batch_size": HParam(128, "training batch size"),
+        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
+                                ("fp32", "bf16", "fp16")),
         "weight_decay": HParam(0.0, "Adam weight decay"),
     }
 

@@ -61,6 +61,8 @@ class SDN(Method):
         "epochs": HParam(10, "training epochs (reference: 25)"),
         "lr": HParam(1e-3, "Adam learning rate (reference: 1e-3)"),
         "batch_size": HParam(128, "training batch size (reference: 128)"),
+        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
+                                ("fp32", "bf16", "fp16")),
         "weight_decay": HParam(1e-4, "Adam weight decay (reference: 1e-4 for ResNets, 5e-4 for VGG)"),
     }
 
