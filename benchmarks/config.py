@@ -54,7 +54,7 @@ class Evaluation:
 
     grid_size: int = 100
     latency: bool = True
-    latency_batch_sizes: tuple[int, ...] = (1, 256)
+    latency_batch_sizes: tuple[int, ...] = ()  # () = the device's: CPU 1, 32, 256; CUDA 1, 64, 256, 1024
     latency_repeats: int = 5
     threads: int = 2
     accuracy_drop: float = 0.01  # the "within 1 point" operating points (shared, per exit, patience)

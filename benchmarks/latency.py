@@ -48,12 +48,45 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 
 def _pass(runs: list[Run], device: torch.device) -> float:
+    """Seconds for one pass over the batches: CUDA events on a GPU (recorded on the stream around the whole
+    call, heads and gating included), ``perf_counter`` between synchronisations elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for run in runs:
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     _sync(device)
-    start = time.perf_counter()
+    start_s = time.perf_counter()
     for run in runs:
         run()
-    _sync(device)  # around the whole call: heads and gating included
-    return time.perf_counter() - start
+    _sync(device)
+    return time.perf_counter() - start_s
+
+
+# The GPU protocol: kernels are asynchronous and clocks ramp up, so far more warm-up and repeats than on the
+# CPU; the repeats stop at a time bound (after at least CPU's number) so that a slow variant cannot hold a
+# cell for minutes.
+GPU_WARMUP, GPU_REPEATS, GPU_SECONDS = 20, 100, 20.0
+
+
+DEFAULT_BATCH_SIZES = {"cpu": (1, 32, 256), "cuda": (1, 64, 256, 1024)}  # the GPU's large ones where memory allows
+
+
+def default_batch_sizes(device: torch.device) -> tuple[int, ...]:
+    """Batch 1 and large batches: on CUDA 64, 256 and 1024, elsewhere 32 and 256."""
+    return DEFAULT_BATCH_SIZES.get(device.type, DEFAULT_BATCH_SIZES["cpu"])
+
+
+def protocol(device: torch.device, repeats: int, warmup: int) -> tuple[int, int, float | None]:
+    """(repeats, warm-up passes, time bound in seconds or None) for ``device``: the CPU protocol as asked,
+    on CUDA at least ``GPU_WARMUP`` warm-ups and ``GPU_REPEATS`` repeats or ``GPU_SECONDS``, whichever first."""
+    if device.type == "cuda":
+        return max(repeats, GPU_REPEATS), max(warmup, GPU_WARMUP), GPU_SECONDS
+    return repeats, warmup, None
 
 
 def _stats(seconds: list[float], n_batches: int) -> dict:
@@ -112,39 +145,57 @@ def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Ten
              batch_sizes: Sequence[int], repeats: int, warmup: int, max_samples_batch1: int,
              max_batches: int, variants: list[LatencyVariant]) -> list[dict]:
     device = images.device
+    repeats, warmup, bound = protocol(device, repeats, warmup)
     backbone.eval()
     net.eval()
     costs = torch.tensor(strict_costs, dtype=torch.float64)
     records: list[dict] = []
-    for b in batch_sizes:
-        n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
-        batches = list(torch.split(images[:n], b))
-        outcome = {v.name: _outcome(v, backbone, net, policy, batches) for v in variants}
-        reference = outcome.get("compaction")
-        runs = {v.name: v.prepare(backbone, net, policy, batches) for v in variants}
-        for _ in range(warmup):
-            for r in runs.values():
-                _pass(r, device)
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        order = list(runs)
-        for i in range(repeats):  # rotate which variant goes first (two variants: alternate)
-            for name in order[i % len(order):] + order[:i % len(order)]:
-                times[name].append(_pass(runs[name], device))
-        common = {"batch_size": b, "n_batches": len(batches), "samples": n, "device": str(device),
-                  "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
-        for v in variants:
-            rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches)), "simulation": v.simulation}
-            if v.name != "backbone":
-                rec["latency_ratio"] = statistics.median(t / bk for t, bk in zip(times[v.name], times["backbone"]))
-                rec["ratio_of"] = "median of per-repeat paired ratios"
-            if outcome[v.name] is not None:
-                preds, exit_idx = outcome[v.name]
-                fractions = torch.bincount(exit_idx, minlength=net.num_exits).double() / len(exit_idx)
-                macs_ratio, ratio = float(fractions @ costs), rec["latency_ratio"]
-                rec.update({"macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
-                            "realisation_note": realisation_note(ratio, macs_ratio),
-                            "exit_fractions": fractions.tolist()})
-                if reference is not None:
-                    rec["same_as_compaction"] = bool(torch.equal(preds, reference[0]))
-            records.append(rec)
+    for b in batch_sizes or default_batch_sizes(device):
+        try:
+            records += _at_batch_size(b, backbone, net, policy, images, costs, repeats, warmup, bound,
+                                      max_samples_batch1, max_batches, variants)
+        except torch.cuda.OutOfMemoryError:  # "where memory allows": a batch size that does not fit is left out
+            torch.cuda.empty_cache()
+    return records
+
+
+def _at_batch_size(b: int, backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor, costs: Tensor,
+                   repeats: int, warmup: int, bound: float | None, max_samples_batch1: int, max_batches: int,
+                   variants: list[LatencyVariant]) -> list[dict]:
+    device = images.device
+    records: list[dict] = []
+    n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
+    batches = list(torch.split(images[:n], b))
+    outcome = {v.name: _outcome(v, backbone, net, policy, batches) for v in variants}
+    reference = outcome.get("compaction")
+    runs = {v.name: v.prepare(backbone, net, policy, batches) for v in variants}
+    for _ in range(warmup):
+        for r in runs.values():
+            _pass(r, device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    began = time.perf_counter()
+    for i in range(repeats):  # rotate which variant goes first (two variants: alternate)
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            times[name].append(_pass(runs[name], device))
+        if bound is not None and i + 1 >= 5 and time.perf_counter() - began > bound:
+            break  # the time bound, after at least 5 full rounds
+    common = {"batch_size": b, "n_batches": len(batches), "samples": n, "device": str(device),
+              "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+              "warmup": warmup, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+    for v in variants:
+        rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches)), "simulation": v.simulation}
+        if v.name != "backbone":
+            rec["latency_ratio"] = statistics.median(t / bk for t, bk in zip(times[v.name], times["backbone"]))
+            rec["ratio_of"] = "median of per-repeat paired ratios"
+        if outcome[v.name] is not None:
+            preds, exit_idx = outcome[v.name]
+            fractions = torch.bincount(exit_idx, minlength=net.num_exits).double() / len(exit_idx)
+            macs_ratio, ratio = float(fractions @ costs), rec["latency_ratio"]
+            rec.update({"macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
+                        "realisation_note": realisation_note(ratio, macs_ratio),
+                        "exit_fractions": fractions.tolist()})
+            if reference is not None:
+                rec["same_as_compaction"] = bool(torch.equal(preds, reference[0]))
+        records.append(rec)
     return records

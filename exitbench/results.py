@@ -164,6 +164,8 @@ class LatencyRecord:
     samples: int | None = None
     dtype: str | None = None
     threads: int | None = None
+    warmup: int | None = None
+    timer: str | None = None  # "cuda events" on a GPU, "perf_counter" between synchronisations elsewhere
     simulation: bool = False  # a reference (full+select, per-stage-ideal), not a deployable execution
     latency_ratio: float | None = None
     ratio_of: str | None = None

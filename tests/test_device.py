@@ -116,3 +116,30 @@ def test_a_tiny_cell_runs_on_cuda(tmp_path):
     r = run_cell(cell, tmp_path / "out", tmp_path / "cache")
     assert r.ok and r.env["device"].startswith("cuda") and r.env["device_name"] and r.env["cuda"]
     assert {x.device for x in r.latency} == {"cuda:0"} and r.env["cudnn_benchmark"] is True
+
+
+def test_the_gpu_protocol_warms_up_longer_and_repeats_more_within_a_time_bound():
+    from exitbench.benchmarks import latency
+
+    assert latency.protocol(torch.device("cpu"), 5, 2) == (5, 2, None)  # the CPU protocol as asked
+    repeats, warmup, bound = latency.protocol(torch.device("cuda"), 5, 2)
+    assert repeats >= 100 and warmup >= 20 and bound is not None and bound > 0
+    assert latency.protocol(torch.device("cuda"), 500, 50)[:2] == (500, 50)  # more is allowed
+    assert latency.default_batch_sizes(torch.device("cpu")) == (1, 32, 256)
+    assert latency.default_batch_sizes(torch.device("cuda")) == (1, 64, 256, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_timing_uses_events_and_the_gpu_protocol():
+    from exitbench.benchmarks.latency import measure_latency
+    from exitbench.methods.policies import ThresholdPolicy
+    from tests.test_syncs import _net
+
+    net = _net(3).cuda()
+    backbone = nn.Sequential(*net.stages, net.heads[-1])
+    x = torch.randn(64, 3, 16, 16, device="cuda")
+    recs = measure_latency(backbone, net, ThresholdPolicy("max_softmax", (0.6, 0.6, 0.6)), x, [0.3, 0.5, 0.8, 1.1],
+                           batch_sizes=(1, 64), repeats=5, warmup=2)
+    assert recs and all(r["timer"] == "cuda events" and r["warmup"] >= 20 and r["repeats"] >= 5 for r in recs)
+    assert all(r["device"].startswith("cuda") for r in recs)
