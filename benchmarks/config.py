@@ -115,6 +115,23 @@ class Cell:
         d["risk_control"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["risk_control"].items()}
         return d
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str = "config") -> Cell:
+        """The cell a stored result's ``config`` describes (extra keys the runner adds are ignored)."""
+        names = set(cls.__dataclass_fields__) - {"backbone_training", "evaluation", "risk_control", "where"}
+        kw = {k: config[k] for k in names if k in config}
+        kw["swept"] = tuple(config.get("swept") or ())
+        if "dataset_options" not in kw:
+            kw["dataset_options"] = {}
+        known = lambda dc, d: {k: v for k, v in (d or {}).items() if k in dc.__dataclass_fields__}
+        return cls(**kw, backbone_training=_dataclass_from(BackboneTraining, known(BackboneTraining,
+                                                                                    config.get("backbone_training")),
+                                                            f"{where}.backbone_training"),
+                   evaluation=_dataclass_from(Evaluation, known(Evaluation, config.get("evaluation")),
+                                              f"{where}.evaluation"),
+                   risk_control=_dataclass_from(RiskControl, known(RiskControl, config.get("risk_control")),
+                                                f"{where}.risk_control"))
+
     def key(self) -> str:
         """Short hash of everything that determines training and the trained weights (the cell's
         identity). Evaluation-only settings (``evaluation``, ``risk_control``) are not in it: changing

@@ -314,7 +314,7 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
                                   threads=ev.threads, variants=ev.latency_variants)
     finally:
         backbone.float(), net.float()
-    return [LatencyRecord(**r) for r in records]
+    return [LatencyRecord(**r, inputs="test split") for r in records]
 
 
 # ------------------------------------------------------------------------------------ 7. control risk

@@ -1,4 +1,4 @@
-"""``exitbench run | validate | list | check | report | compare``: the command line.
+"""``exitbench run | validate | list | check | time | report | compare``: the command line.
 
 User mistakes (bad names, malformed YAML, unknown keys, impossible placements, missing data files)
 end as one line on stderr and exit code 2, never a traceback.
@@ -168,6 +168,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_time(args: argparse.Namespace) -> int:
+    """Re-time stored cells on --device from their saved weights and append the records."""
+    from exitbench.benchmarks.retime import retime
+    from exitbench.reports.summary import write_summary
+
+    t0 = time.perf_counter()
+    out = Path(args.results)
+    if not out.is_dir():
+        raise UserError(f"{out}: no such results directory")
+    done, skipped = retime(out, args.device, batch_sizes=_csv(args.batch_sizes, int) if args.batch_sizes else (),
+                           repeats=args.repeats, threads=args.threads)
+    write_summary(out)
+    print(f"exitbench: re-timed {len(done)} cells of {out} on {args.device} in {time.perf_counter() - t0:.0f} s"
+          + (f"; {len(skipped)} without a feasible operating point left as they were" if skipped else ""))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the method contract (benchmarks.contract) against an installed method."""
     from exitbench.benchmarks.contract import BACKBONES, run_checks
@@ -219,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--backbones", help="comma-separated tiny timm models (default: test_resnet,test_vit,"
                                          "test_efficientnet)")
     chk.set_defaults(func=cmd_check)
+    tim = sub.add_parser("time", help="re-time stored cells on another device from their saved weights")
+    tim.add_argument("results", help="results directory (the --out of `exitbench run`)")
+    tim.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    tim.add_argument("--batch-sizes", help="comma-separated (default: the device's: CPU 1,32,256; CUDA 1,64,256,1024)")
+    tim.add_argument("--repeats", type=int, help="timing repeats (default: the cell's; at least 100 on CUDA)")
+    tim.add_argument("--threads", type=int, help="CPU threads (default: the cell's)")
+    tim.set_defaults(func=cmd_time)
 
     def cmd_report(args: argparse.Namespace) -> int:  # reports/ is imported only when used (matplotlib)
         from exitbench.reports.report import cmd_report

@@ -174,6 +174,7 @@ class LatencyRecord:
     realisation_note: str | None = None
     exit_fractions: list[float] | None = None
     same_as_compaction: bool | None = None  # its predictions equal per-sample exit's (batch-uniform: not always)
+    inputs: str | None = None  # what was timed: the test split, or same-shaped random tensors (exitbench time)
 
 
 @dataclass

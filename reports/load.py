@@ -8,6 +8,7 @@ MSDNet budgets) was chosen on calibration by the runner and is only looked up by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -238,6 +239,20 @@ def budgets(results: Iterable[CellResult], kind: str = "macs_budget") -> list[fl
 
 HEADLINE_VARIANT = "compaction"  # real per-sample exit: the variant the summary table and latency figure show
 IDEAL_VARIANT = "per-stage-ideal"  # drawn as a reference line, not as a bar
+
+
+def devices(results: Iterable[CellResult]) -> list[str]:
+    """Every device latency was timed on: the devices the cells ran on first, then those added by
+    ``exitbench time``."""
+    rs = ok(results)
+    timed = ordered(x.device for r in rs for x in r.latency)
+    ran = [d for d in ordered((r.env or {}).get("device") for r in rs) if d in timed]
+    return ran + [d for d in timed if d not in ran]
+
+
+def on_device(results: Iterable[CellResult], device: str) -> list[CellResult]:
+    """The results with only the latency records timed on ``device`` (a view for one latency panel)."""
+    return [dataclasses.replace(r, latency=[x for x in r.latency if x.device == device]) for r in results]
 
 
 def latency(r: CellResult) -> dict[tuple[str, int], LatencyRecord]:

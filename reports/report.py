@@ -87,21 +87,27 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
         table(tables.budget_table(good))
         if load.budgets(good, "msdnet_budget"):
             table(tables.budget_table(good, kind="msdnet_budget"))
+        devs = load.devices(good)
+        main_view = load.on_device(good, devs[0]) if devs else good  # the device the cells ran on
         blocks.append(("h2", f"Methods at the {oplabel} operating point"))
-        table(tables.summary_table(good))
+        table(tables.summary_table(main_view))
         blocks.append(("h2", "Where samples exit"))
         figure(figures.exit_distribution(good), "exit_distribution",
                f"Fraction of test samples leaving at each exit at the {oplabel} operating point (mean over "
                "seeds).")
         if load.batch_sizes(good):
             blocks.append(("h2", "Latency"))
-            figure(figures.latency(good), "latency",
-                   "Measured wall-clock of the real early-exit forward relative to the backbone against the "
-                   "MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved became "
-                   "time saved.")
-            figure(figures.latency_variants(good), "latency_variants",
-                   "The execution strategies side by side at the timed operating point, per batch size: time "
-                   "relative to the backbone; the red tick is the per-stage ideal (compaction with zero "
+        for i, dev in enumerate(devs):  # one latency panel per device (exitbench time adds devices)
+            view, tail = load.on_device(good, dev), "" if i == 0 else f"__{load.slug(dev)}"
+            if len(devs) > 1:
+                blocks.append(("h3", f"On {dev}"))
+            figure(figures.latency(view), f"latency{tail}",
+                   f"Measured wall-clock on {dev} of the real early-exit forward relative to the backbone against "
+                   "the MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved "
+                   "became time saved.")
+            figure(figures.latency_variants(view), f"latency_variants{tail}",
+                   f"The execution strategies side by side on {dev} at the timed operating point, per batch size: "
+                   "time relative to the backbone; the red tick is the per-stage ideal (compaction with zero "
                    "overhead); hatched bars are simulations.")
         _risk_section(good, blocks, figure, table, tab_dir, written)
     fails = _failures(results)

@@ -1,0 +1,113 @@
+"""``exitbench time RESULTS``: re-time stored cells on another device from their saved weights.
+
+Each ok cell of the directory's latest run is rebuilt from its ``config`` and ``weights/<cell>.safetensors``
+(no training, no download) and timed at its stored headline operating point on ``--device``; the new
+latency records are appended to the result (records of the same device, variant and batch size are
+replaced), so a user trains on one machine and times on their deployment target. The timing inputs are
+the cell's test split when its dataset is on this machine, else same-shaped seeded random tensors; each
+record says which (``inputs``), because exits depend on the inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from exitbench.benchmarks import stages as st
+from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.data import dataset_info, to_tensors
+from exitbench.benchmarks.device import prepare, resolve_device
+from exitbench.benchmarks.latency import num_threads
+from exitbench.errors import UserError
+from exitbench.methods.base import get_method
+from exitbench.results import CellResult
+from exitbench.store import latest_run, read_json
+
+RANDOM_SAMPLES = 256
+
+
+@dataclasses.dataclass
+class _Info:  # what make_backbone needs of the splits: the dataset's info
+    info: object
+
+
+def _inputs(cell: Cell) -> tuple[torch.Tensor, str]:
+    """The test split when the data are here, else seeded N(0, 1) tensors of the same shape."""
+    try:
+        splits = st.prepare_data(cell)
+        return to_tensors(splits.test)[0], "test split"
+    except UserError:
+        info = dataset_info(cell.dataset, **{k: v for k, v in cell.dataset_options.items()
+                                             if k not in ("root", "download", "calibration_fraction",
+                                                          "test_fraction", "augment")})
+        g = torch.Generator().manual_seed(cell.seed)
+        return torch.randn(RANDOM_SAMPLES, *info.input_size, generator=g), "random N(0,1), same shape (seeded)"
+
+
+def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_sizes: tuple[int, ...] = (),
+                repeats: int | None = None, threads: int | None = None) -> CellResult | None:
+    """``result`` with latency records for ``device_spec`` appended (same device/variant/batch replaced);
+    None when the cell has no feasible headline point (nothing was timed when it ran either)."""
+    where = f"{result.path or result.cell}"
+    cell = Cell.from_config(result.config, where)
+    weights = results_dir / (result.weights or "")
+    if not result.weights or not weights.is_file():
+        raise UserError(f"{where}: no saved weights ({weights}); re-time only results written with weights "
+                        "(rerun `exitbench run` on this directory first)")
+    try:
+        method = get_method(cell.method)(**cell.hparams)
+    except UserError as e:
+        raise UserError(f"{where}: {e} (install the plugin that provides method {cell.method!r})") from None
+    head = result.headline()
+    if head is None or not head.feasible:
+        return None
+    device = resolve_device(device_spec)
+    ev = dataclasses.replace(cell.evaluation, latency=True, latency_batch_sizes=tuple(batch_sizes),
+                             latency_repeats=repeats or cell.evaluation.latency_repeats,
+                             threads=threads or cell.evaluation.threads)
+    cell = dataclasses.replace(cell, evaluation=ev)
+    inputs, note = _inputs(cell)
+    prepare(device)
+    with num_threads(ev.threads):
+        try:
+            backbone, net = st.rebuild(cell, _Info(dataset_info(cell.dataset, **_options(cell))), method, weights,
+                                       device)
+        except RuntimeError as e:
+            raise UserError(f"{where}: the saved weights do not fit the network its config describes "
+                            f"({str(e).splitlines()[0][:160]}); were they written by another exitbench?") from None
+        points = [dataclasses.replace(p) for p in result.operating_points]
+        records = st.time_latency(cell, backbone, net, points, inputs, [e.rel_macs_strict for e in result.exits])
+    for r in records:
+        r.inputs = note
+    new = {(r.device, r.variant, r.batch_size) for r in records}
+    kept = [r for r in result.latency if (r.device, r.variant, r.batch_size) not in new]
+    return dataclasses.replace(result, latency=kept + records)
+
+
+def _options(cell: Cell) -> dict:
+    return {k: v for k, v in cell.dataset_options.items()
+            if k not in ("root", "download", "calibration_fraction", "test_fraction", "augment")}
+
+
+def retime(results_dir: Path, device_spec: str, **kw) -> tuple[list[Path], list[Path]]:
+    """Re-time every ok cell of the latest run in ``results_dir``; returns (files rewritten, cells left
+    alone because they have no feasible operating point to time)."""
+    paths, _ = latest_run(results_dir, sorted((results_dir / "cells").glob("*.json")))
+    if not paths:
+        raise UserError(f"{results_dir}: no result files (expected {results_dir / 'cells'}/*.json)")
+    resolve_device(device_spec)  # a device that is not there: one line, nothing written
+    done, skipped = [], []
+    for p in paths:
+        r = CellResult.from_dict(read_json(p), p)
+        if not r.ok:
+            continue
+        r.path = str(p)
+        new = retime_cell(r, results_dir, device_spec, **kw)
+        if new is None:
+            skipped.append(p)
+            continue
+        st.write_result(p, new)
+        done.append(p)
+    return done, skipped
