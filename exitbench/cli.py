@@ -1,4 +1,4 @@
-"""``exitbench run | validate | list | check | time | report | compare``: the command line.
+"""``exitbench run | validate | list | check | time | doctor | report | compare``: the command line.
 
 User mistakes (bad names, malformed YAML, unknown keys, impossible placements, missing data files)
 end as one line on stderr and exit code 2, never a traceback.
@@ -185,6 +185,38 @@ def cmd_time(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Run the small GPU-check matrix on --device and print every latency variant's ratio to the backbone."""
+    import tempfile
+    from dataclasses import replace as dc_replace
+
+    from exitbench.benchmarks.config import expand, load_matrix
+    from exitbench.benchmarks.device import device_env, resolve_device
+    from exitbench.benchmarks.runner import cell_path, existing, run_matrix
+
+    t0 = time.perf_counter()
+    device = resolve_device(args.device)
+    print(f"exitbench doctor: {device_env(device)}")
+    matrix = load_matrix("gpu_check")
+    cells = [dc_replace(c, evaluation=dc_replace(c.evaluation, device=args.device)) for c in expand(matrix)]
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="exitbench-doctor-"))
+    cache = Path(args.cache) if args.cache else default_cache()
+    counts = run_matrix(cells, out, cache, progress=not args.quiet, matrix=matrix["name"])
+    print(f"{'cell':<44} {'variant':<16} {'batch':>5} {'median ms':>10} {'vs backbone':>11}  notes")
+    for c in cells:
+        r = existing(cell_path(out, c))
+        if r is None or not r.ok:
+            print(f"{c.slug()[:44]:<44} failed: {r.error if r else 'no result'}")
+            continue
+        for x in r.latency:
+            notes = ", ".join(n for n, on in (("simulation", x.simulation), ("noisy", x.noisy)) if on)
+            ratio = f"{x.latency_ratio:.3f}" if x.latency_ratio is not None else "1 (ref)"
+            print(f"{c.slug()[:44]:<44} {x.variant:<16} {x.batch_size:>5} {x.median_ms:>10.3f} {ratio:>11}  {notes}")
+    print(f"exitbench doctor: {counts['ok'] + counts['reused'] + counts['reanalysed']} cells ok, "
+          f"{counts['error']} errors in {time.perf_counter() - t0:.0f} s; results in {out}")
+    return 1 if counts["error"] else 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the method contract (benchmarks.contract) against an installed method."""
     from exitbench.benchmarks.contract import BACKBONES, run_checks
@@ -243,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--repeats", type=int, help="timing repeats (default: the cell's; at least 100 on CUDA)")
     tim.add_argument("--threads", type=int, help="CPU threads (default: the cell's)")
     tim.set_defaults(func=cmd_time)
+    doc = sub.add_parser("doctor", help="check the device path: run a small matrix on --device and print every "
+                                        "latency variant's ratio (a few minutes on one GPU)")
+    doc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    doc.add_argument("--out", help="results directory (default: a new temporary one)")
+    doc.add_argument("--cache", help="backbone cache (default: $EXITBENCH_CACHE or ~/.cache/exitbench/weights)")
+    doc.add_argument("--quiet", action="store_true", help="no progress bar")
+    doc.set_defaults(func=cmd_doctor)
 
     def cmd_report(args: argparse.Namespace) -> int:  # reports/ is imported only when used (matplotlib)
         from exitbench.reports.report import cmd_report

@@ -143,3 +143,27 @@ def test_cuda_timing_uses_events_and_the_gpu_protocol():
                            batch_sizes=(1, 64), repeats=5, warmup=2)
     assert recs and all(r["timer"] == "cuda events" and r["warmup"] >= 20 and r["repeats"] >= 5 for r in recs)
     assert all(r["device"].startswith("cuda") for r in recs)
+
+
+def test_doctor_runs_a_small_matrix_and_prints_every_variant(tmp_path, capsys, monkeypatch):
+    from exitbench.benchmarks import config
+    from exitbench.cli import main
+    from tests.test_runner import TINY
+
+    tiny = {**TINY, "name": "gpu_check", "methods": [{"name": "sdn", "hparams": {"epochs": 1, "n_exits": 2,
+                                                                                 "placement": "linear"}}]}
+    monkeypatch.setattr(config, "load_matrix", lambda name: tiny)  # the tiny matrix instead of gpu_check
+    assert main(["doctor", "--device", "cpu", "--out", str(tmp_path / "d"), "--cache", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "exitbench doctor: {'device': 'cpu'" in out and "1 cells ok, 0 errors" in out
+    for v in ("compaction", "masking", "batch-uniform", "full+select", "per-stage-ideal"):
+        assert v in out
+    assert "simulation" in out and "1 (ref)" in out
+
+
+def test_the_gpu_check_matrix_is_valid_offline():
+    from exitbench.benchmarks.config import expand, load_matrix
+
+    cells = expand(load_matrix("gpu_check"))
+    assert len(cells) == 2 and all(c.evaluation.latency_batch_sizes == () for c in cells)  # the device's sizes
