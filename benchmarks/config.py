@@ -59,6 +59,7 @@ class Evaluation:
     threads: int = 2
     accuracy_drop: float = 0.01  # the "within 1 point" operating points (shared, per exit, patience)
     budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # MACs budgets (strict, relative): budget points
+    latency_budgets: tuple[float, ...] = (0.5, 0.7)  # predicted batch-1 latency budgets (x the backbone's)
     latency_variants: tuple[str, ...] = DEFAULT_VARIANTS  # registered in benchmarks.variants
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: training, traces and timing (auto: CUDA if present)
     dtype: str = "float32"  # the inference dtype timed: float32 | bfloat16 | float16
@@ -146,7 +147,7 @@ class Cell:
         ev = asdict(self.evaluation)
         points = {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
         latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads",
-                                                   "latency_variants", "device", "dtype")}}
+                                                   "latency_variants", "device", "dtype", "latency_budgets")}}
         return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(asdict(self.risk_control))}
 
     def slug(self) -> str:

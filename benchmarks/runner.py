@@ -38,10 +38,12 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         traces = st.record_traces(fitted.net, splits)
         st.save_artifacts(out_dir, cell, traces, fitted.net)
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
-        latency = st.time_latency(cell, ref.backbone, fitted.net, points, to_tensors(splits.test)[0],
-                                  fitted.costs.strict)
+        test_x = to_tensors(splits.test)[0]
+        latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
+        profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs)
         risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
-        return st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, st.elapsed(start))
+        return st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, st.elapsed(start),
+                           profile)
 
 
 class _StoredCosts:
@@ -67,15 +69,18 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
         sweep, points = previous.sweep, previous.operating_points
         if "points" in redo:
             sweep, points = st.evaluate_points(cell, method, traces, costs, previous.backbone.calibration_accuracy)
-        latency = previous.latency
+        latency, profile = previous.latency, previous.latency_profile
         if "latency" in redo:
             splits = st.prepare_data(cell, download, memo)
             device = resolve_device(cell.evaluation.device, "evaluation.device")
             prepare(device)
             backbone, net = st.rebuild(cell, splits, method, st.artifact_paths(out_dir, cell)["weights"], device)
-            latency = st.time_latency(cell, backbone, net, points, to_tensors(splits.test)[0], costs.strict)
+            test_x = to_tensors(splits.test)[0]
+            latency = st.time_latency(cell, backbone, net, points, test_x, costs.strict)
+            profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
-    result = replace(previous, sweep=sweep, operating_points=points, latency=latency, risk_control=risk,
+    result = replace(previous, sweep=sweep, operating_points=points, latency=latency, latency_profile=profile,
+                     risk_control=risk,
                      config={**previous.config, **cell.to_dict()}, analysis=keys,
                      env_analysis=env_fingerprint(_device_of(latency, cell), cell.evaluation.threads,
                                                   cell.evaluation.dtype),

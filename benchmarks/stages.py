@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from exitbench.benchmarks import accounting
 from exitbench.benchmarks import backbones as bb
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits, load_splits, make_loader, to_tensors
 from exitbench.benchmarks.device import check_dtype
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, head_macs
-from exitbench.benchmarks.latency import measure_latency
+from exitbench.benchmarks.latency import default_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate
 from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
@@ -43,6 +44,7 @@ from exitbench.results import (
     LatencyRecord,
     Metrics,
     OperatingPoint,
+    PredictedLatency,
     RiskControlResult,
     ThresholdSweep,
     setting_id,
@@ -317,6 +319,33 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
     return [LatencyRecord(**r, inputs="test split") for r in records]
 
 
+def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[OperatingPoint],
+                    traces: dict[str, Trace], test_x: Tensor, costs: CostTable
+                    ) -> tuple[dict | None, list[OperatingPoint]]:
+    """Latency accounting: the net's per-stage profile on its device, every point's predicted latency at
+    each timed batch size, and the ``latency_budget`` points (chosen on calibration with the per-exit
+    batch-1 latency as the cost). Returns (profile or None when latency is off, the points)."""
+    ev = cell.evaluation
+    points = [p for p in points if p.kind != "latency_budget"]  # recomputed with the profile
+    if not ev.latency:
+        return None, points
+    device = next(net.parameters()).device
+    sizes = ev.latency_batch_sizes or default_batch_sizes(device)
+    with torch.no_grad():
+        prof = accounting.profile(net, test_x.to(device), sizes)
+    cal, score = traces["calibration"], method.score
+    grid = calibration.quantile_grid(cal.scores(score), ev.grid_size)
+    lat_costs = accounting.exit_costs_batch1(prof)
+    for b in ev.latency_budgets:
+        points.append(_point("latency_budget", b, calibration.macs_budget(cal, score, lat_costs, b, grid), score,
+                             traces, costs, search="shared threshold, quantile grid; cost: profiled latency at b=1"))
+    for p in points:
+        if p.feasible and p.test is not None:
+            p.predicted_latency = [PredictedLatency(**accounting.predict(prof, p.test.exit_fractions, b))
+                                   for b in sizes]
+    return prof, points
+
+
 # ------------------------------------------------------------------------------------ 7. control risk
 
 def control_risk(cell: Cell, method: Method, traces: dict[str, Trace], strict_costs: list[float]
@@ -349,7 +378,7 @@ def exit_rows(fitted: Fitted, backbone: StagedBackbone, traces: dict[str, Trace]
 
 def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces: dict[str, Trace],
              sweep: ThresholdSweep, points: list[OperatingPoint], latency: list[LatencyRecord],
-             risk: RiskControlResult | None, seconds: float) -> CellResult:
+             risk: RiskControlResult | None, seconds: float, profile: dict | None = None) -> CellResult:
     """The cell's typed result (status ``ok``)."""
     config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
               "trains_backbone": fitted.method.trains_backbone}
@@ -365,7 +394,8 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
         backbone=BackboneResult(cell.backbone, ref.test_accuracy, ref.calibration_accuracy, b.macs, MACS_COUNTER,
                                 len(b.blocks), getattr(b, "small_stem", None), ref.stats),
         exits=exit_rows(fitted, b, traces), training=fitted.training, sweep=sweep, operating_points=points,
-        latency=latency, risk_control=risk, traces={s: f"traces/{slug}.{s}.safetensors" for s in SPLITS},
+        latency=latency, latency_profile=profile, risk_control=risk,
+        traces={s: f"traces/{slug}.{s}.safetensors" for s in SPLITS},
         weights=f"weights/{slug}.safetensors", seconds=seconds, finished=now())
 
 

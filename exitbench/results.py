@@ -46,6 +46,7 @@ POINT_KINDS: dict[str, str] = {
     "patience": "PABEE patience: the cheapest patience within `target` of the backbone's accuracy",
     "macs_budget": "most accurate shared threshold whose expected strict MACs fit the budget `target`",
     "msdnet_budget": "MSDNet's geometric exit shares, the most accurate p whose strict MACs fit `target`",
+    "latency_budget": "most accurate shared threshold whose predicted batch-1 latency fits `target` x the backbone's",
     "method_default": "the method's own inference threshold (a hyper-parameter, not calibrated)",
 }
 
@@ -102,6 +103,17 @@ class Metrics:
 
 
 @dataclass
+class PredictedLatency:
+    """An operating point's latency predicted from the cell's per-stage profile and its test exit fractions
+    (``estimate`` says so: a model of the time, not a measurement)."""
+
+    batch_size: int
+    predicted_ms: float
+    predicted_ratio: float | None
+    estimate: str
+
+
+@dataclass
 class OperatingPoint:
     """Thresholds chosen one way (``kind``, for ``target``) on calibration and reported on both splits.
 
@@ -123,11 +135,13 @@ class OperatingPoint:
     headline: bool = False
     timed: bool = False
     reason: str | None = None
+    predicted_latency: list[PredictedLatency] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> OperatingPoint:
         return _build(cls, d, thresholds=lambda t: [_dec(x) for x in t],
-                      calibration=lambda m: _build(Metrics, m), test=lambda m: _build(Metrics, m))
+                      calibration=lambda m: _build(Metrics, m), test=lambda m: _build(Metrics, m),
+                      predicted_latency=lambda ps: [_build(PredictedLatency, p) for p in ps])
 
     @property
     def label(self) -> str:
@@ -143,6 +157,8 @@ class OperatingPoint:
             return f"≤ {t * 100:g} % MACs"
         if self.kind == "msdnet_budget":
             return f"MSDNet ≤ {t * 100:g} % MACs"
+        if self.kind == "latency_budget":
+            return f"≤ {t * 100:g} % latency (b=1, predicted)"
         return self.kind.replace("_", " ")
 
 
@@ -280,6 +296,7 @@ class CellResult:
     sweep: ThresholdSweep | None = None
     operating_points: list[OperatingPoint] = field(default_factory=list)
     latency: list[LatencyRecord] = field(default_factory=list)
+    latency_profile: dict | None = None  # per-stage and per-head times at a few batch sizes (accounting)
     risk_control: RiskControlResult | None = None
     traces: dict | None = None
     weights: str | None = None

@@ -105,6 +105,10 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
                    f"Measured wall-clock on {dev} of the real early-exit forward relative to the backbone against "
                    "the MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved "
                    "became time saved.")
+            pred = tables.prediction_table(view)
+            if pred is not None:
+                pred.name += tail
+                table(pred)
             figure(figures.latency_variants(view), f"latency_variants{tail}",
                    f"The execution strategies side by side on {dev} at the timed operating point, per batch size: "
                    "time relative to the backbone; the red tick is the per-stage ideal (compaction with zero "

@@ -41,6 +41,8 @@ def summary_rows(results: list[load.CellResult]) -> list[dict]:
                         row[f"latency_ratio_{x.variant}_b{x.batch_size}"] = x.latency_ratio
                         row[f"realisation_{x.variant}_b{x.batch_size}"] = x.realisation
                         row[f"noisy_{x.variant}_b{x.batch_size}"] = r.latency_noisy(x.batch_size, x.variant)
+            for x in op.predicted_latency or []:
+                row[f"predicted_latency_ratio_b{x.batch_size}"] = x.predicted_ratio
             row["train_seconds"] = r.training.get("seconds")
             rows.append(row)
     return rows

@@ -191,6 +191,38 @@ def summary_table(results: list[dict]) -> Table:
     return Table("summary", f"Methods at the {oplabel} operating point", cols, rows, align, starts, notes)
 
 
+def prediction_table(results: list[load.CellResult]) -> Table | None:
+    """Predicted (per-stage profile x exit fractions) against measured latency at the headline point: per
+    method setting and batch size, the predicted ratio to the backbone, compaction's measured ratio, the
+    measured per-stage ideal, and the prediction's error relative to the measurement."""
+    cells = [r for r in load.ok(results) if r.headline() is not None and r.headline().predicted_latency]
+    bss = load.batch_sizes(cells)
+    if not cells or not bss:
+        return None
+    cols = ["dataset", "backbone", "method", "batch", "predicted", "measured (compaction)", "per-stage ideal",
+            "error"]
+    rows, starts = [], []
+    for (ds, bb), rs in load.group(cells, load.panel_key).items():
+        starts.append(len(rows))
+        first = True
+        for label, seeds in load.group(rs, load.setting).items():
+            for b in bss:
+                pred = [next((x.predicted_ratio for x in r.headline().predicted_latency if x.batch_size == b), None)
+                        for r in seeds]
+                meas = [load.latency_value(r, load.HEADLINE_VARIANT, b, "latency_ratio") for r in seeds]
+                ideal = [load.latency_value(r, load.IDEAL_VARIANT, b, "latency_ratio") for r in seeds]
+                pm, mm = load.mean_std(pred)[0], load.mean_std(meas)[0]
+                err = f"{100 * (pm - mm) / mm:+.0f} %" if not (math.isnan(pm) or math.isnan(mm) or mm == 0) else DASH
+                rows.append([*_group_cells(ds, bb, first), Cell(label), Cell(str(b)), Cell(fmt_pm(pred, 1, 2)[0]),
+                             Cell(fmt_pm(meas, 1, 2)[0]), Cell(fmt_pm(ideal, 1, 2)[0]), Cell(err)])
+                first = False
+    notes = ["Latency relative to the backbone at the headline operating point. predicted: the cell's per-stage "
+             "profile (each stage and head timed alone at a few batch sizes) times the test exit fractions, an "
+             "estimate; measured: the real per-sample exit (compaction) and the per-stage ideal, timed on the "
+             "same inputs; error: (predicted - measured) / measured."]
+    return Table("latency_prediction", "Predicted versus measured latency", cols, rows, "lllrrrrr", starts, notes)
+
+
 def _per_seed(cells: list[load.CellResult], get: Callable[[load.CellResult], float | None]) -> list:
     """One value per seed: the backbone is shared by every method setting of a seed."""
     return list({load.seed(r): get(r) for r in cells}.values())

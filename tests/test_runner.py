@@ -67,10 +67,16 @@ def test_run_writes_results_summary_and_figure(quick_run):
     assert op["headline"] and op["timed"] and len(op["thresholds"]) == 2
     kinds = [(p["kind"], p.get("target")) for p in r["operating_points"]]
     assert kinds == [("accuracy_drop", 0.01), ("patience", 0.01), *[("macs_budget", b) for b in (0.25, 0.5, 0.75, 1.0)],
-                     *[("msdnet_budget", b) for b in (0.25, 0.5, 0.75, 1.0)], ("method_default", None)]
+                     *[("msdnet_budget", b) for b in (0.25, 0.5, 0.75, 1.0)], ("method_default", None),
+                     ("latency_budget", 0.5), ("latency_budget", 0.7)]
     for p in r["operating_points"]:
-        if p["kind"].endswith("budget") and p["feasible"]:  # a budget point fits its budget on calibration
+        if p["kind"] in ("macs_budget", "msdnet_budget") and p["feasible"]:  # fits its budget on calibration
             assert p["calibration"]["rel_macs_strict"] <= p["target"] + 1e-9
+        if p["feasible"]:  # every point carries its predicted latency, labelled a prediction
+            assert {x["batch_size"] for x in p["predicted_latency"]} == {1, 16}
+            assert all("prediction" in x["estimate"] and x["predicted_ratio"] > 0 for x in p["predicted_latency"])
+    prof = r["latency_profile"]
+    assert prof["sizes"] == [1, 4, 8, 16] and len(prof["stage_ms"]) == len(prof["head_ms"]) == 3
     for split in ("calibration", "test"):
         assert {"accuracy", "agreement", "rel_macs_strict", "rel_macs_paper", "exit_fractions"} <= set(op[split])
         assert math.isclose(sum(op[split]["exit_fractions"]), 1.0)

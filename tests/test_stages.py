@@ -32,11 +32,13 @@ def staged(cell, tmp_path_factory):
     traces = st.record_traces(fitted.net, splits)
     st.save_artifacts(out, cell, traces, fitted.net)
     sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
-    latency = st.time_latency(cell, ref.backbone, fitted.net, points, to_tensors(splits.test)[0], fitted.costs.strict)
+    test_x = to_tensors(splits.test)[0]
+    latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
+    profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs)
     risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
-    result = st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, 1.0)
+    result = st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, 1.0, profile)
     return dict(out=out, cache=cache, splits=splits, ref=ref, fitted=fitted, traces=traces, sweep=sweep,
-                points=points, latency=latency, risk=risk, result=result)
+                points=points, latency=latency, profile=profile, risk=risk, result=result)
 
 
 def test_data_and_backbone(staged, cell):
@@ -59,13 +61,18 @@ def test_fit_and_traces(staged, cell):
     assert torch.equal(back["test"].logits, traces["test"].logits)
 
 
+TIMED = ("seconds", "seconds_per_epoch", "finished", "env", "latency", "timed", "cached", "cache",
+         "latency_profile", "predicted_latency")
+
+
 def _untimed(d):
-    """A result dict without what timing, dates and the machine decide."""
+    """A result dict without what timing, dates and the machine decide (latency-budget points are chosen
+    with the measured profile)."""
     if isinstance(d, dict):
-        return {k: _untimed(v) for k, v in d.items()
-                if k not in ("seconds", "seconds_per_epoch", "finished", "env", "latency", "timed", "cached",
-                             "cache")}
-    return [_untimed(v) for v in d] if isinstance(d, list) else d
+        return {k: _untimed(v) for k, v in d.items() if k not in TIMED}
+    if isinstance(d, list):
+        return [_untimed(v) for v in d if not (isinstance(v, dict) and v.get("kind") == "latency_budget")]
+    return d
 
 
 def test_points_latency_risk_and_the_result(staged, cell):
@@ -73,6 +80,10 @@ def test_points_latency_risk_and_the_result(staged, cell):
     assert isinstance(sweep, ThresholdSweep) and sweep.thresholds[-1] == float("inf")
     assert all(isinstance(p, OperatingPoint) for p in points) and sum(p.headline for p in points) == 1
     assert [p for p in points if p.timed] == [p for p in points if p.headline and p.feasible]
+    prof = staged["profile"]
+    assert prof["sizes"] == [1, 4, 8, 16] and all(len(s) == len(prof["sizes"]) for s in prof["stage_ms"])
+    assert [p.kind for p in points].count("latency_budget") == 2
+    assert all(p.predicted_latency for p in points if p.feasible)
     assert all(isinstance(x, LatencyRecord) for x in latency)
     assert isinstance(risk, RiskControlResult) and {r.rule for r in risk.rows} >= {"crc", "ucb-wsr", "ltt"}
     assert isinstance(result, CellResult) and result.ok and result.setting_id
