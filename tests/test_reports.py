@@ -137,7 +137,8 @@ def test_tables_mark_infeasible_partial_and_best(results):
     budget = tables.to_markdown(tables.budget_table(results))
     assert "| — | **" in budget or "| — |" in budget  # 25 % is out of reach for everyone here
     rn = [line for line in budget.splitlines() if "resnet18" in line or line.startswith("|  |  |")]
-    assert sum("**" in line for line in rn) >= 2
+    # the best of each feasible budget column (50, 75, 100 %) is bold within the resnet18 panel
+    assert sum(line.count("**") // 2 for line in rn) >= 3
     risk = tables.to_markdown(tables.risk_table(figures.risk_groups(results)[("digits", "resnet18", "pteenet lam=1",
                                                                              100)], "r", "r"))
     assert "ltt-per-exit †" in risk  # broke its guarantee in the fixture

@@ -80,3 +80,51 @@ def test_trace_sweep_vs_network_pass(benchmark, setup):
     benchmark(evaluate, trace, "confidence", grid, table.strict, table.paper)
     benchmark.extra_info["network_pass_median_s"] = one_pass
     benchmark.extra_info["ratio_vs_network_pass"] = benchmark.stats.stats.median / one_pass
+
+
+def _paired(fns: dict, repeats: int = 12) -> dict[str, list[float]]:
+    """Every callable timed once per repeat, the order rotating: the protocol of benchmarks/latency.py."""
+    names = list(fns)
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def _ratio(times: dict, a: str, b: str) -> tuple[float, float]:
+    """Median and IQR of the per-repeat ratios a / b."""
+    r = sorted(x / y for x, y in zip(times[a], times[b]))
+    q = statistics.quantiles(r, n=4)
+    return statistics.median(r), q[2] - q[0]
+
+
+def test_compaction_vs_per_stage_ideal_and_no_exit_overhead(benchmark, setup):
+    """Issue targets on CPU, batch 256: compaction >= 0.97 of the per-stage ideal (ideal / compaction), and
+    with no exit firing the dynamic forward <= 1.05 x (backbone + heads timed alone). Ratios measured side by
+    side in one run, with their IQR, stored in extra_info."""
+    from exitbench.benchmarks.variants import LATENCY_VARIANTS
+
+    bb, net, x, policy, _, _ = setup
+    never = ThresholdPolicy("confidence", (float("inf"),) * (net.num_exits - 1))
+    with torch.no_grad():
+        ideal = LATENCY_VARIANTS.get("per-stage-ideal").prepare(bb, net, policy, [x])[0]
+        feats, h = [], x
+        for stage in net.stages:
+            h = stage(h)
+            feats.append(h)
+        fns = {"compaction": lambda: net.forward_dynamic(x, policy), "ideal": ideal,
+               "no-exit": lambda: net.forward_dynamic(x, never), "backbone": lambda: bb(x),
+               "heads": lambda: [head(f) for head, f in zip(net.heads[:-1], feats)]}
+        times = benchmark.pedantic(_paired, args=(fns,), rounds=1, iterations=1)
+    eff, eff_iqr = _ratio(times, "ideal", "compaction")
+    plus = {"no-exit": times["no-exit"], "bh": [b + h for b, h in zip(times["backbone"], times["heads"])]}
+    over, over_iqr = _ratio(plus, "no-exit", "bh")
+    benchmark.extra_info.update({"compaction_efficiency_vs_ideal": eff, "efficiency_iqr": eff_iqr,
+                                 "no_exit_overhead_vs_backbone_plus_heads": over, "overhead_iqr": over_iqr})
+    print(f"\ncompaction efficiency (ideal / compaction): {eff:.3f} (IQR {eff_iqr:.3f}); "
+          f"no-exit overhead vs backbone + heads: {over:.3f} (IQR {over_iqr:.3f})")
