@@ -40,7 +40,8 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
         test_x = to_tensors(splits.test)[0]
         latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
-        profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs)
+        profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs,
+                                             latency)
         risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
         return st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, st.elapsed(start),
                            profile)
@@ -77,7 +78,7 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
             backbone, net = st.rebuild(cell, splits, method, st.artifact_paths(out_dir, cell)["weights"], device)
             test_x = to_tensors(splits.test)[0]
             latency = st.time_latency(cell, backbone, net, points, test_x, costs.strict)
-            profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs)
+            profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs, latency)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
     result = replace(previous, sweep=sweep, operating_points=points, latency=latency, latency_profile=profile,
                      risk_control=risk,

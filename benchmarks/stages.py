@@ -320,11 +320,13 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
 
 
 def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[OperatingPoint],
-                    traces: dict[str, Trace], test_x: Tensor, costs: CostTable
+                    traces: dict[str, Trace], test_x: Tensor, costs: CostTable, latency: list[LatencyRecord]
                     ) -> tuple[dict | None, list[OperatingPoint]]:
     """Latency accounting: the net's per-stage profile on its device, every point's predicted latency at
-    each timed batch size, and the ``latency_budget`` points (chosen on calibration with the per-exit
-    batch-1 latency as the cost). Returns (profile or None when latency is off, the points)."""
+    each timed batch size, the prediction beside each measured compaction record (at that record's own
+    exit fractions, so the two compare like for like), and the ``latency_budget`` points (chosen on
+    calibration with the per-exit batch-1 latency as the cost). Returns (profile or None when latency is
+    off, the points)."""
     ev = cell.evaluation
     points = [p for p in points if p.kind != "latency_budget"]  # recomputed with the profile
     if not ev.latency:
@@ -343,6 +345,9 @@ def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[
         if p.feasible and p.test is not None:
             p.predicted_latency = [PredictedLatency(**accounting.predict(prof, p.test.exit_fractions, b))
                                    for b in sizes]
+    for rec in latency:
+        if rec.variant == "compaction" and rec.exit_fractions and rec.device == str(device):
+            rec.predicted_ratio = accounting.predict(prof, rec.exit_fractions, rec.batch_size)["predicted_ratio"]
     return prof, points
 
 

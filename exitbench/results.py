@@ -191,6 +191,7 @@ class LatencyRecord:
     exit_fractions: list[float] | None = None
     same_as_compaction: bool | None = None  # its predictions equal per-sample exit's (batch-uniform: not always)
     inputs: str | None = None  # what was timed: the test split, or same-shaped random tensors (exitbench time)
+    predicted_ratio: float | None = None  # compaction: the per-stage profile's prediction at these exit fractions
 
 
 @dataclass

@@ -192,10 +192,11 @@ def summary_table(results: list[dict]) -> Table:
 
 
 def prediction_table(results: list[load.CellResult]) -> Table | None:
-    """Predicted (per-stage profile x exit fractions) against measured latency at the headline point: per
-    method setting and batch size, the predicted ratio to the backbone, compaction's measured ratio, the
-    measured per-stage ideal, and the prediction's error relative to the measurement."""
-    cells = [r for r in load.ok(results) if r.headline() is not None and r.headline().predicted_latency]
+    """Predicted (per-stage profile x exit fractions) against measured latency at the timed point: per
+    method setting and batch size, the profile's prediction at the timed inputs' own exit fractions,
+    compaction's measured ratio, the measured per-stage ideal, and the prediction's error."""
+    cells = [r for r in load.ok(results)
+             if any(x.predicted_ratio is not None for x in r.latency if x.variant == load.HEADLINE_VARIANT)]
     bss = load.batch_sizes(cells)
     if not cells or not bss:
         return None
@@ -207,8 +208,7 @@ def prediction_table(results: list[load.CellResult]) -> Table | None:
         first = True
         for label, seeds in load.group(rs, load.setting).items():
             for b in bss:
-                pred = [next((x.predicted_ratio for x in r.headline().predicted_latency if x.batch_size == b), None)
-                        for r in seeds]
+                pred = [load.latency_value(r, load.HEADLINE_VARIANT, b, "predicted_ratio") for r in seeds]
                 meas = [load.latency_value(r, load.HEADLINE_VARIANT, b, "latency_ratio") for r in seeds]
                 ideal = [load.latency_value(r, load.IDEAL_VARIANT, b, "latency_ratio") for r in seeds]
                 pm, mm = load.mean_std(pred)[0], load.mean_std(meas)[0]
@@ -216,10 +216,10 @@ def prediction_table(results: list[load.CellResult]) -> Table | None:
                 rows.append([*_group_cells(ds, bb, first), Cell(label), Cell(str(b)), Cell(fmt_pm(pred, 1, 2)[0]),
                              Cell(fmt_pm(meas, 1, 2)[0]), Cell(fmt_pm(ideal, 1, 2)[0]), Cell(err)])
                 first = False
-    notes = ["Latency relative to the backbone at the headline operating point. predicted: the cell's per-stage "
-             "profile (each stage and head timed alone at a few batch sizes) times the test exit fractions, an "
-             "estimate; measured: the real per-sample exit (compaction) and the per-stage ideal, timed on the "
-             "same inputs; error: (predicted - measured) / measured."]
+    notes = ["Latency relative to the backbone at the timed operating point. predicted: the cell's per-stage "
+             "profile (each stage and head timed alone at a few batch sizes) times the exit fractions of the very "
+             "inputs that were timed, an estimate; measured: the real per-sample exit (compaction) and the "
+             "per-stage ideal on those inputs; error: (predicted - measured) / measured."]
     return Table("latency_prediction", "Predicted versus measured latency", cols, rows, "lllrrrrr", starts, notes)
 
 

@@ -25,6 +25,7 @@ def cell():
 def staged(cell, tmp_path_factory):
     """The stages run one by one, each output kept."""
     out, cache = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("cache")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     splits = st.prepare_data(cell)
     ref = st.prepare_backbone(cell, splits, cache)
@@ -34,9 +35,11 @@ def staged(cell, tmp_path_factory):
     sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
     test_x = to_tensors(splits.test)[0]
     latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
-    profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs)
+    profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs,
+                                         latency)
     risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
     result = st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, 1.0, profile)
+    torch.set_num_threads(threads)  # not leaked into later test modules
     return dict(out=out, cache=cache, splits=splits, ref=ref, fitted=fitted, traces=traces, sweep=sweep,
                 points=points, latency=latency, profile=profile, risk=risk, result=result)
 
@@ -84,6 +87,8 @@ def test_points_latency_risk_and_the_result(staged, cell):
     assert prof["sizes"] == [1, 4, 8, 16] and all(len(s) == len(prof["sizes"]) for s in prof["stage_ms"])
     assert [p.kind for p in points].count("latency_budget") == 2
     assert all(p.predicted_latency for p in points if p.feasible)
+    comp = [x for x in staged["latency"] if x.variant == "compaction"]
+    assert comp and all(x.predicted_ratio is not None and x.predicted_ratio > 0 for x in comp)
     assert all(isinstance(x, LatencyRecord) for x in latency)
     assert isinstance(risk, RiskControlResult) and {r.rule for r in risk.rows} >= {"crc", "ucb-wsr", "ltt"}
     assert isinstance(result, CellResult) and result.ok and result.setting_id
