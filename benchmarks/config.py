@@ -170,6 +170,7 @@ _TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "see
         "risk_control"}
 _EXITS = {"n_exits", "placement", "branch_depth"}  # shared by every method that has the hyper-parameter
 _DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
+SPLIT_OPTIONS = _DATASET - {"name"}  # how a dataset is split and where it lives; the rest are its own options
 _BACKBONE = {"name", "weights", "small_stem"}
 _METHOD = {"name", "hparams", "grid", "init"}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
 from exitbench.benchmarks.data import dataset_info, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.latency import num_threads
@@ -39,9 +39,7 @@ def _inputs(cell: Cell) -> tuple[torch.Tensor, str]:
         splits = st.prepare_data(cell)
         return to_tensors(splits.test)[0], "test split"
     except UserError:
-        info = dataset_info(cell.dataset, **{k: v for k, v in cell.dataset_options.items()
-                                             if k not in ("root", "download", "calibration_fraction",
-                                                          "test_fraction", "augment")})
+        info = dataset_info(cell.dataset, **_options(cell))
         g = torch.Generator().manual_seed(cell.seed)
         return torch.randn(RANDOM_SAMPLES, *info.input_size, generator=g), "random N(0,1), same shape (seeded)"
 
@@ -87,8 +85,8 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
 
 
 def _options(cell: Cell) -> dict:
-    return {k: v for k, v in cell.dataset_options.items()
-            if k not in ("root", "download", "calibration_fraction", "test_fraction", "augment")}
+    """The dataset's own options (what ``dataset_info`` takes), without how it is split or where it lives."""
+    return {k: v for k, v in cell.dataset_options.items() if k not in SPLIT_OPTIONS}
 
 
 def retime(results_dir: Path, device_spec: str, **kw) -> tuple[list[Path], list[Path]]:

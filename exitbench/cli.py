@@ -176,7 +176,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.results)
     if not out.is_dir():
-        raise UserError(f"{out}: no such results directory")
+        raise UserError(f"{out}: no such results directory; give the --out of an `exitbench run`")
     done, skipped = retime(out, args.device, batch_sizes=_csv(args.batch_sizes, int) if args.batch_sizes else (),
                            repeats=args.repeats, threads=args.threads)
     write_summary(out)
