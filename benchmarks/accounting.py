@@ -6,7 +6,9 @@ at a few batch sizes (``sizes``: 1 and, per large batch B, B/4, B/2 and B). Unde
 with exit fractions f (``reach_k`` = the share that reaches stage k), stage k runs on ``B * reach_k``
 samples, so the predicted time is ``sum_k T_stage_k(B reach_k) + T_head_k(B reach_k)`` with ``T``
 interpolated linearly between the profiled sizes (and through 0 below the smallest); at batch 1 this is
-the expectation ``sum_k reach_k (t_stage_k + t_head_k)``. Ratios are to the backbone's profiled time,
+the expectation ``sum_k reach_k (t_stage_k + t_head_k)``. Each early exit also costs its *gate* -- the
+score, the partition and its host read -- profiled at the same sizes and added the same way (at batch 1
+this is most of the gap between the dynamic forward and its parts). Ratios are to the backbone's profiled time,
 ``sum_k T_stage_k(B) + T_final_head(B)``. These are **predictions** from a model of the time, labelled
 so in every record; the measured records are in ``latency``.
 
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from exitbench.methods.base import MultiExitNet, _split_head_output
+from exitbench.methods.base import MultiExitNet, Policy, _split_head_output
 
 PROFILE_REPEATS = 5
 
@@ -52,21 +54,36 @@ def profile_sizes(batch_sizes: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def profile(net: MultiExitNet, images: Tensor, batch_sizes: Sequence[int], repeats: int = PROFILE_REPEATS) -> dict:
-    """{"sizes": [...], "stage_ms": [[per size] per stage], "head_ms": [[per size] per head], "device"}."""
+def profile(net: MultiExitNet, images: Tensor, batch_sizes: Sequence[int], repeats: int = PROFILE_REPEATS,
+            gate: Policy | None = None) -> dict:
+    """{"sizes": [...], "stage_ms": [[per size] per stage], "head_ms": [[per size] per head], "device"}, and
+    with a ``gate`` policy that never accepts, "gate_ms": [[per size] per early exit]: the dynamic forward's
+    own work at an exit (the score, the partition, its host read, the loop), timed by running
+    ``forward_dynamic`` with a step that returns the stages' precomputed outputs, split evenly over the
+    early exits (they do the same work on logits of the same shape)."""
     net.eval()
     device = images.device
     sizes = [s for s in profile_sizes(batch_sizes) if s <= len(images)] or [len(images)]
     stage_ms = [[0.0] * len(sizes) for _ in net.stages]
     head_ms = [[0.0] * len(sizes) for _ in net.heads]
+    gate_ms = [[0.0] * len(sizes) for _ in net.heads[:-1]]
     for j, s in enumerate(sizes):
-        x = images[:s]
+        x, outs = images[:s], []
         for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
             stage_ms[k][j] = _time(lambda st=stage, inp=x: st(inp), device, repeats)
             x = stage(x)
             head_ms[k][j] = _time(lambda h=head, inp=x: _split_head_output(h(inp)), device, repeats)
-    return {"sizes": sizes, "stage_ms": stage_ms, "head_ms": head_ms, "device": str(device),
-            "repeats": repeats, "note": "each stage and head timed alone on the features that reach it"}
+            outs.append((x, head(x)))
+        if gate is not None and gate_ms:
+            bookkeeping = _time(lambda inp=images[:s], o=outs: net.forward_dynamic(inp, gate, step=lambda i, _: o[i]),
+                                device, repeats)
+            for g in gate_ms:
+                g[j] = bookkeeping / len(gate_ms)
+    prof = {"sizes": sizes, "stage_ms": stage_ms, "head_ms": head_ms, "device": str(device), "repeats": repeats,
+            "note": "each stage and head timed alone on the features that reach it"}
+    if gate is not None:
+        prof["gate_ms"] = gate_ms
+    return prof
 
 
 def _interp(sizes: list[int], ms: list[float], n: float) -> float:
@@ -93,8 +110,10 @@ def reach(fractions: Sequence[float]) -> list[float]:
 def predict(prof: dict, fractions: Sequence[float], batch_size: int) -> dict:
     """Predicted milliseconds per batch under compaction and the ratio to the backbone's profiled time."""
     sizes, r = prof["sizes"], reach(fractions)
+    gates = prof.get("gate_ms") or []  # profiles stored before the gates were profiled have none
     t = sum(_interp(sizes, prof["stage_ms"][k], batch_size * r[k]) + _interp(sizes, prof["head_ms"][k],
                                                                             batch_size * r[k])
+            + (_interp(sizes, gates[k], batch_size * r[k]) if k < len(gates) else 0.0)
             for k in range(len(r)))
     backbone = sum(_interp(sizes, s, batch_size) for s in prof["stage_ms"]) + _interp(sizes, prof["head_ms"][-1],
                                                                                       batch_size)
@@ -108,9 +127,10 @@ def exit_costs_batch1(prof: dict) -> list[float]:
     j = prof["sizes"].index(1) if 1 in prof["sizes"] else 0
     stage = [s[j] for s in prof["stage_ms"]]
     head = [h[j] for h in prof["head_ms"]]
+    gate = [g[j] for g in prof.get("gate_ms") or []]
     backbone = sum(stage) + head[-1]
     out, acc = [], 0.0
     for k in range(len(stage)):
-        acc += stage[k] + head[k]
+        acc += stage[k] + head[k] + (gate[k] if k < len(gate) else 0.0)  # deciding to leave at k runs its gate
         out.append(acc / backbone)
     return out

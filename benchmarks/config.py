@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
+from exitbench.benchmarks.fast import FAST_MODES
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
 from exitbench.methods.base import Budget, UserError, did_you_mean
 from exitbench.methods.rules import RISKS, SELECTION_RULES
@@ -63,6 +64,12 @@ class Evaluation:
     latency_variants: tuple[str, ...] = DEFAULT_VARIANTS  # registered in benchmarks.variants
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: training, traces and timing (auto: CUDA if present)
     dtype: str = "float32"  # the inference dtype timed: float32 | bfloat16 | float16
+    fast: str = "none"  # none | compile | graphs (CUDA): also time the fast path (benchmarks.fast)
+
+    @property
+    def timed_variants(self) -> tuple[str, ...]:
+        """The latency variants a cell times: ``latency_variants``, plus the fast path when it is on."""
+        return (*self.latency_variants, f"fast-{self.fast}") if self.fast != "none" else self.latency_variants
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,8 @@ class Cell:
         points = {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
         latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads",
                                                    "latency_variants", "device", "dtype", "latency_budgets")}}
+        if ev["fast"] != "none":  # only when on, so that the keys of results stored before it existed stay valid
+            latency["fast"] = ev["fast"]
         return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(asdict(self.risk_control))}
 
     def slug(self) -> str:
@@ -260,7 +269,11 @@ def expand(matrix: dict) -> list[Cell]:
         raise UserError(f"evaluation.budgets: MACs budgets must be positive numbers (relative strict MACs, e.g. 0.5), "
                         f"got {list(evaluation.budgets)}")
     for v in evaluation.latency_variants:
-        LATENCY_VARIANTS.get(v)  # an unknown name: one line with the nearest ones
+        if LATENCY_VARIANTS.get(v).fast:  # an unknown name: one line with the nearest ones
+            raise UserError(f"evaluation.latency_variants: {v!r} is the fast path; set evaluation.fast: "
+                            f"{LATENCY_VARIANTS.get(v).fast} instead of listing it")
+    if evaluation.fast not in FAST_MODES:
+        raise UserError(f"evaluation.fast: unknown fast path {evaluation.fast!r}; use {', '.join(FAST_MODES)}")
     check_device_name(evaluation.device)
     if evaluation.dtype not in DTYPES:
         raise UserError(f"evaluation.dtype: unknown dtype {evaluation.dtype!r}; use {', '.join(DTYPES)}")

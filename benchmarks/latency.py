@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from exitbench.benchmarks.fast import buckets_for
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS, LatencyVariant, Run
 from exitbench.methods.base import MultiExitNet, Policy
 
@@ -132,12 +133,11 @@ def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, imag
                         max_samples_batch1, max_batches, chosen)
 
 
-def _outcome(v: LatencyVariant, backbone: nn.Module, net: MultiExitNet, policy: Policy,
-             batches: list[Tensor]) -> tuple[Tensor, Tensor] | None:
-    """(predictions, exit index) of an exiting variant on ``batches`` (an untimed pass), else None."""
+def _outcome(v: LatencyVariant, runs: list[Run]) -> tuple[Tensor, Tensor] | None:
+    """(predictions, exit index) of an exiting variant over its prepared ``runs`` (an untimed pass), else None."""
     if not v.exits:
         return None
-    outs = [run() for run in v.prepare(backbone, net, policy, batches)]
+    outs = [run() for run in runs]
     return torch.cat([o[0].argmax(-1) for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
 
 
@@ -166,9 +166,9 @@ def _at_batch_size(b: int, backbone: nn.Module, net: MultiExitNet, policy: Polic
     records: list[dict] = []
     n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
     batches = list(torch.split(images[:n], b))
-    outcome = {v.name: _outcome(v, backbone, net, policy, batches) for v in variants}
-    reference = outcome.get("compaction")
     runs = {v.name: v.prepare(backbone, net, policy, batches) for v in variants}
+    outcome = {v.name: _outcome(v, runs[v.name]) for v in variants}
+    reference = outcome.get("compaction")
     for _ in range(warmup):
         for r in runs.values():
             _pass(r, device)
@@ -185,6 +185,8 @@ def _at_batch_size(b: int, backbone: nn.Module, net: MultiExitNet, policy: Polic
               "warmup": warmup, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
     for v in variants:
         rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches)), "simulation": v.simulation}
+        if v.fast:
+            rec.update(fast=v.fast, buckets=list(buckets_for(max(len(x) for x in batches))))
         if v.name != "backbone":
             rec["latency_ratio"] = statistics.median(t / bk for t, bk in zip(times[v.name], times["backbone"]))
             rec["ratio_of"] = "median of per-repeat paired ratios"

@@ -19,6 +19,7 @@ from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
 from exitbench.benchmarks.data import dataset_info, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
+from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.latency import num_threads
 from exitbench.errors import UserError
 from exitbench.methods.base import get_method
@@ -45,7 +46,7 @@ def _inputs(cell: Cell) -> tuple[torch.Tensor, str]:
 
 
 def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_sizes: tuple[int, ...] = (),
-                repeats: int | None = None, threads: int | None = None) -> CellResult | None:
+                repeats: int | None = None, threads: int | None = None, fast: str | None = None) -> CellResult | None:
     """``result`` with latency records for ``device_spec`` appended (same device/variant/batch replaced);
     None when the cell has no feasible headline point (nothing was timed when it ran either)."""
     where = f"{result.path or result.cell}"
@@ -64,7 +65,8 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     device = resolve_device(device_spec)
     ev = dataclasses.replace(cell.evaluation, latency=True, latency_batch_sizes=tuple(batch_sizes),
                              latency_repeats=repeats or cell.evaluation.latency_repeats,
-                             threads=threads or cell.evaluation.threads)
+                             threads=threads or cell.evaluation.threads, fast=fast or cell.evaluation.fast)
+    check_fast(ev.fast, device, "--fast" if fast else f"{where}: evaluation.fast")
     cell = dataclasses.replace(cell, evaluation=ev)
     inputs, note = _inputs(cell)
     prepare(device)
@@ -95,7 +97,9 @@ def retime(results_dir: Path, device_spec: str, **kw) -> tuple[list[Path], list[
     paths, _ = latest_run(results_dir, sorted((results_dir / "cells").glob("*.json")))
     if not paths:
         raise UserError(f"{results_dir}: no result files (expected {results_dir / 'cells'}/*.json)")
-    resolve_device(device_spec)  # a device that is not there: one line, nothing written
+    device = resolve_device(device_spec)  # a device that is not there: one line, nothing written
+    if kw.get("fast"):
+        check_fast(kw["fast"], device, "--fast")
     done, skipped = [], []
     for p in paths:
         r = CellResult.from_dict(read_json(p), p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits, load_splits, make_loader, to_tensors
 from exitbench.benchmarks.device import check_dtype
 from exitbench.benchmarks.env import env_fingerprint
+from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, head_macs
 from exitbench.benchmarks.latency import default_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
@@ -310,10 +312,11 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
     policy = make_policy(head.score, head.thresholds, head.strict)
     device = next(net.parameters()).device
     dtype = check_dtype(net, test_x, ev.dtype, device)
+    check_fast(ev.fast, device)
     try:
         records = measure_latency(backbone.to(device, dtype), net.to(device, dtype), policy, test_x.to(device, dtype),
                                   strict_costs, batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats,
-                                  threads=ev.threads, variants=ev.latency_variants)
+                                  threads=ev.threads, variants=ev.timed_variants)
     finally:
         backbone.float(), net.float()
     return [LatencyRecord(**r, inputs="test split") for r in records]
@@ -333,8 +336,9 @@ def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[
         return None, points
     device = next(net.parameters()).device
     sizes = ev.latency_batch_sizes or default_batch_sizes(device)
+    never = make_policy(method.score, [math.inf] * (net.num_exits - 1))  # times the gates, nobody leaves
     with torch.no_grad():
-        prof = accounting.profile(net, test_x.to(device), sizes)
+        prof = accounting.profile(net, test_x.to(device), sizes, gate=never)
     cal, score = traces["calibration"], method.score
     grid = calibration.quantile_grid(cal.scores(score), ev.grid_size)
     lat_costs = accounting.exit_costs_batch1(prof)

@@ -15,6 +15,8 @@ deployable execution (they are references, and are labelled so in every record a
   on (earlyon's batched mode); its samples leave later than under compaction.
 - ``full+select`` (simulation): every exit is run, then each sample's exit is picked -- what an offline
   evaluation on traces assumes; it saves no time by construction.
+- ``fast-compile`` / ``fast-graphs``: compaction with every (stage, bucketed batch size) compiled or
+  captured as a CUDA graph (``exitbench.benchmarks.fast``); timed when ``evaluation.fast`` turns it on.
 - ``per-stage-ideal`` (simulation): each stage and head timed alone on exactly the samples that reach
   it under compaction (inputs precomputed): the time compaction would take with zero overhead.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from exitbench.benchmarks.fast import FastForward, buckets_for
 from exitbench.methods.base import MultiExitNet, Policy, _split_head_output
 from exitbench.registry import Registry
 
@@ -41,6 +44,7 @@ class LatencyVariant:
     prepare: Callable[[nn.Module, MultiExitNet, Policy, Sequence[Tensor]], list[Run]]
     exits: bool = False
     simulation: bool = False
+    fast: str | None = None  # the fast path's mode (compile | graphs) for the fast-path variants
 
 
 LATENCY_VARIANTS: Registry[LatencyVariant] = Registry("latency variant", base=LatencyVariant,
@@ -122,6 +126,15 @@ def _ideal(backbone: nn.Module, net: MultiExitNet, policy: Policy, batches: Sequ
     return runs
 
 
+def _fast(mode: str) -> Callable[[nn.Module, MultiExitNet, Policy, Sequence[Tensor]], list[Run]]:
+    def prepare(backbone: nn.Module, net: MultiExitNet, policy: Policy, batches: Sequence[Tensor]) -> list[Run]:
+        fast = FastForward(net, mode, buckets_for(max(len(b) for b in batches)))
+        for b in batches:  # build every (stage, bucket) these batches reach, outside the timed region
+            fast(b, policy)
+        return _each(lambda x: fast(x, policy), batches)
+    return prepare
+
+
 for _name, _variant, _help in (
     ("backbone", LatencyVariant("backbone", lambda bb, net, pol, bs: _each(bb, bs)),
      "the plain backbone: the reference every ratio is taken against"),
@@ -139,6 +152,10 @@ for _name, _variant, _help in (
      "simulation: every exit is run, then each sample's exit is picked (what trace evaluation assumes)"),
     ("per-stage-ideal", LatencyVariant("per-stage-ideal", _ideal, simulation=True),
      "simulation: each stage and head timed alone on exactly the samples that reach it under compaction"),
+    ("fast-compile", LatencyVariant("fast-compile", _fast("compile"), exits=True, fast="compile"),
+     "compaction with each (stage, bucketed batch) run by torch.compile (evaluation.fast: compile)"),
+    ("fast-graphs", LatencyVariant("fast-graphs", _fast("graphs"), exits=True, fast="graphs"),
+     "compaction with each (stage, bucketed batch) replayed as a CUDA graph (evaluation.fast: graphs; CUDA)"),
 ):
     LATENCY_VARIANTS.register(_name, _variant, help=_help)
 

@@ -66,13 +66,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["latency"] = False
     if args.device:
         overrides["device"] = args.device
+    if args.fast:
+        overrides["fast"] = args.fast
     if overrides:  # evaluation only: finished cells are re-analysed, not retrained
         cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
     cells = _risk_overrides(args, cells)
     from exitbench.benchmarks.device import resolve_device
+    from exitbench.benchmarks.fast import check_fast
 
-    for spec in sorted({c.evaluation.device for c in cells}):  # a missing device: one line, nothing run
-        resolve_device(spec, "--device" if args.device else "evaluation.device")
+    for spec, fast in sorted({(c.evaluation.device, c.evaluation.fast) for c in cells}):  # one line, nothing run
+        device = resolve_device(spec, "--device" if args.device else "evaluation.device")
+        check_fast(fast, device, "--fast" if args.fast else "evaluation.fast")
     for p in (cell_path(out, c) for c in cells):  # never overwrite what a newer exitbench wrote
         try:
             stored = read_json(p)
@@ -178,7 +182,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     if not out.is_dir():
         raise UserError(f"{out}: no such results directory; give the --out of an `exitbench run`")
     done, skipped = retime(out, args.device, batch_sizes=_csv(args.batch_sizes, int) if args.batch_sizes else (),
-                           repeats=args.repeats, threads=args.threads)
+                           repeats=args.repeats, threads=args.threads, fast=args.fast)
     write_summary(out)
     print(f"exitbench: re-timed {len(done)} cells of {out} on {args.device} in {time.perf_counter() - t0:.0f} s"
           + (f"; {len(skipped)} without a feasible operating point left as they were" if skipped else ""))
@@ -192,29 +196,39 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from exitbench.benchmarks.config import expand, load_matrix
     from exitbench.benchmarks.device import device_env, resolve_device
+    from exitbench.benchmarks.fast import check_fast
     from exitbench.benchmarks.runner import cell_path, existing, run_matrix
 
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     print(f"exitbench doctor: {device_env(device)}")
     matrix = load_matrix("gpu_check")
-    cells = [dc_replace(c, evaluation=dc_replace(c.evaluation, device=args.device)) for c in expand(matrix)]
+    # the fast path the GPU targets are about; on a CPU compile takes minutes, so it is opt-in there
+    fast = args.fast or ("graphs" if device.type == "cuda" else "none")
+    check_fast(fast, device, "--fast")
+    cells = [dc_replace(c, evaluation=dc_replace(c.evaluation, device=args.device, fast=fast))
+             for c in expand(matrix)]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="exitbench-doctor-"))
     cache = Path(args.cache) if args.cache else default_cache()
     counts = run_matrix(cells, out, cache, progress=not args.quiet, matrix=matrix["name"])
     print(f"{'cell':<44} {'variant':<16} {'batch':>5} {'median ms':>10} {'vs backbone':>11}  notes")
+    wrong = 0  # fast-path records whose predictions differ from the eager compaction's: a failed check
     for c in cells:
         r = existing(cell_path(out, c))
         if r is None or not r.ok:
             print(f"{c.slug()[:44]:<44} failed: {r.error if r else 'no result'}")
             continue
         for x in r.latency:
-            notes = ", ".join(n for n, on in (("simulation", x.simulation), ("noisy", x.noisy)) if on)
+            differs = bool(x.fast) and x.same_as_compaction is False
+            wrong += differs
+            notes = ", ".join(n for n, on in (("simulation", x.simulation), ("noisy", x.noisy),
+                                               ("PREDICTIONS DIFFER FROM COMPACTION", differs)) if on)
             ratio = f"{x.latency_ratio:.3f}" if x.latency_ratio is not None else "1 (ref)"
             print(f"{c.slug()[:44]:<44} {x.variant:<16} {x.batch_size:>5} {x.median_ms:>10.3f} {ratio:>11}  {notes}")
     print(f"exitbench doctor: {counts['ok'] + counts['reused'] + counts['reanalysed']} cells ok, "
-          f"{counts['error']} errors in {time.perf_counter() - t0:.0f} s; results in {out}")
-    return 1 if counts["error"] else 0
+          f"{counts['error']} errors" + (f", {wrong} fast-path records with other predictions" if wrong else "")
+          + f" in {time.perf_counter() - t0:.0f} s (fast path: {fast}); results in {out}")
+    return 1 if counts["error"] or wrong else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -246,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps: where cells train, record traces and are "
                                       "timed (default: the matrix's evaluation.device, auto = CUDA if present); "
                                       "finished cells are re-timed there, not retrained")
+    run.add_argument("--fast", help="also time the fast path: compile (torch.compile per "
+                                                          "bucket) or graphs (CUDA graphs; CUDA only); default: the "
+                                                          "matrix's evaluation.fast")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rc = run.add_argument_group("risk control (override the matrix's risk_control block and switch it on)")
     rc.add_argument("--rc-rules", help="comma-separated: naive,crc,crc-raw,ucb-wsr,ucb-hb,ucb-hoeffding,ltt,"
@@ -274,12 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--batch-sizes", help="comma-separated (default: the device's: CPU 1,32,256; CUDA 1,64,256,1024)")
     tim.add_argument("--repeats", type=int, help="timing repeats (default: the cell's; at least 100 on CUDA)")
     tim.add_argument("--threads", type=int, help="CPU threads (default: the cell's)")
+    tim.add_argument("--fast", help="the fast path to time as well (default: the cell's)")
     tim.set_defaults(func=cmd_time)
     doc = sub.add_parser("doctor", help="check the device path: run a small matrix on --device and print every "
                                         "latency variant's ratio (a few minutes on one GPU)")
     doc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     doc.add_argument("--out", help="results directory (default: a new temporary one)")
     doc.add_argument("--cache", help="backbone cache (default: $EXITBENCH_CACHE or ~/.cache/exitbench/weights)")
+    doc.add_argument("--fast", help="the fast path to time as well (default: graphs on CUDA, "
+                                                          "none elsewhere)")
     doc.add_argument("--quiet", action="store_true", help="no progress bar")
     doc.set_defaults(func=cmd_doctor)
 

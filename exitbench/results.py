@@ -192,6 +192,8 @@ class LatencyRecord:
     same_as_compaction: bool | None = None  # its predictions equal per-sample exit's (batch-uniform: not always)
     inputs: str | None = None  # what was timed: the test split, or same-shaped random tensors (exitbench time)
     predicted_ratio: float | None = None  # compaction: the per-stage profile's prediction at these exit fractions
+    fast: str | None = None  # the fast path's variants: compile | graphs
+    buckets: list[int] | None = None  # the fast path's bucket sizes (surviving batches pad up to the next)
 
 
 @dataclass

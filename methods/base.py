@@ -157,6 +157,10 @@ class Policy(Protocol):
     def accept(self, k: int, logits: Tensor, confidence: Tensor | None) -> Tensor: ...
 
 
+Step = Callable[[int, Tensor], "tuple[Tensor, Tensor | tuple[Tensor, Tensor]]"]
+"""``step(k, x) -> (features after stage k, head k's output)``: one stage of the dynamic forward."""
+
+
 def _split_head_output(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
     if isinstance(out, tuple):
         return out[0], out[1]
@@ -224,8 +228,14 @@ class MultiExitNet(nn.Module):
     def forward(self, x: Tensor) -> ExitOutputs:
         return self.forward_all(x)
 
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+        """Stage ``k`` on ``x``, then its head: (features, head output). The eager step of
+        :meth:`forward_dynamic`; the harness's fast path substitutes a compiled or captured one."""
+        x = self.stages[k](x)
+        return x, self.heads[k](x)
+
     @torch.no_grad()
-    def forward_dynamic(self, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
+    def forward_dynamic(self, x: Tensor, policy: Policy, step: Step | None = None) -> tuple[Tensor, Tensor]:
         """Real per-sample early exit: returns (logits [B, classes], exit index [B]).
 
         After each early exit the samples that leave are written into the output and removed from the
@@ -234,17 +244,19 @@ class MultiExitNet(nn.Module):
         rest, ``index_select`` gathers each side -- so an exit costs exactly one device->host read
         (``torch.cuda.set_sync_debug_mode`` finds no other); boolean-mask indexing, a hidden ``nonzero``
         per use, is never used. Nothing is gathered at an exit nobody leaves. A stateful policy (PABEE's
-        patience) is told which rows stayed through its ``compact(index)``.
+        patience) is told which rows stayed through its ``compact(index)``. ``step`` (default
+        :meth:`step`) runs one stage and its head; the gating and partitioning stay here either way.
         """
+        step = step or self.step
         n = x.shape[0]
         rows = torch.arange(n, device=x.device)
         out: Tensor | None = None
         exit_index = torch.full((n,), len(self.heads) - 1, dtype=torch.long, device=x.device)
         last = len(self.heads) - 1
         compact = getattr(policy, "compact", None)
-        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            x = stage(x)
-            logits, conf = _split_head_output(head(x))
+        for k in range(len(self.heads)):
+            x, head_out = step(k, x)
+            logits, conf = _split_head_output(head_out)
             if out is None:
                 out = logits.new_empty((n, logits.shape[1]))
             if k == last:

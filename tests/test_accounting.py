@@ -31,3 +31,25 @@ def test_batch_prediction_interpolates_the_profile():
 def test_batch1_exit_costs_count_every_head_on_the_way():
     assert accounting.exit_costs_batch1(PROF) == [3 / 5, 6 / 5]  # like strict MACs: the final exit costs > 1
     assert accounting.profile_sizes([256]) == [1, 64, 128, 256]
+
+
+def test_gates_are_added_where_samples_reach_them():
+    gated = {**PROF, "gate_ms": [[0.5, 0.5, 0.5]]}  # one early exit; its gate costs 0.5 ms at any size
+    # batch 1, half leave at exit 0: 4.5 ms as above + everyone's gate at exit 0
+    assert math.isclose(accounting.predict(gated, [0.5, 0.5], 1)["predicted_ms"], 4.5 + 0.5)
+    assert accounting.exit_costs_batch1(gated) == [3.5 / 5, 6.5 / 5]  # leaving at k runs gates up to k
+    assert accounting.predict(PROF, [0.5, 0.5], 1)["predicted_ms"] == 4.5  # a stored profile without gates
+
+
+def test_the_profile_times_the_gates_with_a_policy_that_never_accepts():
+    import torch
+
+    from exitbench.methods.policies import ThresholdPolicy
+    from tests.test_syncs import _net
+
+    torch.manual_seed(0)
+    net, x = _net(3), torch.randn(8, 3, 16, 16)
+    prof = accounting.profile(net, x, [8], repeats=2, gate=ThresholdPolicy("max_softmax", (math.inf,) * 3))
+    assert prof["sizes"] == [1, 2, 4, 8] and len(prof["gate_ms"]) == 3
+    assert all(len(g) == 4 and all(t > 0 for t in g) for g in prof["gate_ms"])
+    assert "gate_ms" not in accounting.profile(net, x, [8], repeats=1)

@@ -128,3 +128,61 @@ def test_compaction_vs_per_stage_ideal_and_no_exit_overhead(benchmark, setup):
                                  "no_exit_overhead_vs_backbone_plus_heads": over, "overhead_iqr": over_iqr})
     print(f"\ncompaction efficiency (ideal / compaction): {eff:.3f} (IQR {eff_iqr:.3f}); "
           f"no-exit overhead vs backbone + heads: {over:.3f} (IQR {over_iqr:.3f})")
+
+
+def _paired_passes(runs: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Each variant's pass over its batches, once per repeat in rotated order, timed as the harness does
+    (CUDA events on a GPU): ``benchmarks.latency``'s protocol."""
+    from exitbench.benchmarks.latency import GPU_WARMUP, _pass
+
+    names = list(runs)
+    for _ in range(GPU_WARMUP if device.type == "cuda" else 1):
+        for r in runs.values():
+            _pass(r, device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            times[n].append(_pass(runs[n], device))
+    return times
+
+
+def _fast_targets(benchmark, setup, device: torch.device, batch: int, mode: str, repeats: int) -> dict:
+    import copy
+
+    from exitbench.benchmarks.variants import LATENCY_VARIANTS
+
+    bb, net, x, policy, _, _ = setup
+    bb, net = copy.deepcopy(bb).to(device), copy.deepcopy(net).to(device)
+    images = x.to(device) if batch <= len(x) else torch.randn(batch, *x.shape[1:], device=device)
+    batches = list(torch.split(images[:64], 1)) if batch == 1 else [images[:batch]]
+    with torch.no_grad():
+        runs = {v: LATENCY_VARIANTS.get(v).prepare(bb, net, policy, batches)
+                for v in ("backbone", "compaction", "per-stage-ideal", f"fast-{mode}")}
+        times = benchmark.pedantic(_paired_passes, args=(runs, device, repeats), rounds=1, iterations=1)
+    eff, eff_iqr = _ratio(times, "per-stage-ideal", "compaction")
+    gain, gain_iqr = _ratio(times, "compaction", f"fast-{mode}")
+    vs_ideal, vs_ideal_iqr = _ratio(times, f"fast-{mode}", "per-stage-ideal")
+    info = {"device": str(device), "batch": batch, "fast": mode, "repeats": repeats,
+            "compaction_efficiency_vs_ideal": eff, "efficiency_iqr": eff_iqr,
+            "fast_speedup_vs_compaction": gain, "speedup_iqr": gain_iqr,
+            "fast_vs_ideal": vs_ideal, "fast_vs_ideal_iqr": vs_ideal_iqr}
+    benchmark.extra_info.update(info)
+    print(f"\n{device} batch {batch}: compaction efficiency (ideal / compaction) {eff:.3f} (IQR {eff_iqr:.3f}); "
+          f"fast-{mode} speed-up over compaction {gain:.3f} (IQR {gain_iqr:.3f}); fast / ideal {vs_ideal:.3f} "
+          f"(IQR {vs_ideal_iqr:.3f})")
+    return info
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 256, 1024])
+def test_gpu_compaction_and_fast_path(benchmark, setup, batch):
+    """Issue targets on GPU: compaction >= 0.90 of the per-stage ideal at batch 256 and 1024; the fast path
+    (CUDA graphs) >= the eager compaction there; at batch 1 the fast path <= 1.1 x the per-stage ideal."""
+    _fast_targets(benchmark, setup, torch.device("cuda"), batch, "graphs", repeats=100)
+
+
+def test_cpu_fast_path_compile(benchmark, setup):
+    """The torch.compile fast path on this CPU at batch 256, beside the eager compaction (no target on CPU:
+    reported; building it compiles every stage once, a minute or more on 2 cores)."""
+    _fast_targets(benchmark, setup, torch.device("cpu"), 256, "compile", repeats=12)

@@ -1,0 +1,147 @@
+"""The fast path: the dynamic forward with every (stage, bucketed batch size) compiled or captured.
+
+Per-sample exit changes the batch size from stage to stage, and on a GPU a small batch is dominated by
+kernel launches and Python. The fast path removes both while keeping compaction's semantics: the samples
+that reach stage k (n of them) are padded up to the next *bucket* b >= n, stage k and its head run as one
+pre-built callable for (k, b), and the first n rows of the outputs go on. Gating and partitioning are
+``MultiExitNet.forward_dynamic``'s own (one host read per exit); only its ``step`` is replaced.
+
+- ``compile``: ``torch.compile(stage + head, dynamic=False)``, one specialisation per bucket.
+- ``graphs`` (CUDA only): one CUDA graph captured per (stage, bucket) with static input/output buffers;
+  a replay launches the whole stage at once.
+
+Both build lazily, the first time a (stage, bucket) is reached; the latency variants call every batch once
+before timing, so building never falls in a timed region. Padding rows are zeros (compile) or stale rows of
+an earlier batch (graphs); in eval mode every layer of these networks is per-sample (BatchNorm uses its
+running statistics), so padding cannot change a real row -- ``tests/test_fast.py`` checks the predictions
+and exits equal the eager forward's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from exitbench.errors import UserError
+from exitbench.methods.base import MultiExitNet, Policy
+
+FAST_MODES = ("none", "compile", "graphs")
+
+HeadOut = Tensor | tuple[Tensor, Tensor]
+
+
+def buckets_for(batch_size: int) -> tuple[int, ...]:
+    """The bucket sizes for batches of up to ``batch_size``: the powers of two below it, and itself.
+    A surviving batch pads to at most twice its size, and there are only log2(batch) shapes to build."""
+    sizes, b = [], 1
+    while b < batch_size:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, batch_size)
+
+
+def check_fast(mode: str, device: torch.device, where: str = "evaluation.fast") -> None:
+    """A one-line :class:`UserError` for an unknown mode, or CUDA graphs off CUDA."""
+    if mode not in FAST_MODES:
+        raise UserError(f"{where}: unknown fast path {mode!r}; use {', '.join(FAST_MODES)}")
+    if mode == "graphs" and device.type != "cuda":
+        raise UserError(f"{where}: graphs needs a CUDA device but the cell runs on {device}; use fast: compile "
+                        f"(torch.compile per bucket) or none")
+
+
+class _StageHead(nn.Module):
+    """Stage k followed by its head, as one module to compile or capture."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module):
+        super().__init__()
+        self.stage, self.head = stage, head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, HeadOut]:
+        x = self.stage(x)
+        return x, self.head(x)
+
+
+def _allow_specialisations(n: int) -> None:
+    # torch.compile keeps a few specialisations per code object (8 by default) and silently falls back to
+    # eager past them; every (stage, bucket) is one, and all share _StageHead.forward's code.
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
+
+
+class _Graph:
+    """One CUDA graph of ``module`` at a fixed input shape, with static buffers."""
+
+    def __init__(self, module: nn.Module, example: Tensor):
+        self.static_in = example.clone()
+        stream = torch.cuda.Stream(example.device)
+        stream.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(stream), torch.no_grad():  # warm-up off the capture: lazy init, cuDNN choice
+            for _ in range(3):
+                module(self.static_in)
+        torch.cuda.current_stream(example.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.static_out = module(self.static_in)
+
+    def __call__(self, x: Tensor):
+        self.static_in[: x.shape[0]].copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+
+def _pad(x: Tensor, b: int) -> Tensor:
+    """``x`` with zero rows appended up to ``b`` rows (``x`` itself when it has them)."""
+    return x if x.shape[0] == b else torch.cat([x, x.new_zeros((b - x.shape[0], *x.shape[1:]))])
+
+
+class FastForward:
+    """``forward_dynamic`` with each stage run through a compiled or captured callable per bucket.
+
+    ``fast(x, policy) -> (logits [B, C], exit index [B])``, the same contract as
+    ``MultiExitNet.forward_dynamic``; ``built`` lists the (stage, bucket) pairs made so far.
+    """
+
+    def __init__(self, net: MultiExitNet, mode: str, buckets: Sequence[int]):
+        if mode not in ("compile", "graphs"):
+            raise ValueError(f"fast path mode {mode!r}: use compile or graphs")
+        self.net, self.mode, self.buckets = net, mode, tuple(sorted(buckets))
+        self._parts = [_StageHead(s, h) for s, h in zip(net.stages, net.heads)]
+        self._runners: dict[tuple[int, int], Callable] = {}
+        if mode == "compile":
+            _allow_specialisations(len(self._parts) * len(self.buckets) + 8)
+
+    @property
+    def built(self) -> list[tuple[int, int]]:
+        return sorted(self._runners)
+
+    def bucket(self, n: int) -> int:
+        """The smallest bucket that holds ``n`` rows."""
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} rows exceed the largest bucket {self.buckets[-1]}")
+
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, HeadOut]:
+        """Stage k and its head on ``x`` padded to its bucket; the outputs cut back to ``x``'s rows.
+        A graph's outputs are views of its static buffers, valid until that (stage, bucket) runs again --
+        ``forward_dynamic`` has consumed them by then (it copies what it keeps)."""
+        n = x.shape[0]
+        b = self.bucket(n)
+        runner = self._runners.get((k, b))
+        if self.mode == "graphs":
+            if runner is None:
+                runner = self._runners[(k, b)] = _Graph(self._parts[k], _pad(x, b))
+            feats, out = runner(x)  # copies x into the first n rows of the static input
+        else:
+            if runner is None:
+                runner = self._runners[(k, b)] = torch.compile(self._parts[k], dynamic=False)
+            feats, out = runner(_pad(x, b))
+        if b == n:
+            return feats, out
+        return feats[:n], (tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n])
+
+    def __call__(self, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
+        return self.net.forward_dynamic(x, policy, step=self.step)
