@@ -52,7 +52,7 @@ FAMILIES = ("resnet", "densenet", "vgg", "efficientnet", "mobilenetv3", "vit")
 TESTED_BACKBONES = (
     "test_resnet", "test_efficientnet", "test_vit", "test_vit2", "resnet10t", "resnet18", "resnet50",
     "densenet121", "vgg11_bn", "vgg16_bn", "efficientnet_b0", "mobilenetv3_small_050", "mobilenetv3_small_100",
-    "vit_tiny_patch16_224",
+    "vit_tiny_patch16_224", "cifar_resnet56", "cifar_resnet110", "cifar_densenet_bc100",  # benchmarks.models
 )
 
 SMALL_INPUT_MAX_SIDE = 64
@@ -175,7 +175,7 @@ Cut = tuple[list[nn.Module], list[str], nn.Module]
 def _cut_resnet(m: nn.Module) -> Cut:
     blocks, names = [], []
     for lname, layer in m.named_children():
-        if lname.startswith("layer"):
+        if lname.startswith("layer") and isinstance(layer, nn.Sequential):  # CIFAR ResNets: layer4 = Identity
             for j, block in enumerate(layer):
                 blocks.append(block)
                 names.append(f"{lname}.{j}")
@@ -293,7 +293,7 @@ def resolve_small_stem(input_size: tuple[int, int, int], small_stem: bool | None
 
 
 def _check_args(name: str, num_classes: int, input_size: Any) -> tuple[int, int, int]:
-    import timm
+    from exitbench.benchmarks.models import timm  # timm, with exitbench's models registered
 
     if not timm.is_model(name):
         raise UserError(f"backbone: unknown timm model {name!r}; {did_you_mean(name, timm.list_models())}")
@@ -319,7 +319,7 @@ def create_timm_model(name: str, num_classes: int, input_size: tuple[int, int, i
     With ``pretrained`` and a small stem, a 7x7 stem conv is replaced by a freshly initialised 3x3
     one (the rest keeps its pretrained weights); a 3x3 stem keeps its weights at stride 1.
     """
-    import timm
+    from exitbench.benchmarks.models import timm  # timm, with exitbench's models registered
 
     size = _check_args(name, num_classes, input_size)
     small = resolve_small_stem(size, small_stem)

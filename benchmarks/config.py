@@ -251,9 +251,9 @@ def load_matrix(path: str | Path | None) -> dict:
 
 def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
-    import timm  # kept out of import time: `exitbench --help` should be instant
-
+    # kept out of import time (`exitbench --help` should be instant); timm with exitbench's models registered
     from exitbench.benchmarks.data import dataset_info, list_datasets
+    from exitbench.benchmarks.models import timm
     from exitbench.methods.base import get_method
 
     _check_keys(matrix, _TOP, "")
