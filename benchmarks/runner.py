@@ -20,20 +20,22 @@ from exitbench.benchmarks.data import to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.latency import num_threads
+from exitbench.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
 from exitbench.methods.base import StagedBackbone, UserError, get_method
 from exitbench.results import SCHEMA_VERSION, CellResult
 from exitbench.store import read_json, remove_orphans, write_manifest
 
 
-def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None
-             ) -> CellResult:
-    """Run one cell from scratch, stage by stage, and return its result (status ``ok``); raises on failure."""
+def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None,
+             stale_after: float = DEFAULT_STALE_AFTER) -> CellResult:
+    """Run one cell from scratch, stage by stage, and return its result (status ``ok``); raises on failure.
+    ``stale_after``: how long a claim on a backbone being trained may go without a heartbeat."""
     start = time.perf_counter()
     device = resolve_device(cell.evaluation.device, "evaluation.device")
     with num_threads(cell.evaluation.threads):
         prepare(device)
         splits = st.prepare_data(cell, download, memo)
-        ref = st.prepare_backbone(cell, splits, cache_dir, device)
+        ref = st.prepare_backbone(cell, splits, cache_dir, device, stale_after=stale_after)
         fitted = st.fit_method(cell, splits, ref.backbone, device)
         traces = st.record_traces(fitted.net, splits)
         st.save_artifacts(out_dir, cell, traces, fitted.net)
@@ -130,45 +132,93 @@ def _error(cell: Cell, e: Exception) -> CellResult:
                       traceback=traceback.format_exc(limit=8))
 
 
+def claim_path(claims_dir: Path, cell: Cell) -> Path:
+    """The lock file a runner holds while it computes ``cell`` (``exitbench.claims``)."""
+    return claims_dir / f"{cell.slug()}.lock"
+
+
 def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: bool = False,
-               progress: bool = True, matrix: str = "matrix") -> dict[str, int]:
+               progress: bool = True, matrix: str = "matrix", claims_dir: Path | None = None,
+               stale_after: float = DEFAULT_STALE_AFTER) -> dict[str, int]:
     """Run every cell not already done; an error in one cell is recorded there and the rest go on.
 
     A cell whose result exists with status ``ok`` and the same analysis keys is reused; one whose
     evaluation settings changed is re-analysed from its traces and weights (nothing is trained);
-    errors are retried. The directory's manifest records the cells of this run.
+    errors are retried. Each cell is claimed first (``claims_dir``, default ``OUT/claims``): a cell that
+    another live runner holds is skipped (counted ``elsewhere``), one whose runner stopped heartbeating
+    for ``stale_after`` seconds is taken over. The directory's manifest records the cells of this run.
     """
-    counts = {"ok": 0, "error": 0, "reused": 0, "reanalysed": 0}
+    counts = {"ok": 0, "error": 0, "reused": 0, "reanalysed": 0, "elsewhere": 0}
+    claims_dir = claims_dir or out_dir / "claims"
+    began = time.time()
     for folder in ("cells", "traces", "weights"):
         remove_orphans(out_dir / folder)
     remove_orphans(cache_dir)
     write_manifest(out_dir, matrix, [c.slug() for c in cells], SCHEMA_VERSION)
     memo: dict = {}
     bar = tqdm(cells, desc="cells", unit="cell", disable=not progress)
+    held_elsewhere = []
     for cell in bar:
         path = cell_path(out_dir, cell)
         bar.set_postfix_str(f"{cell.backbone} {cell.method}")
-        previous = existing(path)
-        todo = _reusable(previous, cell, out_dir)
-        if todo == "reuse":
+        if _reusable(existing(path), cell, out_dir) == "reuse":
             counts["reused"] += 1
             tqdm.write(f"reused {cell.slug()}")
             continue
-        try:
-            if todo == "reanalyse":
-                result, redone = reanalyse(cell, previous, out_dir, download=download, memo=memo)
-                tqdm.write(f"re-analysed {cell.slug()} ({', '.join(redone)}) in {result.reanalysed['seconds']:.1f} s"
-                           ", nothing trained")
-            else:
-                result = run_cell(cell, out_dir, cache_dir, download=download, memo=memo)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # recorded in the cell's JSON; the other cells still run
-            result = _error(cell, e)
-            tqdm.write(f"error in {cell.slug()}: {result.error}")
-        st.write_result(path, result)
-        counts["reanalysed" if todo == "reanalyse" and result.ok else result.status] += 1
+        claim = try_claim(claim_path(claims_dir, cell), stale_after)
+        if claim is None:
+            held_elsewhere.append(cell)
+            tqdm.write(f"later {cell.slug()}: another runner ({holder(claim_path(claims_dir, cell))}) has it")
+            continue
+        with claim:
+            _run_claimed(cell, path, out_dir, cache_dir, download, memo, counts, stale_after)
+    for cell in held_elsewhere:  # wait until its runner finishes it, or take it over if that runner died
+        path = cell_path(out_dir, cell)
+        claim = wait_for(claim_path(claims_dir, cell), lambda p=path, c=cell: _finished_since(p, c, out_dir, began),
+                         stale_after)
+        if claim is None:
+            counts["elsewhere"] += 1
+            tqdm.write(f"done elsewhere {cell.slug()}")
+            continue
+        with claim:
+            tqdm.write(f"took over {cell.slug()} (its runner stopped heartbeating)")
+            _run_claimed(cell, path, out_dir, cache_dir, download, memo, counts, stale_after)
     return counts
+
+
+def _finished_since(path: Path, cell: Cell, out_dir: Path, began: float) -> bool:
+    """Another runner finished ``cell``: a reusable result, or an error written after ``began``."""
+    r = existing(path)
+    if r is None:
+        return False
+    try:
+        return _reusable(r, cell, out_dir) == "reuse" or path.stat().st_mtime >= began
+    except FileNotFoundError:
+        return False
+
+
+def _run_claimed(cell: Cell, path: Path, out_dir: Path, cache_dir: Path, download: bool, memo: dict,
+                 counts: dict[str, int], stale_after: float) -> None:
+    previous = existing(path)  # read again under the claim: another runner may have finished it meanwhile
+    todo = _reusable(previous, cell, out_dir)
+    if todo == "reuse":
+        counts["reused"] += 1
+        tqdm.write(f"reused {cell.slug()}")
+        return
+    try:
+        if todo == "reanalyse":
+            result, redone = reanalyse(cell, previous, out_dir, download=download, memo=memo)
+            tqdm.write(f"re-analysed {cell.slug()} ({', '.join(redone)}) in {result.reanalysed['seconds']:.1f} s"
+                       ", nothing trained")
+        else:
+            result = run_cell(cell, out_dir, cache_dir, download=download, memo=memo, stale_after=stale_after)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # recorded in the cell's JSON; the other cells still run
+        result = _error(cell, e)
+        tqdm.write(f"error in {cell.slug()}: {result.error}")
+    st.write_result(path, result)
+    counts["reanalysed" if todo == "reanalyse" and result.ok else result.status] += 1
 
 
 def preflight(cells: list[Cell], *, download: bool = False) -> None:

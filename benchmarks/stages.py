@@ -33,6 +33,7 @@ from exitbench.benchmarks.latency import default_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate
 from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
+from exitbench.claims import DEFAULT_STALE_AFTER, wait_for
 from exitbench.methods import calibration
 from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError, get_method
 from exitbench.methods.calibration import Choice
@@ -127,16 +128,26 @@ def backbone_cache_path(cell: Cell, backbone: StagedBackbone, cache_dir: Path) -
     return cache_dir / f"{cell.dataset}__{cell.backbone}__seed{cell.seed}__{key}.safetensors"
 
 
-def _weights(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device) -> tuple[StagedBackbone, dict]:
+def _weights(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device, stale_after: float
+             ) -> tuple[StagedBackbone, dict]:
     torch.manual_seed(cell.seed)  # the initial weights are part of what the seed determines
     backbone = make_backbone(cell, splits)
     if cell.weights != "train":
         return backbone.to(device), {"weights": cell.weights}
     path = backbone_cache_path(cell, backbone, cache_dir)
     stats_path = path.with_suffix(".json")
-    if path.exists() and stats_path.exists():
+    # several runners may need this backbone at once: the first to claim it trains it, the others wait for
+    # the cached weights (no two processes train or write one weights file)
+    claim = wait_for(path.with_name(path.name + ".lock"), lambda: path.exists() and stats_path.exists(), stale_after)
+    if claim is None:
         bb.load_weights(backbone, path)
         return backbone.to(device), {"weights": "train", "cache": str(path), "cached": True, **read_json(stats_path)}
+    with claim:
+        return _train_and_cache(cell, splits, backbone, path, stats_path, device)
+
+
+def _train_and_cache(cell: Cell, splits: Splits, backbone: StagedBackbone, path: Path, stats_path: Path,
+                     device: torch.device) -> tuple[StagedBackbone, dict]:
     budget = cell.backbone_training
     backbone.to(device)
     loader = make_loader(splits.train, budget.batch_size, True, cell.seed, device=device)
@@ -150,10 +161,12 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1) == labels).double().mean().item()
 
 
-def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device | None = None) -> Reference:
+def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device | None = None,
+                     stale_after: float = DEFAULT_STALE_AFTER) -> Reference:
     """The reference backbone (pretrained, a file, or trained here on ``device`` and cached) in eval mode on
-    ``device`` (default: the CPU), with its calibration and test accuracy."""
-    backbone, stats = _weights(cell, splits, cache_dir, device or torch.device("cpu"))
+    ``device`` (default: the CPU), with its calibration and test accuracy. A backbone another runner is
+    training is waited for (its claim must heartbeat within ``stale_after`` seconds, else it is taken over)."""
+    backbone, stats = _weights(cell, splits, cache_dir, device or torch.device("cpu"), stale_after)
     backbone.eval()
     (cal_x, cal_y), (test_x, test_y) = to_tensors(splits.calibration), to_tensors(splits.test)
     return Reference(backbone, stats, _accuracy(predict_logits(backbone, cal_x), cal_y),

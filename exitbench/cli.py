@@ -47,6 +47,20 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out: cannot write to {out} ({e.strerror or e}); choose a writable directory") from None
 
 
+def _check_claims(claims: Path, timeout: float | None) -> None:
+    """The claims directory must be writable (a lock file is created there before each cell)."""
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--claim-timeout: must be a positive number of seconds, got {timeout:g}")
+    try:
+        claims.mkdir(parents=True, exist_ok=True)
+        probe = claims / f".write-check.{os.getpid()}.lock"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--claims: cannot create lock files in {claims} ({e.strerror or e}); give a writable "
+                        "directory that every runner of this --out can reach") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.config import load_matrix
     from exitbench.benchmarks.runner import cell_path, existing, run_matrix
@@ -60,6 +74,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
     _check_out(out)  # before the matrix is expanded and backbones are built for the preflight
+    claims = Path(args.claims) if args.claims else out / "claims"
+    _check_claims(claims, args.claim_timeout)
     matrix, cells = _cells(args, matrix)
     overrides = {"threads": args.threads} if args.threads else {}
     if args.no_latency:
@@ -88,10 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
     counts = run_matrix(cells, out, Path(args.cache) if args.cache else default_cache(),
-                        download=args.download, progress=not args.quiet, matrix=matrix["name"])
+                        download=args.download, progress=not args.quiet, matrix=matrix["name"], claims_dir=claims,
+                        **({"stale_after": args.claim_timeout} if args.claim_timeout else {}))
     paths = write_summary(out)
     print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reanalysed']} re-analysed, "
-          f"{counts['reused']} reused in {time.perf_counter() - t0:.0f} s")
+          f"{counts['reused']} reused" + (f", {counts['elsewhere']} left to other runners" if counts["elsewhere"]
+                                          else "") + f" in {time.perf_counter() - t0:.0f} s")
     for p in [out / "cells", *paths]:
         print(f"  {p}")
     return 1 if counts["error"] else 0
@@ -260,9 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps: where cells train, record traces and are "
                                       "timed (default: the matrix's evaluation.device, auto = CUDA if present); "
                                       "finished cells are re-timed there, not retrained")
-    run.add_argument("--fast", help="also time the fast path: compile (torch.compile per "
-                                                          "bucket) or graphs (CUDA graphs; CUDA only); default: the "
-                                                          "matrix's evaluation.fast")
+    run.add_argument("--fast", help="none | compile | graphs: also time the fast path, torch.compile or CUDA graphs "
+                                    "(CUDA only) per bucketed batch size (default: the matrix's evaluation.fast)")
+    run.add_argument("--claims", help="where runners sharing this --out lock the cells they compute (default: "
+                                      "OUT/claims; must be reachable by every runner)")
+    run.add_argument("--claim-timeout", type=float, help="seconds without a heartbeat after which another runner's "
+                                                         "claim counts as abandoned and is taken over (default 600)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rc = run.add_argument_group("risk control (override the matrix's risk_control block and switch it on)")
     rc.add_argument("--rc-rules", help="comma-separated: naive,crc,crc-raw,ucb-wsr,ucb-hb,ucb-hoeffding,ltt,"
@@ -291,15 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--batch-sizes", help="comma-separated (default: the device's: CPU 1,32,256; CUDA 1,64,256,1024)")
     tim.add_argument("--repeats", type=int, help="timing repeats (default: the cell's; at least 100 on CUDA)")
     tim.add_argument("--threads", type=int, help="CPU threads (default: the cell's)")
-    tim.add_argument("--fast", help="the fast path to time as well (default: the cell's)")
+    tim.add_argument("--fast", help="none | compile | graphs: the fast path to time as well (default: the cell's)")
     tim.set_defaults(func=cmd_time)
     doc = sub.add_parser("doctor", help="check the device path: run a small matrix on --device and print every "
                                         "latency variant's ratio (a few minutes on one GPU)")
     doc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     doc.add_argument("--out", help="results directory (default: a new temporary one)")
     doc.add_argument("--cache", help="backbone cache (default: $EXITBENCH_CACHE or ~/.cache/exitbench/weights)")
-    doc.add_argument("--fast", help="the fast path to time as well (default: graphs on CUDA, "
-                                                          "none elsewhere)")
+    doc.add_argument("--fast", help="none | compile | graphs: the fast path to time as well (default: graphs on "
+                                    "CUDA, none elsewhere)")
     doc.add_argument("--quiet", action="store_true", help="no progress bar")
     doc.set_defaults(func=cmd_doctor)
 

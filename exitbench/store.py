@@ -1,15 +1,19 @@
 """The one atomic writer, for every file exitbench writes (results, traces, weights, reports, figures),
 and the results directory's manifest. Torch-free.
 
-A writer fills a temporary sibling ``.NAME.PID.tmp`` and renames it over the target in one step, so a
-reader sees the old file or the whole new one, never a torn write; a writer killed between the two
-leaves only the temporary file, which :func:`remove_orphans` deletes once its PID is gone.
+A writer fills a temporary sibling ``.NAME.HOST.PID.tmp`` and renames it over the target in one step, so a
+reader sees the old file or the whole new one, never a torn write, and two writers (processes, or hosts
+sharing a file system) never share a temporary file; a writer killed between the two leaves only the
+temporary file, which :func:`remove_orphans` deletes once its PID is gone on this host (another host's
+after a day: its PIDs cannot be checked from here).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,10 +22,17 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+ORPHAN_AGE_OTHER_HOST = 86400.0  # seconds after which another host's temporary file counts as abandoned
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "-") or "host"  # no dots: the name is split on them
+
+
 def tmp_path(path: str | Path) -> Path:
-    """The temporary sibling a writer fills before the rename: ``.NAME.PID.tmp``."""
+    """The temporary sibling a writer fills before the rename: ``.NAME.HOST.PID.tmp``."""
     p = Path(path)
-    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    return p.with_name(f".{p.name}.{_host()}.{os.getpid()}.tmp")
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -69,14 +80,20 @@ def remove_orphans(folder: str | Path) -> list[Path]:
     between write and rename); returns what was removed."""
     removed = []
     for p in Path(folder).glob(".*.tmp"):
-        pid = p.name[:-4].rsplit(".", 1)[-1]
-        alive = False
-        if pid.isdigit():
+        host, pid = (p.name[:-4].rsplit(".", 2) + ["", ""])[1:3]
+        if host != _host():
             try:
-                os.kill(int(pid), 0)
-                alive = int(pid) != os.getpid()
-            except OSError:
-                alive = False
+                alive = time.time() - p.stat().st_mtime < ORPHAN_AGE_OTHER_HOST
+            except FileNotFoundError:
+                continue
+        else:
+            alive = False
+            if pid.isdigit():
+                try:
+                    os.kill(int(pid), 0)
+                    alive = int(pid) != os.getpid()
+                except OSError:
+                    alive = False
         if not alive:
             p.unlink(missing_ok=True)
             removed.append(p)

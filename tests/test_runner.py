@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import yaml
 from exitbench.cli import main
 from exitbench.methods.base import register_method
 from exitbench.methods.pteenet import PTEENet
+from exitbench.store import tmp_path as tmp_path_of
 
 TINY = {
     "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
@@ -278,12 +280,15 @@ def test_newer_schema_and_orphans_and_corrupt_results(quick_run, tmp_path, capsy
     assert main(["report", str(d)]) == 2 and "schema_version 99" in capsys.readouterr().err
     # a corrupt JSON is no result; a dead writer's temporary files are removed by the next run
     cells[0].write_text("{not json")
-    orphan = d / "cells" / f".{cells[1].name}.999999999.tmp"
+    mine = tmp_path_of(cells[1])  # this host, this PID: a dead writer is this host with a PID that is gone
+    orphan = mine.with_name(mine.name.replace(f".{os.getpid()}.tmp", ".999999999.tmp"))
     orphan.write_text("half")
+    elsewhere = mine.with_name(f".{cells[1].name}.other-host.1.tmp")  # another host's: its PID means nothing here
+    elsewhere.write_text("being written")
     assert main(run) == 0
     text = capsys.readouterr().out
     assert "(1 already have results)" in text and "1 ok" in text and "1 reused" in text
-    assert not orphan.exists()
+    assert not orphan.exists() and elsewhere.exists()  # left alone until it is a day old
 
 
 def test_evaluation_changes_reanalyse_without_training(quick_run, tmp_path, capsys, monkeypatch):
