@@ -13,6 +13,11 @@ timm's modules (no copies), so timm's code does the work and the cut cannot drif
 | mobilenetv3  | MobileNetV3         | block inside ``blocks``            | ``blocks.3.1``        |
 | vit          | VisionTransformer   | transformer block                  | ``blocks.7``          |
 
+Every other timm classifier built as stem -> stages -> blocks -> head (ConvNeXt, RegNet, ByobNet, Swin,
+EfficientViT, LeViT, GhostNet, MLP-Mixer, ...) is cut by one generic rule, :mod:`generic_cut`: blocks
+found by name, the model's own forward traced with torch.fx and cut where one tensor flows. Its family is
+the model's timm module (``convnext``, ``swin_transformer``); it has no small-image stem.
+
 ``blocks[0]`` starts with the stem (ViT: patch_embed, _pos_embed, patch_drop, norm_pre). A DenseNet
 transition opens the block after it, so an exit after a dense block sees the dense block's output
 (timm's feature taps). ``head`` is everything after the last block: final norm / conv_head /
@@ -40,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from exitbench.benchmarks import flops
+from exitbench.benchmarks.generic_cut import cut_generic
 from exitbench.methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
 from exitbench.store import write_atomic
 
@@ -53,6 +59,9 @@ TESTED_BACKBONES = (
     "test_resnet", "test_efficientnet", "test_vit", "test_vit2", "resnet10t", "resnet18", "resnet50",
     "densenet121", "vgg11_bn", "vgg16_bn", "efficientnet_b0", "mobilenetv3_small_050", "mobilenetv3_small_100",
     "vit_tiny_patch16_224", "cifar_resnet56", "cifar_resnet110", "cifar_densenet_bc100",  # benchmarks.models
+    # the generic rule (benchmarks.generic_cut)
+    "test_convnext", "regnetx_002", "test_byobnet", "swin_tiny_patch4_window7_224", "efficientvit_m0",
+    "efficientvit_b0", "levit_128s", "ghostnet_050",
 )
 
 SMALL_INPUT_MAX_SIDE = 64
@@ -245,8 +254,9 @@ def _cut_vit(m: nn.Module) -> Cut:
 @dataclass(frozen=True)
 class _Family:
     name: str
-    small_stem: Callable[[nn.Module], None]
+    small_stem: Callable[[nn.Module], None] | None  # None: the family has no small-image stem
     cut: Callable[[nn.Module], Cut]
+    generic: bool = False  # cut by benchmarks.generic_cut's rule, not by a hand adapter
 
 
 @cache
@@ -271,12 +281,15 @@ def _families() -> dict[type, _Family]:
 
 
 def _family_of(model: nn.Module, name: str) -> _Family:
+    """The hand adapter of the model's exact timm class, else the generic rule (``generic_cut``) named after
+    the model's timm module (``convnext``, ``swin_transformer``, ...)."""
     fam = _families().get(type(model))
-    if fam is None:
-        supported = ", ".join(f"{f.name} ({cls.__name__})" for cls, f in _families().items())
-        raise UserError(f"backbone: {name!r} is a timm {type(model).__name__}, which exitbench cannot cut into "
-                        f"blocks; supported families: {supported}")
-    return fam
+    if fam is not None:
+        return fam
+    if not type(model).__module__.startswith("timm."):
+        raise UserError(f"backbone: {name!r} is a {type(model).__name__}, not a timm model; exitbench cuts timm "
+                        "classifiers")
+    return _Family(type(model).__module__.rsplit(".", 1)[-1], None, lambda m: cut_generic(m, name), generic=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,10 +359,30 @@ def create_timm_model(name: str, num_classes: int, input_size: tuple[int, int, i
     if not is_vit and _family_of(model, name).name == "vit":  # a ViT registered in another timm module
         model = create(vit_kwargs)
     fam = _family_of(model, name)
-    if small:
+    if fam.generic and _takes_img_size(model) and tuple(size[1:]) != _default_size(model):
+        # Swin, LeViT, EfficientViT: grids and biases sized at creation (an int where square: some take only that)
+        model = create({"img_size": size[1] if size[1] == size[2] else size[1:]})
+    if fam.small_stem is None:
+        if small_stem:
+            raise UserError(f"backbone {name}: small_stem is not available for timm's {type(model).__name__} "
+                            f"(cut by the generic rule, stem left as timm builds it); set small_stem: false")
+        small = False
+    elif small:
         fam.small_stem(model)
     model.exitbench_small_stem = small  # read by stage_model
     return model
+
+
+def _takes_img_size(model: nn.Module) -> bool:
+    import inspect
+
+    return any("img_size" in inspect.signature(c.__init__).parameters  # LevitDistilled(*args) passes it on
+               for c in type(model).__mro__ if issubclass(c, nn.Module) and c is not nn.Module)
+
+
+def _default_size(model: nn.Module) -> tuple[int, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224))[1:])
 
 
 def stage_model(model: nn.Module, *, name: str = "", num_classes: int | None = None,
@@ -365,16 +398,21 @@ def stage_model(model: nn.Module, *, name: str = "", num_classes: int | None = N
     backbone = StagedBackbone(blocks, names, head, name=name, num_classes=int(num_classes or model.num_classes),
                               input_size=tuple(input_size))
     backbone.family = fam.name
+    backbone.cut_rule = "generic" if fam.generic else "adapter"
     backbone.small_stem = bool(getattr(model, "exitbench_small_stem", False))
     backbone.prefix_tokens = int(model.num_prefix_tokens) if fam.name == "vit" else 0
+    # Swin and MambaOut hand (H, W, C) maps from block to block (timm's output_fmt says so)
+    channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
 
     shapes = flops.measure_blocks(backbone)
     cumulative = 0
     for i, (block_name, shape) in enumerate(zip(names[:-1], shapes[:-1])):
         cumulative += backbone.block_macs[i]
-        channels = shape[-1] if fam.name == "vit" else shape[0]  # (tokens, C) or (C, H, W)
-        backbone.candidates.append(ExitPoint(index=i, name=block_name, channels=int(channels), feature_shape=shape,
-                                             macs_cumulative=cumulative, prefix_tokens=backbone.prefix_tokens))
+        last = len(shape) == 2 or (channels_last and len(shape) == 3)  # (tokens, C), (H, W, C) or (C, H, W)
+        backbone.candidates.append(ExitPoint(index=i, name=block_name, channels=int(shape[-1] if last else shape[0]),
+                                             feature_shape=shape, macs_cumulative=cumulative,
+                                             prefix_tokens=backbone.prefix_tokens,
+                                             channels_last=channels_last and len(shape) == 3))
     return backbone
 
 
@@ -396,9 +434,9 @@ def create_backbone(name: str, num_classes: int, input_size: tuple[int, int, int
         raise UserError("weights: 'train' is resolved by the harness (it trains, then caches with save_weights); "
                         "create_backbone takes None or a file path")
     size = _check_args(name, num_classes, input_size)
-    small = resolve_small_stem(size, small_stem)
     state = _read_state_dict(weights)[0] if weights is not None else None  # before building: fail fast
-    model = create_timm_model(name, num_classes, size, small, pretrained, **timm_kwargs)
+    model = create_timm_model(name, num_classes, size, small_stem, pretrained, **timm_kwargs)
+    small = model.exitbench_small_stem
     backbone = stage_model(model, name=name, num_classes=num_classes, input_size=size)
     if state is not None:
         # A file written by save_weights has the staged keys (blocks.0.stem...), any other the timm keys.

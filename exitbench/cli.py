@@ -1,4 +1,4 @@
-"""``exitbench run | validate | list | check | time | doctor | report | compare``: the command line.
+"""``exitbench run | validate | plan | list | check | time | doctor | report | compare``: the command line.
 
 User mistakes (bad names, malformed YAML, unknown keys, impossible placements, missing data files)
 end as one line on stderr and exit code 2, never a traceback.
@@ -150,6 +150,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """How many cells, their state in --out, the backbones to train first, and an estimated cost."""
+    from exitbench.benchmarks.config import expand, load_matrix
+    from exitbench.benchmarks.device import resolve_device
+    from exitbench.benchmarks.plan import measure_throughput, plan_cells
+
+    matrix = load_matrix(args.matrix)
+    cells = expand(matrix)  # no data needed: sizes are known per dataset, networks are built without weights
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.is_dir():
+        print(f"exitbench plan: {out} does not exist yet: every cell is pending")
+        out = None
+    device = resolve_device(args.device)
+    rate = measure_throughput(device)
+    plans = plan_cells(cells, out, Path(args.cache) if args.cache else default_cache(), rate,
+                       Path(args.claims) if args.claims else None)
+    states = {s: sum(p.state == s for p in plans) for s in ("done", "re-analyse", "running", "failed", "pending")}
+    print(f"exitbench plan: matrix {matrix['name']!r}: {len(plans)} cells"
+          + (f" in {out}: " + ", ".join(f"{n} {s}" for s, n in states.items() if n) if out else ""))
+    backbones = [p for p in plans if p.backbone_s]
+    if backbones:
+        print(f"backbones to train first ({len(backbones)}): " + "; ".join(
+            f"{p.cell.dataset} {p.cell.backbone} seed {p.cell.seed} ({_hours(p.backbone_s)})" for p in backbones))
+    print(f"estimate (an estimate, not a measurement): MACs x samples x epochs at {rate / 1e9:.1f} G training "
+          f"MAC/s, measured on {device} in 3 s")
+    print(f"  {'cell':<60} {'state':<10} {'MMACs':>8} {'backbone':>9} {'method':>9} {'traces':>8} {'timing':>8}"
+          f" {'total':>9}")
+    for p in plans:
+        who = f" ({p.who})" if p.who else ""
+        print(f"  {p.cell.slug()[:60]:<60} {p.state + who:<10} {p.macs / 1e6:>8.1f} {_hours(p.backbone_s):>9} "
+              f"{_hours(p.method_s):>9} {_hours(p.traces_s):>8} {_hours(p.latency_s):>8} {_hours(p.estimate_s):>9}")
+    todo = [p for p in plans if p.state not in ("done", "running")]
+    total, left = sum(p.estimate_s for p in plans), sum(p.estimate_s for p in todo)
+    print(f"total: {_hours(total)} for the whole matrix on {device}, {_hours(left)} for the {len(todo)} cells "
+          f"not done or running (estimates)")
+    return 0
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+        else f"{seconds:.0f} s"
+
+
 # The modules that define the product's registries; importing them fills exitbench.registry.REGISTRIES.
 REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.methods.rules",
                     "exitbench.benchmarks.data", "exitbench.benchmarks.variants")
@@ -185,7 +228,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}s:")
         for name, text in reg.describe():
             print(f"  {name:<24} {text}")
-    print("backbone families (any timm model of these): " + ", ".join(list_families()))
+    print("backbone families cut by hand (any timm model of these): " + ", ".join(list_families())
+          + "; any other timm model built as stem -> stages -> blocks -> head is cut by the generic rule")
     print("backbones covered by the tests:\n  " + ", ".join(TESTED_BACKBONES))
     return 0
 
@@ -299,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("matrix", nargs="?", default=None)
     val.add_argument("--download", action="store_true")
     val.set_defaults(func=cmd_validate)
+    pln = sub.add_parser("plan", help="a matrix's cells, their state in --out, backbones to train, estimated cost")
+    pln.add_argument("matrix", nargs="?", default=None)
+    pln.add_argument("--out", help="results directory to report progress on (the --out of `exitbench run`)")
+    pln.add_argument("--cache", help="backbone cache (default: $EXITBENCH_CACHE or ~/.cache/exitbench/weights)")
+    pln.add_argument("--claims", help="the runners' claims directory (default: OUT/claims)")
+    pln.add_argument("--device", default="auto", help="where to measure the throughput (default: auto)")
+    pln.set_defaults(func=cmd_plan)
     lst = sub.add_parser("list", help="methods (with each hyper-parameter's default and help), datasets, backbones")
     lst.set_defaults(func=cmd_list)
     chk = sub.add_parser("check", help="run the method contract against an installed method (e.g. a plugin)")

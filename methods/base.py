@@ -31,9 +31,10 @@ class ExitPoint:
     """A block boundary where an exit head may attach.
 
     ``index`` is the block after which the point sits (0-based, in the backbone's block list);
-    ``feature_shape`` is the per-sample shape there: (C, H, W) for CNNs, (tokens, C) for ViTs, whose
-    first ``prefix_tokens`` tokens are class/register tokens; ``macs_cumulative`` is the backbone's
-    MACs (batch 1) from the input up to and including that block.
+    ``feature_shape`` is the per-sample shape there: (C, H, W) for CNNs, (H, W, C) when
+    ``channels_last`` (Swin, MambaOut), (tokens, C) for ViTs, whose first ``prefix_tokens`` tokens are
+    class/register tokens; ``macs_cumulative`` is the backbone's MACs (batch 1) from the input up to and
+    including that block. ``exitbench.methods.heads.to_map`` turns any of these into a [B, C, H, W] map.
     """
 
     index: int
@@ -42,6 +43,7 @@ class ExitPoint:
     feature_shape: tuple[int, ...]
     macs_cumulative: int
     prefix_tokens: int = 0
+    channels_last: bool = False
 
 
 class StagedBackbone(nn.Module):

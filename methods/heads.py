@@ -1,8 +1,8 @@
 """Exit-head building blocks shared by methods.
 
-Heads take the features at an exit point: a map [B, C, H, W] for CNNs, or tokens [B, T, C] for ViTs,
-which are turned into a map (prefix tokens dropped, patch tokens laid out on their square grid) so
-that the same conv branch serves both.
+Heads take the features at an exit point: a map [B, C, H, W] for CNNs, a channels-last map [B, H, W, C]
+(Swin, MambaOut) or tokens [B, T, C] for ViTs, which are turned into a [B, C, H, W] map (prefix tokens
+dropped, patch tokens laid out on their square grid) so that the same conv branch serves all.
 
 Heads: ``ConvBranch`` (PTEENet's conv2 branch; depth 0 = EENet's "pool" head; BranchyNet's branch
 without the confidence output), ``BNPoolBranch`` (EENet's "bnpool") and ``SDNHead`` (SDN's
@@ -34,9 +34,18 @@ class TokensToMap(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
 
 
+class ChannelsLastToMap(nn.Module):
+    """[B, H, W, C] (Swin, MambaOut) -> [B, C, H, W]."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
 def to_map(exit_point: ExitPoint) -> nn.Module:
     """The adapter from an exit point's features to a [B, C, H, W] map (identity for CNNs)."""
-    return TokensToMap(exit_point.prefix_tokens) if len(exit_point.feature_shape) == 2 else nn.Identity()
+    if len(exit_point.feature_shape) == 2:
+        return TokensToMap(exit_point.prefix_tokens)
+    return ChannelsLastToMap() if exit_point.channels_last else nn.Identity()
 
 
 def conv_blocks(channels: int, depth: int) -> nn.Sequential:
@@ -90,7 +99,7 @@ def map_side(exit_point: ExitPoint) -> int:
     shape = exit_point.feature_shape
     if len(shape) == 2:
         return math.isqrt(shape[0] - exit_point.prefix_tokens)
-    return shape[1]
+    return shape[0] if exit_point.channels_last else shape[1]
 
 
 class MixedPool(nn.Module):

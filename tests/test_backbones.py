@@ -21,6 +21,7 @@ from exitbench.benchmarks.backbones import (
     stage_model,
 )
 from exitbench.methods.base import StagedBackbone, UserError
+from exitbench.methods.heads import to_map
 
 # (timm name, input side, small stem): tiny or small-input models of every family, both stems
 CASES = [
@@ -38,6 +39,18 @@ CASES = [
     ("test_vit", 32, False),  # patch 16 -> 2x2 grid
     ("test_vit2", 32, True),  # register tokens, average pooling
 ]
+# the generic rule (benchmarks.generic_cut), one model per family, at 32 px: the stem as timm builds it
+GENERIC = [
+    ("test_convnext", 32, None),  # stages.N.blocks.M, a downsample opening each stage
+    ("regnetx_002", 32, None),  # s1..s4 of b1..bN
+    ("test_byobnet", 32, None),  # stages.N.M
+    ("swin_tiny_patch4_window7_224", 32, None),  # channels-last (H, W, C) maps; img_size at creation
+    ("efficientvit_m0", 32, None),
+    ("efficientvit_b0", 32, None),
+    ("levit_128s", 32, None),  # tokens without prefix; a distilled head (two classifiers averaged)
+    ("ghostnet_050", 32, None),  # blocks.N.M
+]
+CASES += GENERIC
 
 
 @cache  # built once per case; the tests only read them
@@ -61,7 +74,10 @@ def test_blocks_then_head_equal_timm_forward(name, side, small):
         out = bb.head(h)
     assert out.shape == (2, 10)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
-    assert bb.small_stem == resolve_small_stem((3, side, side), small)
+    if bb.cut_rule == "generic":
+        assert bb.small_stem is False and torch.equal(out, ref)  # the same graph, node for node
+    else:
+        assert bb.small_stem == resolve_small_stem((3, side, side), small)
 
 
 @pytest.mark.parametrize(("name", "side", "small"), CASES, ids=lambda v: str(v))
@@ -77,15 +93,18 @@ def test_candidates_are_consistent(name, side, small):
         for block, cand in zip(bb.blocks, bb.candidates):
             h = block(h)
             assert tuple(h.shape[1:]) == cand.feature_shape
-            assert cand.channels == (h.shape[-1] if bb.family == "vit" else h.shape[1])
+            last = h.dim() == 3 or cand.channels_last  # tokens (B, T, C) or a channels-last map (B, H, W, C)
+            assert cand.channels == (h.shape[-1] if last else h.shape[1])
+            assert to_map(cand)(h).shape[:2] == (1, cand.channels) and to_map(cand)(h).dim() == 4
     cumulative = [c.macs_cumulative for c in bb.candidates]
     assert all(a < b for a, b in zip(cumulative, cumulative[1:]))
     assert cumulative[-1] < bb.macs
     assert len(bb.block_macs) == len(bb.blocks) and bb.head_macs > 0
     if bb.family == "vit":
         assert {c.prefix_tokens for c in bb.candidates} == {bb.prefix_tokens} and bb.prefix_tokens >= 1
-    else:
+    elif bb.family != "levit":
         assert all(c.prefix_tokens == 0 and len(c.feature_shape) == 3 for c in bb.candidates)
+    assert any(c.channels_last for c in bb.candidates) == (bb.family == "swin_transformer")
 
 
 def test_small_stem_keeps_resolution():
@@ -201,9 +220,12 @@ def test_unknown_name_suggests():
     assert "resnet18.a1_in1k" in _user_error(create_backbone, "resnet18.a1_in1", 10)
 
 
-def test_unsupported_family_names_supported_ones():
-    msg = _user_error(create_backbone, "test_convnext", 10)
-    assert "ConvNeXt" in msg and "resnet" in msg and "vit" in msg
+def test_what_the_generic_rule_cannot_cut_is_a_one_line_error():
+    msg = _user_error(create_backbone, "inception_v3", 10)  # Mixed_5b, ...: no stages of blocks
+    assert msg.startswith("backbone: 'inception_v3' (InceptionV3) has no stages of blocks") and "\n" not in msg
+    msg = _user_error(create_backbone, "tnt_s_patch16_224", 10)  # two tensors (pixel and patch) flow on
+    assert "fewer than two block boundaries where one tensor flows" in msg
+    assert "small_stem is not available" in _user_error(create_backbone, "test_convnext", 10, small_stem=True)
 
 
 def test_bad_arguments():
@@ -249,3 +271,21 @@ def test_pretrained_download_failure_is_a_user_error(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     msg = _user_error(backbones.create_backbone, "test_resnet", 10, pretrained=True)
     assert "could not be downloaded" in msg and "weights: PATH" in msg and "weights: train" in msg
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "levit_128s", "test_convnext"])
+def test_methods_build_on_generically_cut_backbones(name):
+    """Channels-last maps (Swin), prefix-free tokens (LeViT) and NCHW maps reach every head as [B, C, H, W]."""
+    from exitbench.methods.base import get_method
+    from exitbench.methods.policies import ThresholdPolicy
+
+    _, bb = _staged(name, 32, None)
+    bb.eval()
+    x = torch.randn(3, 3, 32, 32)
+    for method in ("pteenet", "sdn", "branchynet"):
+        m = get_method(method)(n_exits=2, placement=[bb.candidates[0].name, bb.candidates[-1].name])
+        net = m.build(bb, m.place_exits(bb), 10).eval()
+        with torch.no_grad():
+            assert [lg.shape for lg in net.forward_all(x).logits] == [(3, 10)] * 3
+            logits, exit_idx = net.forward_dynamic(x, ThresholdPolicy("max_softmax", (0.0, 2.0)))
+        assert logits.shape == (3, 10) and exit_idx.tolist() == [0, 0, 0]
