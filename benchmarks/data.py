@@ -40,6 +40,10 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...] | None = None
+    # images in the official train and test files (test 0: the harness cuts a test split from train); known
+    # without the files, for `exitbench plan`'s estimates
+    train_samples: int | None = None
+    test_samples: int | None = None
 
 
 class ImageDataset(Dataset):
@@ -150,7 +154,7 @@ class Digits(DatasetSpec):
     name = "digits"
 
     def info(self) -> DatasetInfo:
-        return DatasetInfo("digits", 10, (3, 32, 32), (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, DIGITS_NAMES)
+        return DatasetInfo("digits", 10, (3, 32, 32), (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, DIGITS_NAMES, 1797, 0)
 
     def load(self, root: Path, download: bool) -> RawData:
         from sklearn.datasets import load_digits
@@ -169,7 +173,7 @@ class Synthetic(DatasetSpec):
 
     def info(self, num_classes: int = 4, n: int = 240, image_size: int = 16, noise: float = 0.5) -> DatasetInfo:
         return DatasetInfo("synthetic", num_classes, (3, image_size, image_size), (0.5,) * 3, (0.25,) * 3,
-                           tuple(f"class{k}" for k in range(num_classes)))
+                           tuple(f"class{k}" for k in range(num_classes)), train_samples=n, test_samples=0)
 
     def check(self, options: dict[str, Any]) -> None:
         o = {k: d for k, (_, d) in self.options.items()} | options
@@ -204,12 +208,14 @@ class Torchvision(DatasetSpec):
     """A torchvision dataset in its official on-disk format (CIFAR-10/100 python pickles, SVHN .mat files)."""
 
     def __init__(self, name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 augment: bool, help: str):
+                 augment: bool, help: str, sizes: tuple[int, int]):
         self.name, self.num_classes, self.mean, self.std, self.augment = name, num_classes, mean, std, augment
+        self.sizes = sizes  # images in the official (train, test) files
         self.__doc__ = help
 
     def info(self) -> DatasetInfo:
-        return DatasetInfo(self.name, self.num_classes, (3, 32, 32), self.mean, self.std, None)  # names come with files
+        # class names come with the files
+        return DatasetInfo(self.name, self.num_classes, (3, 32, 32), self.mean, self.std, None, *self.sizes)
 
     def load(self, root: Path, download: bool) -> RawData:
         import torchvision.datasets as tvd
@@ -238,18 +244,21 @@ class Torchvision(DatasetSpec):
 
         (x, y), (xt, yt) = arrays(train), arrays(test)
         classes = DIGITS_NAMES if name == "svhn" else tuple(train.classes)
-        return RawData(DatasetInfo(name, len(classes), (3, 32, 32), self.mean, self.std, classes), x, y, xt, yt)
+        return RawData(DatasetInfo(name, len(classes), (3, 32, 32), self.mean, self.std, classes, len(x), len(xt)),
+                       x, y, xt, yt)
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", base=DatasetSpec, group="exitbench.datasets", field="dataset")
 DATASETS.register("digits", Digits())
 # Per-channel training-set statistics on [0, 1] pixels (pixel-level std, as commonly published).
 DATASETS.register("cifar10", Torchvision("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
-                                         "CIFAR-10 (torchvision files; crop + flip augmentation allowed)"))
+                                         "CIFAR-10 (torchvision files; crop + flip augmentation allowed)",
+                                         (50000, 10000)))
 DATASETS.register("cifar100", Torchvision("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
-                                          "CIFAR-100 (torchvision files; crop + flip augmentation allowed)"))
+                                          "CIFAR-100 (torchvision files; crop + flip augmentation allowed)",
+                                          (50000, 10000)))
 DATASETS.register("svhn", Torchvision("svhn", 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False,
-                                      "SVHN cropped digits (torchvision .mat files; never flipped)"))
+                                      "SVHN cropped digits (torchvision .mat files; never flipped)", (73257, 26032)))
 DATASETS.register("synthetic", Synthetic())
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
-from exitbench.benchmarks.data import dataset_info, to_tensors
+from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.data import to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.latency import num_threads
@@ -29,18 +29,13 @@ from exitbench.store import latest_run, read_json
 RANDOM_SAMPLES = 256
 
 
-@dataclasses.dataclass
-class _Info:  # what make_backbone needs of the splits: the dataset's info
-    info: object
-
-
 def _inputs(cell: Cell) -> tuple[torch.Tensor, str]:
     """The test split when the data are here, else seeded N(0, 1) tensors of the same shape."""
     try:
         splits = st.prepare_data(cell)
         return to_tensors(splits.test)[0], "test split"
     except UserError:
-        info = dataset_info(cell.dataset, **_options(cell))
+        info = st.without_data(cell).info
         g = torch.Generator().manual_seed(cell.seed)
         return torch.randn(RANDOM_SAMPLES, *info.input_size, generator=g), "random N(0,1), same shape (seeded)"
 
@@ -72,8 +67,7 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     prepare(device)
     with num_threads(ev.threads):
         try:
-            backbone, net = st.rebuild(cell, _Info(dataset_info(cell.dataset, **_options(cell))), method, weights,
-                                       device)
+            backbone, net = st.rebuild(cell, st.without_data(cell), method, weights, device)
         except RuntimeError as e:
             raise UserError(f"{where}: the saved weights do not fit the network its config describes "
                             f"({str(e).splitlines()[0][:160]}); were they written by another exitbench?") from None
@@ -84,11 +78,6 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     new = {(r.device, r.variant, r.batch_size) for r in records}
     kept = [r for r in result.latency if (r.device, r.variant, r.batch_size) not in new]
     return dataclasses.replace(result, latency=kept + records)
-
-
-def _options(cell: Cell) -> dict:
-    """The dataset's own options (what ``dataset_info`` takes), without how it is split or where it lives."""
-    return {k: v for k, v in cell.dataset_options.items() if k not in SPLIT_OPTIONS}
 
 
 def retime(results_dir: Path, device_spec: str, **kw) -> tuple[list[Path], list[Path]]:

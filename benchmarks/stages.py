@@ -23,8 +23,8 @@ from torch import Tensor
 
 from exitbench.benchmarks import accounting
 from exitbench.benchmarks import backbones as bb
-from exitbench.benchmarks.config import Cell
-from exitbench.benchmarks.data import Splits, load_splits, make_loader, to_tensors
+from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
+from exitbench.benchmarks.data import DatasetInfo, Splits, dataset_info, load_splits, make_loader, to_tensors
 from exitbench.benchmarks.device import check_dtype
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.fast import check_fast
@@ -83,6 +83,20 @@ class Fitted:
 
 
 # ----------------------------------------------------------------------------------- 1. prepare data
+
+@dataclass
+class NoData:
+    """Splits without data: the dataset's info only, which is all ``make_backbone`` and ``rebuild`` read
+    (re-timing and planning build networks without loading a dataset)."""
+
+    info: DatasetInfo
+
+
+def without_data(cell: Cell) -> NoData:
+    """The cell's dataset info, from its own options (not how it is split or where it lives)."""
+    return NoData(dataset_info(cell.dataset, **{k: v for k, v in cell.dataset_options.items()
+                                                 if k not in SPLIT_OPTIONS}))
+
 
 def prepare_data(cell: Cell, download: bool = False, memo: dict | None = None) -> Splits:
     """The cell's three splits (memoised per dataset, seed and options across the cells of a run)."""

@@ -1,0 +1,138 @@
+"""``exitbench plan``: what a matrix will cost and how far a results directory has got.
+
+For every cell: its state in the results directory (``done``, ``re-analyse``, ``failed``, ``running`` --
+claimed by a live runner -- or ``pending``), and an **estimated** cost. The estimate is arithmetic, not a
+measurement: the backbone's MACs (batch 1, counted by exitbench) x the samples each stage sees x its
+epochs, divided by a training throughput in MAC/s measured on this device in a few seconds (a ResNet-20
+training step on CIFAR-sized batches; a backward pass counts as two forwards). The stages counted:
+
+- training the backbone (``weights: train``), once per distinct cache entry, charged to the first cell
+  that needs it, and only when the cache does not hold it yet;
+- training the method: 3 x MACs per sample and epoch when it trains the backbone, 1 x (the frozen
+  backbone's forward; heads are small) otherwise;
+- recording traces on the calibration and test splits (1 x MACs per sample);
+- timing: every latency variant, warm-ups and repeats, at batch 1 (32 samples) and the large batches.
+
+The real time also depends on data loading, the device's efficiency on each network, and early stopping
+by ``max_seconds``; compare the estimate with a finished cell's ``seconds`` before planning GPU-days.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exitbench.benchmarks import stages as st
+from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.runner import _reusable, cell_path, claim_path, existing
+from exitbench.benchmarks.variants import LATENCY_VARIANTS
+from exitbench.claims import DEFAULT_STALE_AFTER, holder
+from exitbench.methods.base import get_method
+
+TRAIN_FACTOR = 3.0  # a training step's MACs per sample: forward + backward (about two forwards)
+
+
+@dataclass
+class CellPlan:
+    """One cell's state and estimated seconds (``estimate_s`` splits into its parts)."""
+
+    cell: Cell
+    state: str
+    who: str | None
+    macs: int
+    backbone_s: float
+    method_s: float
+    traces_s: float
+    latency_s: float
+
+    @property
+    def estimate_s(self) -> float:
+        return self.backbone_s + self.method_s + self.traces_s + self.latency_s
+
+
+def measure_throughput(device: torch.device, seconds: float = 3.0) -> float:
+    """Training MAC/s on ``device``: ResNet-20 (CIFAR) steps at batch 64 for about ``seconds``."""
+    from exitbench.benchmarks.backbones import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("cifar_resnet20", 10, (3, 32, 32)).to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 10, (64,), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    step()  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    steps, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds or steps < 2:
+        step()
+        steps += 1
+    sync()
+    return TRAIN_FACTOR * net.macs * 64 * steps / (time.perf_counter() - began)
+
+
+def _split_sizes(cell: Cell) -> tuple[int, int, int]:
+    """(train, calibration, test) sample counts the cell will use, from the dataset's known sizes."""
+    opts, info = cell.dataset_options, st.without_data(cell).info
+    n, test = info.train_samples or 0, info.test_samples or 0
+    if not test:
+        test = round(n * float(opts.get("test_fraction", 0.3)))
+        n -= test
+    cal = round(n * float(opts.get("calibration_fraction", 0.1)))
+    return n - cal, cal, test
+
+
+def _state(cell: Cell, out_dir: Path | None, claims_dir: Path | None) -> tuple[str, str | None]:
+    if out_dir is None:
+        return "pending", None
+    r = existing(cell_path(out_dir, cell))
+    if r is not None and r.ok:
+        return ("done" if _reusable(r, cell, out_dir) == "reuse" else "re-analyse"), None
+    lock = claim_path(claims_dir or out_dir / "claims", cell)
+    try:
+        fresh = time.time() - lock.stat().st_mtime <= DEFAULT_STALE_AFTER
+    except FileNotFoundError:
+        fresh = False
+    if fresh:
+        return "running", holder(lock)
+    return ("failed" if r is not None else "pending"), None
+
+
+def plan_cells(cells: list[Cell], out_dir: Path | None, cache_dir: Path, throughput: float,
+               claims_dir: Path | None = None) -> list[CellPlan]:
+    """Every cell's state in ``out_dir`` and its estimate at ``throughput`` training MAC/s."""
+    plans, built, charged = [], {}, set()
+    for cell in cells:
+        train, cal, test = _split_sizes(cell)
+        splits = st.without_data(cell)
+        key = (cell.backbone, cell.small_stem, cell.dataset, tuple(sorted(cell.dataset_options.items())))
+        if key not in built:
+            built[key] = st.make_backbone(cell, splits, weights=False)
+        backbone = built[key]
+        macs = int(backbone.macs)
+        state, who = _state(cell, out_dir, claims_dir)
+        backbone_s = 0.0
+        if cell.weights == "train":
+            cache = st.backbone_cache_path(cell, backbone, cache_dir)
+            if cache not in charged and not cache.exists():
+                charged.add(cache)
+                backbone_s = TRAIN_FACTOR * macs * train * cell.backbone_training.epochs / throughput
+        method = get_method(cell.method)(**cell.hparams)
+        epochs = int(method.hp.get("epochs", 1))
+        factor = TRAIN_FACTOR if method.trains_backbone else 1.0
+        method_s = factor * macs * train * epochs / throughput
+        traces_s = macs * (cal + test) / throughput
+        ev = cell.evaluation
+        sizes = ev.latency_batch_sizes or (1, 32, 256)
+        timed = sum(min(32, test) if b == 1 else b for b in sizes)
+        variants = len(set(["backbone", *ev.timed_variants]) & set(LATENCY_VARIANTS))
+        latency_s = (variants * (ev.latency_repeats + 2) * timed * macs / throughput) if ev.latency else 0.0
+        plans.append(CellPlan(cell, state, who, macs, backbone_s, method_s, traces_s, latency_s))
+    return plans
