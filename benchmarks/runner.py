@@ -139,7 +139,7 @@ def claim_path(claims_dir: Path, cell: Cell) -> Path:
 
 def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: bool = False,
                progress: bool = True, matrix: str = "matrix", claims_dir: Path | None = None,
-               stale_after: float = DEFAULT_STALE_AFTER) -> dict[str, int]:
+               stale_after: float = DEFAULT_STALE_AFTER, manifest: bool = True) -> dict[str, int]:
     """Run every cell not already done; an error in one cell is recorded there and the rest go on.
 
     A cell whose result exists with status ``ok`` and the same analysis keys is reused; one whose
@@ -154,7 +154,8 @@ def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: b
     for folder in ("cells", "traces", "weights"):
         remove_orphans(out_dir / folder)
     remove_orphans(cache_dir)
-    write_manifest(out_dir, matrix, [c.slug() for c in cells], SCHEMA_VERSION)
+    if manifest:  # an executor's worker runs a share of the matrix: its parent wrote the whole run's manifest
+        write_manifest(out_dir, matrix, [c.slug() for c in cells], SCHEMA_VERSION)
     memo: dict = {}
     bar = tqdm(cells, desc="cells", unit="cell", disable=not progress)
     held_elsewhere = []

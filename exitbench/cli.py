@@ -63,14 +63,28 @@ def _check_claims(claims: Path, timeout: float | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.config import load_matrix
+    from exitbench.benchmarks.executors import (
+        check_slurm,
+        parse_executor,
+        run_local_workers,
+        slurm_options,
+        submit_slurm,
+    )
     from exitbench.benchmarks.runner import cell_path, existing, run_matrix
     from exitbench.reports.summary import write_summary
-    from exitbench.results import check_schema
-    from exitbench.store import read_json
+    from exitbench.results import SCHEMA_VERSION, check_schema
+    from exitbench.store import read_json, write_manifest
 
     t0 = time.perf_counter()
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: must be a positive number of CPU threads, got {args.threads}")
+    executor = parse_executor(args.executor)  # executor mistakes: one line, before anything is built
+    if executor.kind == "slurm":
+        slurm = slurm_options(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem, args.slurm_opt,
+                              args.slurm_chunk, args.slurm_parallel)
+        check_slurm()
+    elif any(v for v in (args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem, args.slurm_opt)):
+        raise UserError("--slurm-*: these options are for --executor slurm; add it, or drop them")
     matrix = load_matrix(args.matrix)
     out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
     _check_out(out)  # before the matrix is expanded and backbones are built for the preflight
@@ -103,9 +117,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = sum(existing(cell_path(out, c)) is not None for c in cells)
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
-    counts = run_matrix(cells, out, Path(args.cache) if args.cache else default_cache(),
-                        download=args.download, progress=not args.quiet, matrix=matrix["name"], claims_dir=claims,
-                        **({"stale_after": args.claim_timeout} if args.claim_timeout else {}))
+    cache = Path(args.cache) if args.cache else default_cache()
+    kw = {"download": args.download, "matrix": matrix["name"], "claims_dir": claims,
+          **({"stale_after": args.claim_timeout} if args.claim_timeout else {})}
+    if executor.kind == "slurm" or executor.workers > 1:  # the workers run shares; the manifest covers them all
+        write_manifest(out, matrix["name"], [c.slug() for c in cells], SCHEMA_VERSION)
+    if executor.kind == "slurm":
+        ids = submit_slurm(cells, out, cache, slurm, args.slurm_chunk, kw)
+        print(f"exitbench: submitted {len(ids)} Slurm tasks (job array {ids[0].split('_')[0]}); logs in "
+              f"{out / 'slurm'}; progress: exitbench plan {args.matrix or 'quick'} --out {out}")
+        return 0
+    if executor.workers > 1:
+        counts = run_local_workers(cells, out, cache, executor.workers, kw)
+    else:
+        counts = run_matrix(cells, out, cache, progress=not args.quiet, **kw)
     paths = write_summary(out)
     print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reanalysed']} re-analysed, "
           f"{counts['reused']} reused" + (f", {counts['elsewhere']} left to other runners" if counts["elsewhere"]
@@ -324,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                                       "finished cells are re-timed there, not retrained")
     run.add_argument("--fast", help="none | compile | graphs: also time the fast path, torch.compile or CUDA graphs "
                                     "(CUDA only) per bucketed batch size (default: the matrix's evaluation.fast)")
+    run.add_argument("--executor", default="local", help="local (this process, default) | local:N (N worker "
+                                                         "processes: one per GPU, or the CPU threads split) | slurm "
+                                                         "(a submitit job array)")
+    slu = run.add_argument_group("Slurm (with --executor slurm; needs submitit and sbatch)")
+    slu.add_argument("--slurm-partition", help="the partition to submit to")
+    slu.add_argument("--slurm-time", help="time limit per task: minutes, HH:MM:SS, D-HH:MM, or 90m / 4h (default 4h)")
+    slu.add_argument("--slurm-gpus", type=int, help="GPUs per task")
+    slu.add_argument("--slurm-mem", help="memory per task, e.g. 32G")
+    slu.add_argument("--slurm-opt", action="append", help="any other #SBATCH option as KEY=VALUE (repeatable), "
+                                                          "e.g. account=myproj, qos=high")
+    slu.add_argument("--slurm-chunk", type=int, default=1, help="cells per array task (default 1: a log per cell)")
+    slu.add_argument("--slurm-parallel", type=int, help="at most this many tasks at once (Slurm's %%N)")
     run.add_argument("--claims", help="where runners sharing this --out lock the cells they compute (default: "
                                       "OUT/claims; must be reachable by every runner)")
     run.add_argument("--claim-timeout", type=float, help="seconds without a heartbeat after which another runner's "
