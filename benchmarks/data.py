@@ -196,11 +196,15 @@ class Synthetic(DatasetSpec):
         return RawData(self.info(num_classes, n, image_size, noise), x, labels)
 
 
+class DataMissing(UserError):
+    """A dataset's files are not on this machine (``exitbench validate`` warns instead of failing)."""
+
+
 def _missing(name: str, expected: list[Path]) -> UserError:
     absent = [str(p) for p in expected if not p.exists()]
     what = f"not found at {', '.join(absent)}" if absent else \
         f"failed their md5 check (corrupted or incomplete) at {', '.join(map(str, expected))}"
-    return UserError(f"dataset: {name} files {what}; pass `download: true` in the matrix (or --download) to "
+    return DataMissing(f"dataset: {name} files {what}; pass `download: true` in the matrix (or --download) to "
                      f"fetch them, or put the official archive's contents there")
 
 

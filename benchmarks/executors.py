@@ -5,7 +5,8 @@ Every executor runs the same :func:`runner.run_matrix` on its share of the cells
 not depend on which one ran it; claims (``exitbench.claims``) make the shares safe to overlap, to be
 requeued and to run beside another ``exitbench run`` on the same ``--out``.
 
-- ``local:N``: submitit's ``LocalExecutor`` starts N processes, worker i taking cells i, i+N, ...; on a
+- ``local:N``: submitit's ``LocalExecutor`` starts N processes, each with a share of the cells (the cells
+  of one backbone together); on a
   machine with G GPUs worker i runs on ``cuda:(i mod G)``, on CPU each gets ``threads // N`` threads
   (at least one). The parent waits for all of them.
 - ``slurm``: submitit's ``SlurmExecutor`` submits one job array, a task per cell (``--slurm-chunk`` cells
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,8 +147,18 @@ def _gpus() -> int:
 
 
 def shares(cells: list[Cell], n: int) -> list[list[Cell]]:
-    """``n`` interleaved shares (cell i goes to share i mod n), the empty ones dropped."""
-    return [s for s in (cells[i::n] for i in range(n)) if s]
+    """``n`` shares, the empty ones dropped. Cells that need the same harness-trained backbone go to one
+    share (otherwise two workers reach it together and one waits while the other trains it); the groups are
+    dealt largest first to the share with the fewest cells."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        key = (c.dataset, repr(sorted(c.dataset_options.items())), c.backbone, c.weights, c.small_stem, c.seed,
+               repr(c.backbone_training))
+        groups.setdefault(key, []).append(c)
+    parts: list[list[Cell]] = [[] for _ in range(n)]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(parts, key=len).extend(group)
+    return [p for p in parts if p]
 
 
 def run_local_workers(cells: list[Cell], out_dir: Path, cache_dir: Path, workers: int, kw: dict[str, Any]
@@ -168,11 +180,24 @@ def run_local_workers(cells: list[Cell], out_dir: Path, cache_dir: Path, workers
     executor.update_parameters(timeout_min=60 * 24 * 7)  # local workers are not killed for time
     jobs = executor.map_array(_task, per_worker, [out_dir] * len(parts), [cache_dir] * len(parts),
                               [kw] * len(parts))
-    counts: dict[str, int] = {}
-    for job in jobs:
-        for k, v in job.result().items():
-            counts[k] = counts.get(k, 0) + v
-    return counts
+    # the workers are processes of their own: stopping the parent (Ctrl-C, kill) must stop them too
+    before = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        counts: dict[str, int] = {}
+        for job in jobs:
+            for k, v in job.result().items():
+                counts[k] = counts.get(k, 0) + v
+        return counts
+    except BaseException:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def submit_slurm(cells: list[Cell], out_dir: Path, cache_dir: Path, options: dict[str, Any], chunk: int,

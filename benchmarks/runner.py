@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
-from exitbench.benchmarks.data import to_tensors
+from exitbench.benchmarks.data import DataMissing, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.latency import num_threads
@@ -222,14 +222,24 @@ def _run_claimed(cell: Cell, path: Path, out_dir: Path, cache_dir: Path, downloa
     counts["reanalysed" if todo == "reanalyse" and result.ok else result.status] += 1
 
 
-def preflight(cells: list[Cell], *, download: bool = False) -> None:
+def preflight(cells: list[Cell], *, download: bool = False, data_optional: bool = False) -> list[str]:
     """Catch what would fail in every cell before running any: missing dataset files, backbones
-    that cannot be cut, impossible exit placements. Raises UserError naming the field."""
+    that cannot be cut, impossible exit placements. Raises UserError naming the field. With
+    ``data_optional`` (``exitbench validate``), datasets whose files are not here are warnings (returned,
+    one per dataset) and the rest is checked from what is known without them."""
     memo: dict = {}
     built: dict[tuple, StagedBackbone] = {}
+    warnings: dict[str, str] = {}
     for cell in cells:
-        splits = st.prepare_data(cell, download, memo)
+        try:
+            splits = st.prepare_data(cell, download, memo)
+        except DataMissing as e:
+            if not data_optional:
+                raise
+            warnings.setdefault(cell.dataset, f"{e} (checked without them; `exitbench run` will need them)")
+            splits = st.without_data(cell)
         key = (cell.backbone, cell.small_stem, splits.info.num_classes, tuple(splits.info.input_size))
         if key not in built:
             built[key] = st.make_backbone(cell, splits, weights=False)
         st.place(cell, get_method(cell.method)(**cell.hparams), built[key])
+    return list(warnings.values())

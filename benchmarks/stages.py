@@ -194,7 +194,7 @@ def place(cell: Cell, method: Method, backbone: StagedBackbone) -> list:
     try:
         return method.place_exits(backbone)
     except UserError as e:
-        raise UserError(f"{cell.where}.hparams: {e}") from None
+        raise UserError(f"{cell.where}.hparams (on {cell.backbone}): {e}") from None
 
 
 def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: torch.device | None = None) -> Fitted:

@@ -24,13 +24,17 @@ def default_cache() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "exitbench" / "weights"
 
 
-def _cells(args: argparse.Namespace, matrix: dict | None = None):
+def _cells(args: argparse.Namespace, matrix: dict | None = None, data_optional: bool = False):
     from exitbench.benchmarks.config import expand, load_matrix
     from exitbench.benchmarks.runner import preflight
+    from exitbench.benchmarks.smoke import smoke_cells
 
     matrix = load_matrix(args.matrix) if matrix is None else matrix
     cells = expand(matrix)
-    preflight(cells, download=getattr(args, "download", False))
+    if getattr(args, "smoke", False):
+        cells = smoke_cells(cells)
+    for w in preflight(cells, download=getattr(args, "download", False), data_optional=data_optional):
+        print(f"warning: {w}")
     return matrix, cells
 
 
@@ -86,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif any(v for v in (args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem, args.slurm_opt)):
         raise UserError("--slurm-*: these options are for --executor slurm; add it, or drop them")
     matrix = load_matrix(args.matrix)
+    if args.smoke:  # smoke results are not results: their own directory and matrix name
+        matrix = {**matrix, "name": f"{matrix['name']}-smoke"}
     out = Path(args.out or Path(DEFAULT_OUT) / matrix["name"])
     _check_out(out)  # before the matrix is expanded and backbones are built for the preflight
     claims = Path(args.claims) if args.claims else out / "claims"
@@ -168,7 +174,7 @@ def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    matrix, cells = _cells(args)
+    matrix, cells = _cells(args, data_optional=True)  # data absent here: a warning, not an error
     print(f"matrix {matrix['name']!r} is valid: {len(cells)} cells")
     for c in cells:
         print(f"  {c.slug()}")
@@ -188,7 +194,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"exitbench plan: {out} does not exist yet: every cell is pending")
         out = None
     device = resolve_device(args.device)
-    rate = measure_throughput(device)
+    if args.rate is not None and not args.rate > 0:
+        raise UserError(f"--rate: must be a positive number of training MAC/s, got {args.rate:g}")
+    rate = args.rate or measure_throughput(device)
+    where = "given by --rate for the target device" if args.rate else f"measured on {device} in 3 s"
     plans = plan_cells(cells, out, Path(args.cache) if args.cache else default_cache(), rate,
                        Path(args.claims) if args.claims else None)
     states = {s: sum(p.state == s for p in plans) for s in ("done", "re-analyse", "running", "failed", "pending")}
@@ -196,10 +205,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
           + (f" in {out}: " + ", ".join(f"{n} {s}" for s, n in states.items() if n) if out else ""))
     backbones = [p for p in plans if p.backbone_s]
     if backbones:
+        groups: dict[tuple, list] = {}
+        for p in backbones:
+            groups.setdefault((p.cell.dataset, p.cell.backbone), []).append(p)
         print(f"backbones to train first ({len(backbones)}): " + "; ".join(
-            f"{p.cell.dataset} {p.cell.backbone} seed {p.cell.seed} ({_hours(p.backbone_s)})" for p in backbones))
+            f"{ds} {bb} seed{'s' if len(ps) > 1 else ''} {', '.join(str(p.cell.seed) for p in ps)} "
+            f"({_hours(ps[0].backbone_s)} each)" for (ds, bb), ps in groups.items()))
     print(f"estimate (an estimate, not a measurement): MACs x samples x epochs at {rate / 1e9:.1f} G training "
-          f"MAC/s, measured on {device} in 3 s")
+          f"MAC/s, {where}")
     print(f"  {'cell':<60} {'state':<10} {'MMACs':>8} {'backbone':>9} {'method':>9} {'traces':>8} {'timing':>8}"
           f" {'total':>9}")
     for p in plans:
@@ -208,8 +221,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{_hours(p.method_s):>9} {_hours(p.traces_s):>8} {_hours(p.latency_s):>8} {_hours(p.estimate_s):>9}")
     todo = [p for p in plans if p.state not in ("done", "running")]
     total, left = sum(p.estimate_s for p in plans), sum(p.estimate_s for p in todo)
-    print(f"total: {_hours(total)} for the whole matrix on {device}, {_hours(left)} for the {len(todo)} cells "
-          f"not done or running (estimates)")
+    print(f"total: {_hours(total)} for the whole matrix, {_hours(left)} for the {len(todo)} cells not done or "
+          f"running (estimates at that rate)")
     return 0
 
 
@@ -349,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "finished cells are re-timed there, not retrained")
     run.add_argument("--fast", help="none | compile | graphs: also time the fast path, torch.compile or CUDA graphs "
                                     "(CUDA only) per bucketed batch size (default: the matrix's evaluation.fast)")
+    run.add_argument("--smoke", action="store_true", help="the matrix's machinery on synthetic data of the same "
+                                                           "shapes, one epoch, first seed and sweep value (minutes; "
+                                                           "results go to OUT ending in -smoke)")
     run.add_argument("--executor", default="local", help="local (this process, default) | local:N (N worker "
                                                          "processes: one per GPU, or the CPU threads split) | slurm "
                                                          "(a submitit job array)")
@@ -386,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--cache", help="backbone cache (default: $EXITBENCH_CACHE or ~/.cache/exitbench/weights)")
     pln.add_argument("--claims", help="the runners' claims directory (default: OUT/claims)")
     pln.add_argument("--device", default="auto", help="where to measure the throughput (default: auto)")
+    pln.add_argument("--rate", type=float, help="training MAC/s to assume instead of measuring here (to plan for "
+                                               "a device you do not have, e.g. 2e13)")
     pln.set_defaults(func=cmd_plan)
     lst = sub.add_parser("list", help="methods (with each hyper-parameter's default and help), datasets, backbones")
     lst.set_defaults(func=cmd_list)

@@ -17,7 +17,6 @@ from tests.test_claims import FOUR
 from tests.test_runner import TINY, _write
 
 
-
 def test_executor_names():
     assert parse_executor("local") == ExecutorSpec("local")
     assert parse_executor("local:3") == ExecutorSpec("local", 3)
@@ -107,8 +106,18 @@ def _outcome(out: Path) -> dict:
     return res
 
 
+def test_shares_keep_the_cells_of_one_backbone_together():
+    from exitbench.benchmarks.config import expand
+    from exitbench.benchmarks.executors import shares
+
+    cells = expand({**FOUR, "seeds": [0, 1]})  # two backbones (one per seed), four cells each
+    parts = shares(cells, 2)
+    assert sorted(len(p) for p in parts) == [4, 4] and all(len({c.seed for c in p}) == 1 for p in parts)
+    assert len(shares(cells, 5)) == 2  # no empty workers
+
+
 def test_local_workers_give_the_results_of_one_process(tmp_path, capsys):
-    matrix = _write(tmp_path, FOUR)
+    matrix = _write(tmp_path, {**TINY, "seeds": [0, 1], "risk_control": False})  # two backbones: two workers
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--no-latency", "--quiet", "--threads", "1"]
     assert main(["run", matrix, "--out", str(one), "--cache", str(tmp_path / "c1"), *common]) == 0

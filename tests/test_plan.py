@@ -54,7 +54,7 @@ def test_plan_prints_the_matrix_size_and_an_estimate(tmp_path, capsys, monkeypat
     monkeypatch.setattr(plan, "measure_throughput", lambda device, seconds=3.0: RATE)
     assert main(["plan", _write(tmp_path, TINY), "--cache", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    assert "matrix 'm': 2 cells" in out and "backbones to train first (1): synthetic test_resnet seed 0" in out
+    assert "matrix 'm': 2 cells" in out and "backbones to train first (1): synthetic test_resnet seed 0 (" in out
     assert "an estimate, not a measurement" in out and "1.0 G training MAC/s" in out
     assert out.count("pending") == 2 and "total:" in out
 
