@@ -27,9 +27,9 @@ import torch
 
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.latency import default_batch_sizes
 from exitbench.benchmarks.runner import _reusable, cell_path, claim_path, existing
-from exitbench.benchmarks.variants import LATENCY_VARIANTS
-from exitbench.claims import DEFAULT_STALE_AFTER, holder
+from exitbench.claims import held_live, holder
 from exitbench.methods.base import get_method
 
 TRAIN_FACTOR = 3.0  # a training step's MACs per sample: forward + backward (about two forwards)
@@ -96,11 +96,7 @@ def _state(cell: Cell, out_dir: Path | None, claims_dir: Path | None) -> tuple[s
     if r is not None and r.ok:
         return ("done" if _reusable(r, cell, out_dir) == "reuse" else "re-analyse"), None
     lock = claim_path(claims_dir or out_dir / "claims", cell)
-    try:
-        fresh = time.time() - lock.stat().st_mtime <= DEFAULT_STALE_AFTER
-    except FileNotFoundError:
-        fresh = False
-    if fresh:
+    if held_live(lock):
         return "running", holder(lock)
     return ("failed" if r is not None else "pending"), None
 
@@ -130,9 +126,9 @@ def plan_cells(cells: list[Cell], out_dir: Path | None, cache_dir: Path, through
         method_s = factor * macs * train * epochs / throughput
         traces_s = macs * (cal + test) / throughput
         ev = cell.evaluation
-        sizes = ev.latency_batch_sizes or (1, 32, 256)
+        sizes = ev.latency_batch_sizes or default_batch_sizes(torch.device("cpu"))
         timed = sum(min(32, test) if b == 1 else b for b in sizes)
-        variants = len(set(["backbone", *ev.timed_variants]) & set(LATENCY_VARIANTS))
+        variants = len({"backbone", *ev.timed_variants})
         latency_s = (variants * (ev.latency_repeats + 2) * timed * macs / throughput) if ev.latency else 0.0
         plans.append(CellPlan(cell, state, who, macs, backbone_s, method_s, traces_s, latency_s))
     return plans

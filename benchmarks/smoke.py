@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
-from exitbench.benchmarks.data import dataset_info
+from exitbench.benchmarks import stages as st
+from exitbench.benchmarks.config import Cell
 from exitbench.methods.base import get_method
 
 # held-out shares large enough that every class can be stratified into calibration and test even when
@@ -35,7 +35,7 @@ def smoke_cells(cells: list[Cell]) -> list[Cell]:
         swept = {k: c.hparams[k] for k in c.swept}
         if firsts.setdefault(setting, swept) != swept:
             continue  # a later value of a sweep
-        info = dataset_info(c.dataset, **{k: v for k, v in c.dataset_options.items() if k not in SPLIT_OPTIONS})
+        info = st.without_data(c).info
         k = info.num_classes
         data = {"num_classes": k, "image_size": info.input_size[1], "n": 4 * k, **SMOKE_SPLITS}
         declared = get_method(c.method).hparams

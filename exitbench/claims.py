@@ -85,6 +85,12 @@ def _age(path: Path) -> float | None:
         return None
 
 
+def held_live(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
+    """Whether a runner holds the lock ``path`` and has heartbeated within ``stale_after`` seconds."""
+    age = _age(Path(path))
+    return age is not None and age <= stale_after
+
+
 def try_claim(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:
     """Claim ``path`` (a lock file) for this process, or return None when a live runner holds it.
 
@@ -95,8 +101,7 @@ def try_claim(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> Cla
     p.parent.mkdir(parents=True, exist_ok=True)
     token = _create(p)
     if token is None:
-        age = _age(p)
-        if age is not None and age <= stale_after:
+        if held_live(p, stale_after):
             return None
         token = _take_over(p, stale_after)
         if token is None:
@@ -111,8 +116,7 @@ def _take_over(p: Path, stale_after: float) -> str | None:
     if _create(breaker) is None:
         return None  # someone else is taking it over right now
     try:
-        age = _age(p)  # re-check under the breaker: it may have been released or renewed meanwhile
-        if age is not None and age <= stale_after:
+        if held_live(p, stale_after):  # re-check under the breaker: it may have been released or renewed meanwhile
             return None
         p.unlink(missing_ok=True)
         return _create(p)
