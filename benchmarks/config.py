@@ -4,7 +4,7 @@ A matrix file looks like ``benchmarks/matrices/quick.yaml``::
 
     datasets: [digits]                       # names, or {name, root, download, ...}
     backbones:                               # names, or {name, weights, small_stem}
-      - {name: resnet10t, weights: train}    # weights: train (default) | pretrained | PATH
+      - {name: resnet18, weights: train}     # weights: train (default) | pretrained | PATH
     exits: {n_exits: 3, placement: linear}   # shared by every method (a method's hparams override)
     methods:
       - name: pteenet
@@ -14,6 +14,8 @@ A matrix file looks like ``benchmarks/matrices/quick.yaml``::
     backbone_training: {epochs: 15}          # how harness-trained backbones are trained
     evaluation: {grid_size: 100, latency_batch_sizes: [1, 256]}
     risk_control: {rules: [crc, ucb-wsr, ltt], eps: [0.05], delta: 0.1}   # optional
+    baselines:                               # optional: static models, trained like the backbones
+      - {name: resnet10t, next_to: [resnet18]}   # next_to: the backbones it is compared to (default: all)
 
 Every key is checked; a mistake raises :class:`UserError` naming the field (``methods[0].hparams.lr``)
 and the fix.
@@ -35,6 +37,7 @@ from exitbench.benchmarks.fast import FAST_MODES
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
 from exitbench.methods.base import Budget, UserError, did_you_mean
 from exitbench.methods.rules import RISKS, SELECTION_RULES
+from exitbench.results import STATIC
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 
@@ -114,11 +117,20 @@ class Cell:
     risk_control: RiskControl = field(default_factory=lambda: RiskControl(enabled=False))
     swept: tuple[str, ...] = ()  # hyper-parameters the matrix sweeps (labels curves; not in the key)
     where: str = "methods[0]"  # the matrix field this cell's method came from, for error messages
+    # a static baseline (method STATIC): the matrix backbones (name, small_stem) whose panels show it and
+    # which it is timed against; only reports and timing read it, so it is not in the key
+    next_to: tuple[tuple[str, bool | None], ...] = ()
+
+    @property
+    def static(self) -> bool:
+        """A static baseline from the matrix's ``baselines`` (a plain model, no exits, no method)."""
+        return self.method == STATIC
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("where")
         d["swept"] = list(self.swept)
+        d["next_to"] = [list(x) for x in self.next_to]
         d["evaluation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["evaluation"].items()}
         d["risk_control"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["risk_control"].items()}
         return d
@@ -129,6 +141,7 @@ class Cell:
         names = set(cls.__dataclass_fields__) - {"backbone_training", "evaluation", "risk_control", "where"}
         kw = {k: config[k] for k in names if k in config}
         kw["swept"] = tuple(config.get("swept") or ())
+        kw["next_to"] = tuple((str(n), s) for n, s in config.get("next_to") or ())
         if "dataset_options" not in kw:
             kw["dataset_options"] = {}
         known = lambda dc, d: {k: v for k, v in (d or {}).items() if k in dc.__dataclass_fields__}
@@ -145,19 +158,23 @@ class Cell:
         identity). Evaluation-only settings (``evaluation``, ``risk_control``) are not in it: changing
         them re-analyses a finished cell from its stored traces and weights instead of retraining."""
         d = self.to_dict()
-        for k in ("swept", "evaluation", "risk_control"):
+        for k in ("swept", "evaluation", "risk_control", "next_to"):
             d.pop(k)
         return _hash(d)
 
     def analysis_keys(self) -> dict[str, str]:
         """One hash per evaluation stage: a stage whose key changed is recomputed on a rerun."""
         ev = asdict(self.evaluation)
-        points = {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
+        # a static baseline has no operating points and no risk control: only its timing can change
+        points = {} if self.static else {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
         latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads",
                                                    "latency_variants", "device", "dtype", "latency_budgets")}}
         if ev["fast"] != "none":  # only when on, so that the keys of results stored before it existed stay valid
             latency["fast"] = ev["fast"]
-        return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(asdict(self.risk_control))}
+        if self.next_to:  # a static baseline is timed against these backbones
+            latency["next_to"] = [list(x) for x in self.next_to]
+        risk = {} if self.static else asdict(self.risk_control)
+        return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(risk)}
 
     def slug(self) -> str:
         """A readable, unique file stem: dataset__backbone__method-hparams__seedN__hash."""
@@ -176,12 +193,13 @@ def _short(v: Any) -> str:
 
 
 _TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "seeds", "backbone_training", "evaluation",
-        "risk_control"}
+        "risk_control", "baselines"}
 _EXITS = {"n_exits", "placement", "branch_depth"}  # shared by every method that has the hyper-parameter
 _DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
 SPLIT_OPTIONS = _DATASET - {"name"}  # how a dataset is split and where it lives; the rest are its own options
 _BACKBONE = {"name", "weights", "small_stem"}
 _METHOD = {"name", "hparams", "grid", "init"}
+_BASELINE = _BACKBONE | {"next_to"}
 
 
 def _check_keys(d: dict, allowed: set[str], where: str) -> None:
@@ -251,9 +269,8 @@ def load_matrix(path: str | Path | None) -> dict:
 
 def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
-    # kept out of import time (`exitbench --help` should be instant); timm with exitbench's models registered
+    # kept out of import time (`exitbench --help` should be instant)
     from exitbench.benchmarks.data import dataset_info, list_datasets
-    from exitbench.benchmarks.models import timm
     from exitbench.methods.base import get_method
 
     _check_keys(matrix, _TOP, "")
@@ -301,21 +318,9 @@ def expand(matrix: dict) -> list[Cell]:
             raise UserError(f"datasets[{i}]: {e}") from None
         datasets.append(d)
 
-    backbones = []
-    for i, b in enumerate(_as_list(matrix.get("backbones"), "backbones")):
-        b = _as_entry(b, f"backbones[{i}]")
-        _check_keys(b, _BACKBONE, f"backbones[{i}]")
-        if not timm.is_model(b["name"]):
-            raise UserError(f"backbones[{i}].name: unknown timm model {b['name']!r}; "
-                            f"{did_you_mean(b['name'], timm.list_models())}")
-        weights = str(b.get("weights", "train"))
-        if weights not in ("train", "pretrained") and not Path(weights).exists():
-            raise UserError(f"backbones[{i}].weights: file {weights!r} not found; "
-                            "use train, pretrained or the path of a .safetensors/.pth file")
-        stem = b.get("small_stem", "auto")
-        if stem not in ("auto", True, False):
-            raise UserError(f"backbones[{i}].small_stem: expected auto, true or false, got {stem!r}")
-        backbones.append({"name": b["name"], "weights": weights, "small_stem": None if stem == "auto" else stem})
+    backbones = [_model_entry(b, f"backbones[{i}]", _BACKBONE)
+                 for i, b in enumerate(_as_list(matrix.get("backbones"), "backbones"))]
+    baselines = _baselines(matrix.get("baselines") or [], backbones)
 
     shared_exits = matrix.get("exits") or {}
     if not isinstance(shared_exits, dict):
@@ -326,6 +331,9 @@ def expand(matrix: dict) -> list[Cell]:
     for i, m in enumerate(_as_list(matrix.get("methods"), "methods")):
         m = _as_entry(m, f"methods[{i}]")
         _check_keys(m, _METHOD, f"methods[{i}]")
+        if m["name"] == STATIC:
+            raise UserError(f"methods[{i}].name: {STATIC!r} is not a method; list plain models under `baselines:` "
+                            "(e.g. baselines: [{name: resnet10t}]) to compare static models")
         try:
             cls = get_method(m["name"])
         except UserError as e:
@@ -359,10 +367,64 @@ def expand(matrix: dict) -> list[Cell]:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise UserError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
 
-    return [
+    cells = [
         Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
              backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"],
              method=name, hparams=hp, init=init, seed=s, backbone_training=training, evaluation=evaluation,
              risk_control=risk_control, swept=swept, where=where)
         for d in datasets for b in backbones for (name, hp, init, swept, where) in methods for s in seeds
     ]
+    # static baselines: trained with the backbones' recipe on the same data and seeds; nothing to exit or
+    # risk-control, so no risk-control block
+    return cells + [
+        Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
+             backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"], method=STATIC, hparams={},
+             seed=s, backbone_training=training, evaluation=evaluation, where=b["where"], next_to=b["next_to"])
+        for d in datasets for b in baselines for s in seeds
+    ]
+
+
+def _model_entry(b: Any, where: str, allowed: set[str]) -> dict:
+    """A checked ``backbones``/``baselines`` entry: a timm model name, its weights and its stem."""
+    from exitbench.benchmarks.models import timm  # timm with exitbench's models registered
+
+    b = _as_entry(b, where)
+    _check_keys(b, allowed, where)
+    if not timm.is_model(b["name"]):
+        raise UserError(f"{where}.name: unknown timm model {b['name']!r}; "
+                        f"{did_you_mean(b['name'], timm.list_models())}")
+    weights = str(b.get("weights", "train"))
+    if weights not in ("train", "pretrained") and not Path(weights).exists():
+        raise UserError(f"{where}.weights: file {weights!r} not found; "
+                        "use train, pretrained or the path of a .safetensors/.pth file")
+    stem = b.get("small_stem", "auto")
+    if stem not in ("auto", True, False):
+        raise UserError(f"{where}.small_stem: expected auto, true or false, got {stem!r}")
+    return {"name": b["name"], "weights": weights, "small_stem": None if stem == "auto" else stem}
+
+
+def _baselines(entries: Any, backbones: list[dict]) -> list[dict]:
+    """The checked ``baselines`` entries, each with the backbones it is compared to (``next_to``)."""
+    names = [b["name"] for b in backbones]
+    out = []
+    for i, e in enumerate(_as_list(entries, "baselines")):
+        where = f"baselines[{i}]"
+        b = _model_entry(e, where, _BASELINE)
+        given = isinstance(e, dict) and "next_to" in e
+        # default: every backbone but itself (a baseline that is also a backbone is compared to the others)
+        itself = (b["name"], b["small_stem"])
+        next_to = (_as_list(e["next_to"], f"{where}.next_to") if given
+                   else [bb["name"] for bb in backbones if (bb["name"], bb["small_stem"]) != itself])
+        for n in next_to:
+            if n not in names:
+                raise UserError(f"{where}.next_to: {n!r} is not a backbone of this matrix; "
+                                f"{did_you_mean(str(n), names)}")
+        refs = tuple((bb["name"], bb["small_stem"]) for bb in backbones if bb["name"] in next_to)
+        if not refs:
+            raise UserError(f"{where}.next_to: no backbone to compare {b['name']} with; list the backbones whose "
+                            "panels should show it")
+        if any(n == b["name"] and s == b["small_stem"] for n, s in refs):
+            raise UserError(f"{where}.name: {b['name']} is also a backbone it is next to, whose panels already show "
+                            "it as the reference; list a smaller model, or drop it from next_to")
+        out.append({**b, "where": where, "next_to": refs})
+    return out

@@ -133,6 +133,75 @@ def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, imag
                         max_samples_batch1, max_batches, chosen)
 
 
+def _side_by_side(runs: dict[str, list[Run]], device: torch.device, repeats: int, warmup: int,
+                  bound: float | None) -> dict[str, list[float]]:
+    """Seconds per pass of each named set of runs: warm-ups, then repeats interleaved, the order rotating
+    (with two: alternating), until ``repeats`` or the time ``bound`` (after at least 5 full rounds)."""
+    for _ in range(warmup):
+        for r in runs.values():
+            _pass(r, device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    began = time.perf_counter()
+    for i in range(repeats):
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            times[name].append(_pass(runs[name], device))
+        if bound is not None and i + 1 >= 5 and time.perf_counter() - began > bound:
+            break
+    return times
+
+
+def _timed_batches(images: Tensor, b: int, max_samples_batch1: int, max_batches: int) -> tuple[list[Tensor], int]:
+    """The batches timed at batch size ``b`` and how many samples they hold (see :func:`measure_latency`)."""
+    n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
+    return list(torch.split(images[:n], b)), n
+
+
+def _common(b: int, batches: list[Tensor], n: int, images: Tensor, warmup: int) -> dict:
+    device = images.device
+    return {"batch_size": b, "n_batches": len(batches), "samples": n, "device": str(device),
+            "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "warmup": warmup, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+
+
+@torch.no_grad()
+def measure_static(model: nn.Module, references: dict[str, nn.Module], images: Tensor, macs: int,
+                   reference_macs: dict[str, int], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
+                   warmup: int = 2, max_samples_batch1: int = 32, max_batches: int = 1,
+                   threads: int | None = None) -> list[dict]:
+    """Time a static baseline ``model`` side by side with each of its ``references`` (the backbones whose
+    panels it appears in), one pair at a time, under the same protocol as :func:`measure_latency`. One record
+    per (reference, batch size), variant ``static``: the model's own timing statistics, its paired latency
+    ratio against that reference (``against``), the MACs ratio and the realisation that implies."""
+    with num_threads(threads):
+        device = images.device
+        reps, warm, bound = protocol(device, repeats, warmup)
+        model.eval()
+        records = []
+        for name, ref in references.items():
+            ref.eval()
+            for b in batch_sizes or default_batch_sizes(device):
+                batches, n = _timed_batches(images, b, max_samples_batch1, max_batches)
+                runs = {"reference": _plain_runs(ref, batches), "static": _plain_runs(model, batches)}
+                try:
+                    times = _side_by_side(runs, device, reps, warm, bound)
+                except torch.cuda.OutOfMemoryError:  # as in measure_latency: a batch size that does not fit
+                    torch.cuda.empty_cache()
+                    continue
+                ratio = statistics.median(t / r for t, r in zip(times["static"], times["reference"]))
+                macs_ratio = macs / reference_macs[name]
+                records.append({"variant": "static", **_common(b, batches, n, images, warm),
+                                **_stats(times["static"], len(batches)), "against": name, "latency_ratio": ratio,
+                                "ratio_of": "median of per-repeat paired ratios", "macs_ratio_strict": macs_ratio,
+                                "realisation": realisation(ratio, macs_ratio),
+                                "realisation_note": realisation_note(ratio, macs_ratio)})
+        return records
+
+
+def _plain_runs(model: nn.Module, batches: list[Tensor]) -> list[Run]:
+    return LATENCY_VARIANTS.get("backbone").prepare(model, None, None, batches)
+
+
 def _outcome(v: LatencyVariant, runs: list[Run]) -> tuple[Tensor, Tensor] | None:
     """(predictions, exit index) of an exiting variant over its prepared ``runs`` (an untimed pass), else None."""
     if not v.exits:
@@ -164,25 +233,12 @@ def _at_batch_size(b: int, backbone: nn.Module, net: MultiExitNet, policy: Polic
                    variants: list[LatencyVariant]) -> list[dict]:
     device = images.device
     records: list[dict] = []
-    n = min(len(images), max_samples_batch1) if b == 1 else max(b, min(len(images) // b, max_batches) * b)
-    batches = list(torch.split(images[:n], b))
+    batches, n = _timed_batches(images, b, max_samples_batch1, max_batches)
     runs = {v.name: v.prepare(backbone, net, policy, batches) for v in variants}
     outcome = {v.name: _outcome(v, runs[v.name]) for v in variants}
     reference = outcome.get("compaction")
-    for _ in range(warmup):
-        for r in runs.values():
-            _pass(r, device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    began = time.perf_counter()
-    for i in range(repeats):  # rotate which variant goes first (two variants: alternate)
-        for name in order[i % len(order):] + order[:i % len(order)]:
-            times[name].append(_pass(runs[name], device))
-        if bound is not None and i + 1 >= 5 and time.perf_counter() - began > bound:
-            break  # the time bound, after at least 5 full rounds
-    common = {"batch_size": b, "n_batches": len(batches), "samples": n, "device": str(device),
-              "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-              "warmup": warmup, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+    times = _side_by_side(runs, device, repeats, warmup, bound)
+    common = _common(b, batches, n, images, warmup)
     for v in variants:
         rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches)), "simulation": v.simulation}
         if v.fast:

@@ -11,7 +11,9 @@ training step on CIFAR-sized batches; a backward pass counts as two forwards). T
 - training the method: 3 x MACs per sample and epoch when it trains the backbone, 1 x (the frozen
   backbone's forward; heads are small) otherwise;
 - recording traces on the calibration and test splits (1 x MACs per sample);
-- timing: every latency variant, warm-ups and repeats, at batch 1 (32 samples) and the large batches.
+- timing: every latency variant, warm-ups and repeats, at batch 1 (32 samples) and the large batches;
+- a static baseline: its training as a backbone, its traces, and its timing in pairs with each backbone
+  it is next to (no method to train).
 
 The real time also depends on data loading, the device's efficiency on each network, and early stopping
 by ``max_seconds``; compare the estimate with a finished cell's ``seconds`` before planning GPU-days.
@@ -120,15 +122,20 @@ def plan_cells(cells: list[Cell], out_dir: Path | None, cache_dir: Path, through
             if cache not in charged and not cache.exists():
                 charged.add(cache)
                 backbone_s = TRAIN_FACTOR * macs * train * cell.backbone_training.epochs / throughput
-        method = get_method(cell.method)(**cell.hparams)
-        epochs = int(method.hp.get("epochs", 1))
-        factor = TRAIN_FACTOR if method.trains_backbone else 1.0
-        method_s = factor * macs * train * epochs / throughput
-        traces_s = macs * (cal + test) / throughput
         ev = cell.evaluation
         sizes = ev.latency_batch_sizes or default_batch_sizes(torch.device("cpu"))
-        timed = sum(min(32, test) if b == 1 else b for b in sizes)
-        variants = len({"backbone", *ev.timed_variants})
-        latency_s = (variants * (ev.latency_repeats + 2) * timed * macs / throughput) if ev.latency else 0.0
+        timed = (ev.latency_repeats + 2) * sum(min(32, test) if b == 1 else b for b in sizes) if ev.latency else 0
+        if cell.static:  # nothing to fit; timed in pairs with each backbone it is next to
+            method_s = 0.0
+            refs = [built.get((name, stem, cell.dataset, key[3])) for name, stem in cell.next_to]
+            timed_macs = sum(macs + (r.macs if r is not None else macs) for r in refs)
+        else:
+            method = get_method(cell.method)(**cell.hparams)
+            epochs = int(method.hp.get("epochs", 1))
+            factor = TRAIN_FACTOR if method.trains_backbone else 1.0
+            method_s = factor * macs * train * epochs / throughput
+            timed_macs = len({"backbone", *ev.timed_variants}) * macs
+        traces_s = macs * (cal + test) / throughput
+        latency_s = timed * timed_macs / throughput
         plans.append(CellPlan(cell, state, who, macs, backbone_s, method_s, traces_s, latency_s))
     return plans

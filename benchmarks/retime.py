@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from exitbench.benchmarks import stages as st
+from exitbench.benchmarks import static
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
@@ -50,13 +51,16 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     if not result.weights or not weights.is_file():
         raise UserError(f"{where}: no saved weights ({weights}); re-time only results written with weights "
                         "(rerun `exitbench run` on this directory first)")
-    try:
-        method = get_method(cell.method)(**cell.hparams)
-    except UserError as e:
-        raise UserError(f"{where}: {e} (install the plugin that provides method {cell.method!r})") from None
-    head = result.headline()
-    if head is None or not head.feasible:
-        return None
+    if cell.static:
+        method = None
+    else:
+        try:
+            method = get_method(cell.method)(**cell.hparams)
+        except UserError as e:
+            raise UserError(f"{where}: {e} (install the plugin that provides method {cell.method!r})") from None
+        head = result.headline()
+        if head is None or not head.feasible:
+            return None
     device = resolve_device(device_spec)
     ev = dataclasses.replace(cell.evaluation, latency=True, latency_batch_sizes=tuple(batch_sizes),
                              latency_repeats=repeats or cell.evaluation.latency_repeats,
@@ -67,16 +71,22 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     prepare(device)
     with num_threads(ev.threads):
         try:
-            backbone, net = st.rebuild(cell, st.without_data(cell), method, weights, device)
+            if method is None:  # a static baseline: the model alone, timed against its backbones
+                model = static.rebuild(cell, st.without_data(cell), weights, device)
+            else:
+                backbone, net = st.rebuild(cell, st.without_data(cell), method, weights, device)
         except RuntimeError as e:
             raise UserError(f"{where}: the saved weights do not fit the network its config describes "
                             f"({str(e).splitlines()[0][:160]}); were they written by another exitbench?") from None
-        points = [dataclasses.replace(p) for p in result.operating_points]
-        records = st.time_latency(cell, backbone, net, points, inputs, [e.rel_macs_strict for e in result.exits])
+        if method is None:
+            records = static.time_static(cell, model, st.without_data(cell), inputs)
+        else:
+            points = [dataclasses.replace(p) for p in result.operating_points]
+            records = st.time_latency(cell, backbone, net, points, inputs, [e.rel_macs_strict for e in result.exits])
     for r in records:
         r.inputs = note
-    new = {(r.device, r.variant, r.batch_size) for r in records}
-    kept = [r for r in result.latency if (r.device, r.variant, r.batch_size) not in new]
+    new = {(r.device, r.variant, r.batch_size, r.against) for r in records}
+    kept = [r for r in result.latency if (r.device, r.variant, r.batch_size, r.against) not in new]
     return dataclasses.replace(result, latency=kept + records)
 
 

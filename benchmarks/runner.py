@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from exitbench.benchmarks import stages as st
+from exitbench.benchmarks import static
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import DataMissing, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
@@ -36,6 +37,8 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         prepare(device)
         splits = st.prepare_data(cell, download, memo)
         ref = st.prepare_backbone(cell, splits, cache_dir, device, stale_after=stale_after)
+        if cell.static:  # a plain model from `baselines`: no method to fit, nothing to exit
+            return static.run(cell, splits, ref, out_dir, to_tensors(splits.test)[0], st.elapsed(start))
         fitted = st.fit_method(cell, splits, ref.backbone, device)
         traces = st.record_traces(fitted.net, splits)
         st.save_artifacts(out_dir, cell, traces, fitted.net)
@@ -66,6 +69,8 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
     redo = [k for k in ("points", "latency", "risk_control") if keys[k] != old.get(k)]
     if ("points" in redo or _moved(previous, cell)) and "latency" not in redo:
         redo.insert(1 if "points" in redo else 0, "latency")  # timed at the headline point, on this device
+    if cell.static:
+        return _reanalyse_static(cell, previous, out_dir, redo, start, download, memo), redo
     with num_threads(cell.evaluation.threads):
         method = get_method(cell.method)(**cell.hparams)
         traces, costs = st.load_traces(out_dir, cell), _StoredCosts(previous)
@@ -89,6 +94,24 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
                                                   cell.evaluation.dtype),
                      reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
     return result, redo
+
+
+def _reanalyse_static(cell: Cell, previous: CellResult, out_dir: Path, redo: list[str], start: float,
+                      download: bool, memo: dict | None) -> CellResult:
+    """A static baseline's re-analysis: only its timing depends on evaluation settings."""
+    latency = previous.latency
+    if "latency" in redo:
+        with num_threads(cell.evaluation.threads):
+            splits = st.prepare_data(cell, download, memo)
+            device = resolve_device(cell.evaluation.device, "evaluation.device")
+            prepare(device)
+            model = static.rebuild(cell, splits, st.artifact_paths(out_dir, cell)["weights"], device)
+            latency = static.time_static(cell, model, splits, to_tensors(splits.test)[0])
+    return replace(previous, latency=latency, config={**previous.config, **cell.to_dict()},
+                   analysis=cell.analysis_keys(),
+                   env_analysis=env_fingerprint(_device_of(latency, cell), cell.evaluation.threads,
+                                                cell.evaluation.dtype),
+                   reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
 
 
 def cell_path(out_dir: Path, cell: Cell) -> Path:
@@ -241,5 +264,7 @@ def preflight(cells: list[Cell], *, download: bool = False, data_optional: bool 
         key = (cell.backbone, cell.small_stem, splits.info.num_classes, tuple(splits.info.input_size))
         if key not in built:
             built[key] = st.make_backbone(cell, splits, weights=False)
+        if cell.static:
+            continue  # a plain model: building it is the whole check
         st.place(cell, get_method(cell.method)(**cell.hparams), built[key])
     return list(warnings.values())

@@ -38,7 +38,7 @@ def smoke_cells(cells: list[Cell]) -> list[Cell]:
         info = st.without_data(c).info
         k = info.num_classes
         data = {"num_classes": k, "image_size": info.input_size[1], "n": 4 * k, **SMOKE_SPLITS}
-        declared = get_method(c.method).hparams
+        declared = {} if c.static else get_method(c.method).hparams
         hp = dict(c.hparams)
         if "epochs" in declared:
             hp["epochs"] = 1

@@ -23,6 +23,10 @@ from exitbench.errors import UserError
 
 SCHEMA_VERSION = 3  # 3: typed operating points (kind, target, timed), budgets as points, risk rows' promise
 
+# The ``method`` of a static-baseline cell: a plain timm model from the matrix's ``baselines``, trained with
+# the backbones' recipe, no exits (docs/baselines.md). Not a registered method.
+STATIC = "static"
+
 # Direction of every metric in the schema (lm-evaluation-harness style): comparisons and reports
 # read it instead of guessing.
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -194,6 +198,7 @@ class LatencyRecord:
     predicted_ratio: float | None = None  # compaction: the per-stage profile's prediction at these exit fractions
     fast: str | None = None  # the fast path's variants: compile | graphs
     buckets: list[int] | None = None  # the fast path's bucket sizes (surviving batches pad up to the next)
+    against: str | None = None  # a static baseline's record: the backbone it was timed side by side with
 
 
 @dataclass
@@ -333,6 +338,11 @@ class CellResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def static(self) -> bool:
+        """A static baseline (a plain model, no exits), not an early-exit cell."""
+        return (self.config or {}).get("method") == STATIC
 
     def point(self, kind: str, target: float | None = None) -> OperatingPoint | None:
         """The operating point of ``kind`` (and ``target``, when given), or None."""

@@ -124,14 +124,18 @@ def _seeds_note(results: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------ accuracy vs cost
 
+_LABEL_BOX = {"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.4}  # a static baseline's name over the curves
+
 def accuracy_vs_macs(results: list[dict], view: str = "strict"):
     """Test accuracy vs strict relative MACs per (dataset, backbone): one curve per method setting (mean
     over seeds, interpolated on a common MACs grid, with a ± std band), the calibrated within-drop
-    operating point, and the backbone as a reference. ``view="paper"``: accuracy vs cost reduction in
+    operating point, the backbone as a reference, and the static baselines next to the backbone as
+    diamonds at their own MACs (mean ± std over seeds). ``view="paper"``: accuracy vs cost reduction in
     paper accounting, as PTEENet/EENet plot it."""
     if view not in ("strict", "paper"):
         raise ValueError(f"view must be 'strict' or 'paper', not {view!r}")
     cells = [r for r in load.ok(results) if r.sweep is not None and r.sweep.test]
+    statics = load.baselines(results)
     if not cells:
         return None
     xkey = "rel_macs_strict" if view == "strict" else "rel_macs_paper"
@@ -167,6 +171,13 @@ def accuracy_vs_macs(results: list[dict], view: str = "strict"):
             if bn:
                 ax.errorbar(1.0 if view == "strict" else 0.0, 100 * bm, yerr=100 * bs if bn > 1 else None,
                             fmt="*", color="black", ms=11, zorder=5, label="backbone")
+            for sp in load.static_points(statics, ds, bb, load.panel_macs(rs)):
+                am, asd, an = load.mean_std(sp.accuracies)
+                sx = float(tx(sp.rel_macs))
+                ax.errorbar(sx, 100 * am, yerr=100 * asd if an > 1 else None, fmt="D", color="0.3", mfc="white",
+                            ms=6.5, mew=1.3, zorder=5, label="static baseline (plain model, same recipe)")
+                ax.annotate(sp.model, (sx, 100 * am), textcoords="offset points", xytext=(5, -11), fontsize=6.5,
+                            color="0.2", bbox=_LABEL_BOX, zorder=6)
             if view == "strict":
                 ax.axvline(1.0, color="0.6", lw=0.8, ls=":", zorder=0)
                 ax.set_xlabel("relative MACs (strict accounting)")
@@ -260,6 +271,7 @@ def latency(results: list[dict]):
     cells = [r for r in load.ok(results) if any(x.latency_ratio is not None for x in r.latency)]
     if not cells:
         return None
+    statics = load.baselines(results)
     labels = load.settings(cells)
     st = series_styles(labels)
     bss = load.batch_sizes(cells)
@@ -311,6 +323,19 @@ def latency(results: list[dict]):
                               ls=kw["linestyle"], marker="", lw=0.8, alpha=0.7, zorder=3)
                 handles.setdefault(label, Line2D([], [], color=kw["color"], ls=kw["linestyle"], lw=0.8,
                                                  marker=kw["marker"], ms=6))
+            for sp in load.static_points(statics, ds, bb, load.panel_macs(rs)):
+                for b in bss:
+                    recs = sp.latency.get(b, [])
+                    ty = load.mean_std(x.latency_ratio for x in recs)
+                    if not ty[2]:
+                        continue
+                    left.errorbar(sp.rel_macs, ty[0], yerr=ty[1] if ty[2] > 1 else None, ls="", marker="D",
+                                  color="0.3", fillstyle=fill[b], ms=6, mew=1.2, zorder=4)
+                    if b == bss[0] or not any(sp.latency.get(c) for c in bss[:bss.index(b)]):  # name it once
+                        left.annotate(sp.model, (sp.rel_macs, ty[0]), textcoords="offset points", xytext=(5, -9),
+                                      fontsize=6, color="0.2", bbox=_LABEL_BOX, zorder=6)
+                    lo, hi = min(lo, sp.rel_macs, ty[0]), max(hi, sp.rel_macs, ty[0])
+                    handles.setdefault("static baseline", Line2D([], [], ls="", marker="D", color="0.3", ms=6))
             pad = 0.05 * (hi - lo + 0.1)
             lim = (lo - pad, hi + pad)
             left.plot(lim, lim, color="0.45", lw=0.9, ls="--", marker="", zorder=1)
@@ -347,7 +372,8 @@ def latency(results: list[dict]):
                                      Patch(linewidth=1.0, **_bar_look(fill[b], "0.3")))
         devs = sorted({str(x.device) for r in cells for x in r.latency})
         note = (f"Timed on {', '.join(devs)}: median of per-repeat paired ratios of the real early-exit forward vs "
-                "the backbone on the same inputs; *: a noisy record (IQR > 10 % of its median); †: MACs above the "
+                "the backbone on the same inputs (a static baseline: the plain model vs the backbone, timed side by "
+                "side in its own cell); *: a noisy record (IQR > 10 % of its median); †: MACs above the "
                 "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
                 + _seeds_note(cells))
         _finish(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})

@@ -133,7 +133,56 @@ def seed(r: CellResult) -> Any:
 
 
 def ok(results: Iterable[CellResult]) -> list[CellResult]:
-    return [r for r in results if r.ok]
+    """The early-exit cells that finished (the finished static baselines: :func:`baselines`)."""
+    return [r for r in results if r.ok and not r.static]
+
+
+def baselines(results: Iterable[CellResult]) -> list[CellResult]:
+    """The static baselines that finished (plain models from a matrix's ``baselines``)."""
+    return [r for r in results if r.ok and r.static]
+
+
+@dataclasses.dataclass
+class StaticPoint:
+    """A static baseline on one (dataset, backbone) panel, over its seeds: its accuracy and MACs relative
+    to the panel's backbone, and its latency ratios measured side by side with that backbone."""
+
+    model: str
+    accuracies: list[float]  # test accuracy per seed
+    rel_macs: float  # its MACs / the panel backbone's (a static model has one cost: strict = paper)
+    latency: dict[int, list[LatencyRecord]]  # batch size -> its records against the panel backbone, per seed
+    train_seconds: list[float]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} (static)"
+
+
+def static_points(statics: Iterable[CellResult], dataset: str, backbone: str, backbone_macs: int | None
+                  ) -> list[StaticPoint]:
+    """The static baselines next to ``backbone`` on ``dataset``, cheapest first."""
+    by_model: dict[str, list[CellResult]] = defaultdict(list)
+    for r in statics:
+        c = config(r)
+        if c.get("dataset") == dataset and any(n == backbone for n, _ in c.get("next_to") or ()):
+            by_model[str(c.get("backbone"))].append(r)
+    out = []
+    for model, rs in by_model.items():
+        lat: dict[int, list[LatencyRecord]] = defaultdict(list)
+        for r in rs:
+            for x in r.latency:
+                if x.variant == "static" and x.against == backbone:
+                    lat[x.batch_size].append(x)
+        macs = rs[0].backbone.macs
+        out.append(StaticPoint(model, [r.backbone.test_accuracy for r in rs],
+                               macs / backbone_macs if backbone_macs else math.nan, dict(lat),
+                               finite(r.backbone.training.get("seconds") for r in rs)))
+    return sorted(out, key=lambda p: (p.rel_macs, p.model))
+
+
+def panel_macs(cells: Iterable[CellResult]) -> int | None:
+    """The backbone MACs of a panel's early-exit cells (one backbone per panel)."""
+    return next((r.backbone.macs for r in cells if r.backbone is not None), None)
 
 
 def group(results: Iterable[CellResult], key) -> dict:

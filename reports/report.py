@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from exitbench.reports import figures, load, tables
+from exitbench.reports import figures, load, static, tables
 from exitbench.store import write_atomic, write_text_atomic
 
 
@@ -49,11 +49,13 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
     out = Path(out_dir)
     fig_dir, tab_dir = out / "figures", out / "tables"
     written: dict = {"figures": [], "tables": []}
-    good = load.ok(results)
+    good, statics = load.ok(results), load.baselines(results)
     blocks: list[Block] = [("h1", f"exitbench report: {Path(results_dir).resolve().name}")]
-    n_set = len(load.by_setting(results))
-    blocks.append(("p", f"{len(results)} cell results in `{results_dir}`: {len(good)} ok, "
-                        f"{sum(r.status == 'error' for r in results)} errors; {n_set} method settings. "
+    n_set = len(load.by_setting([r for r in results if not r.static]))
+    n_static = len({(load.config(r).get("dataset"), load.config(r).get("backbone")) for r in statics})
+    blocks.append(("p", f"{len(results)} cell results in `{results_dir}`: {len(good) + len(statics)} ok, "
+                        f"{sum(r.status == 'error' for r in results)} errors; {n_set} method settings"
+                        + (f", {n_static} static baselines" if statics else "") + ". "
                         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."))
     blocks.append(("p", f"Environment: {load.env_note(results)}."))
 
@@ -75,20 +77,25 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
     if good:
         oplabel = load.op_label(good)
         blocks.append(("h2", "Accuracy versus cost"))
-        figure(figures.accuracy_vs_macs(good), "accuracy_vs_macs",
+        shown = good + statics  # the figures and tables that put static baselines beside the methods
+        figure(figures.accuracy_vs_macs(shown), "accuracy_vs_macs",
                "Test accuracy against strict relative MACs (every head evaluated on the way counts). One curve "
                "per method setting: the threshold sweep on test, mean over seeds on a common MACs grid with a "
-               f"± std band; circles: the {oplabel} operating point chosen on calibration; star: the backbone.")
+               f"± std band; circles: the {oplabel} operating point chosen on calibration; star: the backbone"
+               + ("; diamonds: static baselines (plain models trained with the backbone's recipe) at their own "
+                  "MACs." if statics else "."))
         if paper_view:
-            figure(figures.accuracy_vs_macs(good, view="paper"), "accuracy_vs_cost_reduction",
+            figure(figures.accuracy_vs_macs(shown, view="paper"), "accuracy_vs_cost_reduction",
                    "The PTEENet/EENet view: test accuracy against cost reduction in paper accounting (the "
                    "backbone prefix plus only the head taken; rejected heads are free).")
+        if statics:
+            _static_section(shown, blocks)
         blocks.append(("h2", "Accuracy at a MACs budget"))
-        table(tables.budget_table(good))
+        table(tables.budget_table(shown))
         if load.budgets(good, "msdnet_budget"):
             table(tables.budget_table(good, kind="msdnet_budget"))
         devs = load.devices(good)
-        main_view = load.on_device(good, devs[0]) if devs else good  # the device the cells ran on
+        main_view = load.on_device(shown, devs[0]) if devs else shown  # the device the cells ran on
         blocks.append(("h2", f"Methods at the {oplabel} operating point"))
         table(tables.summary_table(main_view))
         blocks.append(("h2", "Where samples exit"))
@@ -98,7 +105,7 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
         if load.batch_sizes(good):
             blocks.append(("h2", "Latency"))
         for i, dev in enumerate(devs):  # one latency panel per device (exitbench time adds devices)
-            view, tail = load.on_device(good, dev), "" if i == 0 else f"__{load.slug(dev)}"
+            view, tail = load.on_device(shown, dev), "" if i == 0 else f"__{load.slug(dev)}"
             if len(devs) > 1:
                 blocks.append(("h3", f"On {dev}"))
             figure(figures.latency(view), f"latency{tail}",
@@ -127,6 +134,26 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
     write_text_atomic(page, to_html(blocks, fig_dir))
     written["report"] = [md, page]
     return written
+
+
+def _static_section(results: list[load.CellResult], blocks: list[Block]) -> None:
+    """Says plainly which static baselines match which operating points (``exitbench.reports.static``)."""
+    found, none = static.matches(results)
+    blocks.append(("h2", "Static baselines against the operating points"))
+    oplabel = load.op_label(load.ok(results))
+    blocks.append(("p", f"A static baseline matches an operating point ({oplabel}, per method setting) when it costs "
+                        "at most the point's strict MACs and its test accuracy is at least the point's minus the "
+                        "point's std over seeds; it beats it when it is at least as accurate outright (means over "
+                        "seeds, both trained on the same data with the same backbone recipe)."))
+    if found:
+        blocks.append(("p", f"{len(found)} operating point(s) are matched by a smaller static model: there, the "
+                            "early exits buy nothing that a plain smaller network does not."))
+        blocks.append(("ul", [m.text for m in found]))
+    else:
+        blocks.append(("p", "No static baseline matches any operating point: every early-exit point here is a better "
+                            "trade-off than the plain models listed."))
+    if none:
+        blocks.append(("ul", none))
 
 
 def _risk_section(good, blocks, figure, table, tab_dir: Path, written: dict) -> None:

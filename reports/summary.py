@@ -25,6 +25,14 @@ def summary_rows(results: list[load.CellResult]) -> list[dict]:
         if not r.ok:
             rows.append({**base, "error": r.error})
             continue
+        if r.static:  # a plain model: one row, its timing against each backbone it was next to
+            row = {**base, "operating_point": "static", "test_accuracy": r.backbone.test_accuracy,
+                   "calibration_accuracy": r.backbone.calibration_accuracy, "backbone_gmacs": r.backbone.macs / 1e9,
+                   "train_seconds": r.backbone.training.get("seconds")}
+            for x in r.latency:
+                row[f"latency_ratio_vs_{x.against}_b{x.batch_size}"] = x.latency_ratio
+            rows.append(row)
+            continue
         for op in r.operating_points:
             row = {**base, "operating_point": op.kind, "target": op.target, "score": op.score,
                    "feasible": op.feasible, "headline": op.headline,

@@ -83,7 +83,8 @@ def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | No
     budgets = tuple(load.budgets(results, kind)) if budgets is None else budgets
     stem, title, how = BUDGET_KINDS[kind]
     cols = ["dataset", "backbone", "method", "seeds", *[f"{100 * b:g} % MACs" for b in budgets]]
-    rows, starts, partial = [], [], False
+    rows, starts, partial, any_static = [], [], False, False
+    statics = load.baselines(results)
     by_panel = load.group(load.ok(results), load.panel_key)
     for (ds, bb), cells in by_panel.items():
         starts.append(len(rows))
@@ -107,10 +108,20 @@ def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | No
                 mrow.append(m)
             block.append(row)
             means.append(mrow)
+        for sp in load.static_points(statics, ds, bb, load.panel_macs(cells)):
+            text, m = fmt_pm(sp.accuracies, 100)
+            block.append([*_group_cells(ds, bb, False), Cell(f"{sp.label}, {sp.rel_macs:.2f}× MACs"),
+                          Cell(str(len(sp.accuracies))),
+                          *[Cell(text if sp.rel_macs <= b + 1e-9 else DASH) for b in budgets]])
+            means.append([math.nan] * 4 + [m if sp.rel_macs <= b + 1e-9 else math.nan for b in budgets])
+            any_static = True
         _bold_best(block, means, {4 + i: True for i in range(len(budgets))})
         rows += block
     notes = [f"Test accuracy (%) at {how}; mean ± std over seeds; best method per column in bold.",
              f"{DASH}: no threshold meets the budget on calibration (infeasible)."]
+    if any_static:
+        notes.append("(static): a plain model trained with the backbone's recipe, no exits; its accuracy appears "
+                     f"under every budget its own MACs fit, {DASH} under those they exceed; it is bold when best.")
     if partial:
         notes.append("(k/n): the budget is met in k of n seeds; the mean is over those k.")
     return Table(stem, title, cols, rows, "lllr" + "r" * len(budgets), starts, notes)
@@ -142,7 +153,8 @@ def summary_table(results: list[dict]) -> Table:
                       if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
     specs.append((lambda r: r.training.get("seconds"), 1, 1, False))
 
-    rows, starts, partial, any_noisy = [], [], False, False
+    rows, starts, partial, any_noisy, any_static = [], [], False, False, False
+    statics = load.baselines(results)
     for (ds, bb), cells in load.group(load.ok(results), load.panel_key).items():
         starts.append(len(rows))
         bt = _per_seed(cells, lambda r: r.backbone.training.get("seconds"))
@@ -171,6 +183,20 @@ def summary_table(results: list[dict]) -> Table:
                 mrow.append(m)
             block.append(row)
             means.append(mrow)
+        for sp in load.static_points(statics, ds, bb, load.panel_macs(cells)):
+            row = [*_group_cells(ds, bb, False), Cell(sp.label), Cell(str(len(sp.accuracies)))]
+            acc, m_acc = fmt_pm(sp.accuracies, 100)
+            times = [fmt_pm((x.latency_ratio for x in sp.latency.get(b, [])), 1, 2) for b in bss]
+            noisy = [any(x.noisy for x in sp.latency.get(b, [])) for b in bss]
+            any_noisy = any_noisy or any(noisy)
+            row += [Cell(acc), Cell(DASH), Cell(f"{sp.rel_macs:.3f}"), Cell(f"{sp.rel_macs:.3f}"),
+                    *[Cell(t + (" *" if n else "")) for (t, _), n in zip(times, noisy)],
+                    Cell(fmt_pm(sp.train_seconds)[0])]
+            block.append(row)
+            # its train time is its whole training, not comparable with a method's own: never bold
+            means.append([math.nan] * 4 + [m_acc, math.nan, round(sp.rel_macs, 3), round(sp.rel_macs, 3),
+                                           *[m for _, m in times], math.nan])
+            any_static = True
         _bold_best(block, means, {4 + k: s[3] for k, s in enumerate(specs)})
         rows += block
     notes = [f"At the {oplabel} operating point: the cheapest threshold (strict MACs) whose calibration accuracy "
@@ -184,6 +210,10 @@ def summary_table(results: list[dict]) -> Table:
              "(its row shows that)."]
     if partial:
         notes.append("(k/n): the accuracy target is met on calibration in k of n seeds; means are over those k.")
+    if any_static:
+        notes.append("(static): a plain model trained with the backbone's recipe on the same data, no exits; its "
+                     "MACs and time are relative to this backbone (timed side by side with it in the baseline's "
+                     "cell), its train time is its whole training; agreement with the backbone is not recorded.")
     if any_noisy:
         notes.append("*: a noisy latency record (IQR above 10 % of its median); rerun on an idle machine before "
                      "trusting it.")

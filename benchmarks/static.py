@@ -1,0 +1,108 @@
+"""Static baselines: a plain timm model from the matrix's ``baselines``, trained like the backbones, no exits.
+
+A static cell shares the first stages of an early-exit cell: prepare the data, prepare the model as a
+backbone (``weights: train`` trains it with the matrix's ``backbone_training`` recipe on the same split and
+seed, and caches it, so a model that is also a backbone elsewhere is trained once), record its one exit's
+traces and save its weights. It then times the model side by side with each backbone it is ``next_to``
+(:func:`exitbench.benchmarks.latency.measure_static`): a paired ratio measured in one run, like every other
+ratio exitbench reports. Its result is a :class:`CellResult` with method ``static``: one exit row, no sweep,
+no operating points; accuracy and MACs in ``backbone``; latency records of variant ``static`` that name the
+backbone they are ``against``. Reports put it on the panels of those backbones (docs/baselines.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from exitbench.benchmarks import stages as st
+from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.data import Splits
+from exitbench.benchmarks.device import check_dtype
+from exitbench.benchmarks.env import env_fingerprint
+from exitbench.benchmarks.flops import MACS_COUNTER
+from exitbench.benchmarks.latency import measure_static
+from exitbench.methods.base import MultiExitNet, StagedBackbone
+from exitbench.results import (
+    HIGHER_IS_BETTER,
+    SCHEMA_VERSION,
+    BackboneResult,
+    CellResult,
+    ExitRow,
+    LatencyRecord,
+    setting_id,
+)
+
+
+def as_net(model: StagedBackbone) -> MultiExitNet:
+    """The model as a net with no early exit: traces, weights files and re-building then work as for any cell."""
+    return MultiExitNet(model, [], [])
+
+
+def references(cell: Cell, splits: Splits | st.NoData) -> dict[str, StagedBackbone]:
+    """The backbones the baseline is next to, architecture only (timing does not depend on weights), built
+    as the matrix builds them (their own small_stem) for the cell's dataset."""
+    out = {}
+    for name, stem in cell.next_to:
+        torch.manual_seed(cell.seed)
+        out[name] = st.make_backbone(replace(cell, backbone=name, small_stem=stem, weights="train"), splits,
+                                     weights=False).eval()
+    return out
+
+
+def time_static(cell: Cell, model: StagedBackbone, splits: Splits | st.NoData, test_x: Tensor) -> list[LatencyRecord]:
+    """The model timed against each of its ``next_to`` backbones, on the model's device, in
+    ``evaluation.dtype`` (the fast path is for exits: a static model is timed eager)."""
+    ev = cell.evaluation
+    if not (ev.latency and cell.next_to):
+        return []
+    device = next(model.parameters()).device
+    refs = references(cell, splits)
+    dtype = check_dtype(model, test_x, ev.dtype, device)
+    try:
+        records = measure_static(model.to(device, dtype), {n: r.to(device, dtype) for n, r in refs.items()},
+                                 test_x.to(device, dtype), model.macs, {n: r.macs for n, r in refs.items()},
+                                 batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats, threads=ev.threads)
+    finally:
+        model.float()
+    return [LatencyRecord(**r, inputs="test split") for r in records]
+
+
+def rebuild(cell: Cell, splits: Splits | st.NoData, weights: Path, device: torch.device) -> StagedBackbone:
+    """The trained model from its saved weights, in eval mode on ``device``. Nothing is trained."""
+    from safetensors.torch import load_model
+
+    torch.manual_seed(cell.seed)
+    model = st.make_backbone(cell, splits, weights=False)
+    load_model(as_net(model), str(weights), strict=True)  # safetensors: no pickle, nothing executed
+    return model.to(device).eval()
+
+
+def run(cell: Cell, splits: Splits, ref: st.Reference, out_dir: Path, test_x: Tensor, seconds: float) -> CellResult:
+    """The static cell after its shared stages (``ref``: the model, prepared as a backbone): traces, weights,
+    timing and the result. ``seconds``: the time its shared stages took."""
+    import time
+
+    start = time.perf_counter()
+    model, net = ref.backbone, as_net(ref.backbone)
+    traces = st.record_traces(net, splits)
+    st.save_artifacts(out_dir, cell, traces, net)
+    latency = time_static(cell, model, splits, test_x)
+    config = cell.to_dict()
+    slug = cell.slug()
+    final = ExitRow("final", len(model.blocks) - 1, model.macs, model.head_macs, 1.0, 1.0, ref.calibration_accuracy,
+                    ref.test_accuracy)
+    return CellResult(
+        status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=setting_id(config),
+        analysis=cell.analysis_keys(),
+        env=env_fingerprint(next(model.parameters()).device, cell.evaluation.threads, cell.evaluation.dtype),
+        higher_is_better=dict(HIGHER_IS_BETTER),
+        data={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
+              "num_classes": splits.info.num_classes, "input_size": list(splits.info.input_size)},
+        backbone=BackboneResult(cell.backbone, ref.test_accuracy, ref.calibration_accuracy, model.macs, MACS_COUNTER,
+                                len(model.blocks), getattr(model, "small_stem", None), ref.stats),
+        exits=[final], latency=latency, traces={s: f"traces/{slug}.{s}.safetensors" for s in st.SPLITS},
+        weights=f"weights/{slug}.safetensors", seconds=seconds + st.elapsed(start), finished=st.now())
