@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
-from exitbench.benchmarks.fast import FAST_MODES
+from exitbench.benchmarks.fast import check_fast_mode
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
 from exitbench.methods.base import Budget, UserError, did_you_mean
 from exitbench.methods.rules import RISKS, SELECTION_RULES
@@ -289,8 +289,7 @@ def expand(matrix: dict) -> list[Cell]:
         if LATENCY_VARIANTS.get(v).fast:  # an unknown name: one line with the nearest ones
             raise UserError(f"evaluation.latency_variants: {v!r} is the fast path; set evaluation.fast: "
                             f"{LATENCY_VARIANTS.get(v).fast} instead of listing it")
-    if evaluation.fast not in FAST_MODES:
-        raise UserError(f"evaluation.fast: unknown fast path {evaluation.fast!r}; use {', '.join(FAST_MODES)}")
+    check_fast_mode(evaluation.fast)
     check_device_name(evaluation.device)
     if evaluation.dtype not in DTYPES:
         raise UserError(f"evaluation.dtype: unknown dtype {evaluation.dtype!r}; use {', '.join(DTYPES)}")

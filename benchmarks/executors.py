@@ -80,10 +80,11 @@ def parse_slurm_time(text: str) -> int:
 
 def slurm_options(partition: str | None, time: str | None, gpus: int | None, mem: str | None,
                   extra: list[str] | None, chunk: int, parallel: int | None) -> dict[str, Any]:
-    """The submitit SlurmExecutor parameters for the ``--slurm-*`` options (checked: one-line errors)."""
-    opts: dict[str, Any] = {"timeout_min": parse_slurm_time(time) if time else 240}
+    """The submitit ``SlurmExecutor`` parameters, by its own names, for the ``--slurm-*`` options (checked:
+    one-line errors). ``time`` is in minutes."""
+    opts: dict[str, Any] = {"time": parse_slurm_time(time) if time else 240}
     if partition:
-        opts["slurm_partition"] = partition
+        opts["partition"] = partition
     if gpus is not None:
         if gpus < 0:
             raise UserError(f"--slurm-gpus: must be 0 or more GPUs per task, got {gpus}")
@@ -91,7 +92,7 @@ def slurm_options(partition: str | None, time: str | None, gpus: int | None, mem
     if mem:
         if not re.fullmatch(r"\d+[KMGT]?", mem.strip().upper()):
             raise UserError(f"--slurm-mem: {mem!r} is not a Slurm memory size; give e.g. 32G or 16000M")
-        opts["slurm_mem"] = mem.strip().upper()
+        opts["mem"] = mem.strip().upper()
     additional = {}
     for kv in extra or []:
         k, sep, v = kv.partition("=")
@@ -99,13 +100,13 @@ def slurm_options(partition: str | None, time: str | None, gpus: int | None, mem
             raise UserError(f"--slurm-opt: {kv!r} is not KEY=VALUE; e.g. --slurm-opt account=myproj")
         additional[k.strip().removeprefix("--")] = v.strip()
     if additional:
-        opts["slurm_additional_parameters"] = additional
+        opts["additional_parameters"] = additional
     if chunk < 1:
         raise UserError(f"--slurm-chunk: must be at least 1 cell per task, got {chunk}")
     if parallel is not None:
         if parallel < 1:
             raise UserError(f"--slurm-parallel: must be at least 1 task at a time, got {parallel}")
-        opts["slurm_array_parallelism"] = parallel
+        opts["array_parallelism"] = parallel
     return opts
 
 
@@ -208,14 +209,7 @@ def submit_slurm(cells: list[Cell], out_dir: Path, cache_dir: Path, options: dic
     check_slurm()
     parts = [cells[i:i + chunk] for i in range(0, len(cells), chunk)]
     executor = submitit.SlurmExecutor(folder=out_dir / "slurm" / "%j")
-    params = {"job_name": f"exitbench-{out_dir.name}", **options}
-    params["time"] = params.pop("timeout_min")
-    for ours, theirs in (("slurm_partition", "partition"), ("slurm_mem", "mem"),
-                         ("slurm_additional_parameters", "additional_parameters"),
-                         ("slurm_array_parallelism", "array_parallelism")):
-        if ours in params:
-            params[theirs] = params.pop(ours)
-    executor.update_parameters(**params)
+    executor.update_parameters(job_name=f"exitbench-{out_dir.name}", **options)
     task = _checkpointable()
     jobs = executor.map_array(task, parts, [out_dir] * len(parts), [cache_dir] * len(parts), [kw] * len(parts))
     return [j.job_id for j in jobs]

@@ -42,10 +42,15 @@ def buckets_for(batch_size: int) -> tuple[int, ...]:
     return (*sizes, batch_size)
 
 
-def check_fast(mode: str, device: torch.device, where: str = "evaluation.fast") -> None:
-    """A one-line :class:`UserError` for an unknown mode, or CUDA graphs off CUDA."""
+def check_fast_mode(mode: str, where: str = "evaluation.fast") -> None:
+    """A one-line :class:`UserError` for an unknown mode (what a matrix can check before the device is known)."""
     if mode not in FAST_MODES:
         raise UserError(f"{where}: unknown fast path {mode!r}; use {', '.join(FAST_MODES)}")
+
+
+def check_fast(mode: str, device: torch.device, where: str = "evaluation.fast") -> None:
+    """A one-line :class:`UserError` for an unknown mode, or CUDA graphs off CUDA."""
+    check_fast_mode(mode, where)
     if mode == "graphs" and device.type != "cuda":
         raise UserError(f"{where}: graphs needs a CUDA device but the cell runs on {device}; use fast: compile "
                         f"(torch.compile per bucket) or none")

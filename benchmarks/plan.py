@@ -30,7 +30,7 @@ import torch
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.latency import default_batch_sizes
-from exitbench.benchmarks.runner import _reusable, cell_path, claim_path, existing
+from exitbench.benchmarks.runner import cell_path, claim_path, existing, reusable
 from exitbench.claims import held_live, holder
 from exitbench.methods.base import get_method
 
@@ -96,7 +96,7 @@ def _state(cell: Cell, out_dir: Path | None, claims_dir: Path | None) -> tuple[s
         return "pending", None
     r = existing(cell_path(out_dir, cell))
     if r is not None and r.ok:
-        return ("done" if _reusable(r, cell, out_dir) == "reuse" else "re-analyse"), None
+        return ("done" if reusable(r, cell, out_dir) == "reuse" else "re-analyse"), None
     lock = claim_path(claims_dir or out_dir / "claims", cell)
     if held_live(lock):
         return "running", holder(lock)

@@ -127,8 +127,8 @@ def existing(path: Path) -> CellResult | None:
         return None
 
 
-def _reusable(previous: CellResult | None, cell: Cell, out_dir: Path) -> str:
-    """'reuse', 'reanalyse' or 'run' for a cell given its stored result."""
+def reusable(previous: CellResult | None, cell: Cell, out_dir: Path) -> str:
+    """'reuse', 'reanalyse' or 'run' for a cell given its stored result (its state for ``exitbench plan``)."""
     if previous is None or not previous.ok:
         return "run"
     if not all(p.exists() for p in st.artifact_paths(out_dir, cell).values()):
@@ -185,7 +185,7 @@ def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: b
     for cell in bar:
         path = cell_path(out_dir, cell)
         bar.set_postfix_str(f"{cell.backbone} {cell.method}")
-        if _reusable(existing(path), cell, out_dir) == "reuse":
+        if reusable(existing(path), cell, out_dir) == "reuse":
             counts["reused"] += 1
             tqdm.write(f"reused {cell.slug()}")
             continue
@@ -216,7 +216,7 @@ def _finished_since(path: Path, cell: Cell, out_dir: Path, began: float) -> bool
     if r is None:
         return False
     try:
-        return _reusable(r, cell, out_dir) == "reuse" or path.stat().st_mtime >= began
+        return reusable(r, cell, out_dir) == "reuse" or path.stat().st_mtime >= began
     except FileNotFoundError:
         return False
 
@@ -224,7 +224,7 @@ def _finished_since(path: Path, cell: Cell, out_dir: Path, began: float) -> bool
 def _run_claimed(cell: Cell, path: Path, out_dir: Path, cache_dir: Path, download: bool, memo: dict,
                  counts: dict[str, int], stale_after: float) -> None:
     previous = existing(path)  # read again under the claim: another runner may have finished it meanwhile
-    todo = _reusable(previous, cell, out_dir)
+    todo = reusable(previous, cell, out_dir)
     if todo == "reuse":
         counts["reused"] += 1
         tqdm.write(f"reused {cell.slug()}")

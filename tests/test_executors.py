@@ -43,8 +43,8 @@ def test_bad_slurm_options_are_one_line_errors():
     with pytest.raises(UserError, match=r"^--slurm-chunk: must be at least 1"):
         slurm_options(None, None, None, None, None, 0, None)
     opts = slurm_options("gpu", "2h", 1, "32g", ["--account=proj", "qos=high"], 1, 8)
-    assert opts == {"timeout_min": 120, "slurm_partition": "gpu", "gpus_per_node": 1, "slurm_mem": "32G",
-                    "slurm_additional_parameters": {"account": "proj", "qos": "high"}, "slurm_array_parallelism": 8}
+    assert opts == {"time": 120, "partition": "gpu", "gpus_per_node": 1, "mem": "32G",
+                    "additional_parameters": {"account": "proj", "qos": "high"}, "array_parallelism": 8}
 
 
 def _fake_slurm(tmp_path: Path, monkeypatch) -> Path:
