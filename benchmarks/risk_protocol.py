@@ -14,7 +14,8 @@ Baselines: ``oracle`` picks the cheapest lambda whose population risk <= eps (no
 in every trial); ``random`` sends each sample to an exit at random with the oracle's per-exit exit
 fractions, so it has the oracle's cost and shows what the confidence signal buys. ``ltt-per-exit`` fits
 a per-exit shape a_l on the first half of each calibration draw and certifies lambda_l = lambda * a_l
-with LTT on the second half (methods.risk_control).
+with LTT on the second half; ``pareto-testing`` finds the (risk, MACs) front of free per-exit threshold
+vectors on the first half and tests along it on the second (methods.risk_control).
 
 Conventions: exit indices are 0-based (the final exit of a 4-exit net is 3); std is over trials
 (population, ddof = 0); ``violation_freq`` is the share of trials with population risk > eps.
@@ -43,6 +44,7 @@ from exitbench.methods.risk_control import (
     get_risk,
     get_rule,
     monotonise,
+    pareto_sequence,
     per_exit_family,
     select,
 )
@@ -119,6 +121,32 @@ def _per_exit_ltt(scores: Tensor, el: Tensor, cost: Tensor, draws: Tensor, n_cal
     return {e: tuple(c[:, i] for c in cols) for i, e in enumerate(eps)}
 
 
+PARETO_OPT_FRACTION = 0.5  # the share of each calibration draw that finds the front; the rest tests along it
+
+
+def _pareto(scores: Tensor, el: Tensor, cost: Tensor, draws: Tensor, n_cal: int, risk: str, eps: Sequence[float],
+            delta: float, chunk: int = 25, opt_fraction: float | None = None) -> dict[float, tuple[Tensor, ...]]:
+    """Per trial: Pareto testing with its front on the first ``opt_fraction`` of the draw and its test on the
+    rest, read on the whole pool. Returns {eps: (population risk [T], mean exit [T], strict MACs [T], None)}."""
+    n_opt = max(1, int(round(n_cal * (PARETO_OPT_FRACTION if opt_fraction is None else opt_fraction))))
+    out: dict[float, list[list[Tensor]]] = {e: [[], [], []] for e in eps}
+
+    def take(idx: Tensor) -> tuple[Tensor, Tensor]:
+        return scores[:, idx].permute(1, 0, 2), el[:, idx].permute(1, 0, 2)
+
+    for p in draws.split(chunk):
+        s_opt, l_opt = take(p[:, :n_opt])
+        s_cert, l_cert = take(p[:, n_opt:n_cal])
+        seq = pareto_sequence(s_opt, l_opt, s_cert, l_cert, cost, delta, risk)  # the same front for every eps
+        for e in eps:
+            thr = seq.choose(e).thresholds
+            ex = exit_index(scores, thr[:, None, :])[:, 0]  # [t, M]: every pooled sample
+            out[e][0].append(el.T.gather(1, ex.T).T.double().mean(-1))  # [t, M]: loss at its exit
+            out[e][1].append(ex.double().mean(-1))
+            out[e][2].append(cost[ex].mean(-1))
+    return {e: (*(torch.cat(c) for c in cols), None) for e, cols in out.items()}
+
+
 def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float], *, score: str = "max_softmax",
                  rules: Sequence[str] = PROTOCOL_RULES, risks: Sequence[str] | None = None,
                  eps: Sequence[float] = EPS, delta: float = 0.1, n_cal: int | None = None, trials: int = 100,
@@ -177,14 +205,16 @@ def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float],
         cal = CalLosses(seq, counts @ losses.T / n_cal, counts @ unit.T / n_cal, get_risk(risk).bound,
                         counts @ monotonise(losses.double()).T / n_cal)
         per_exit = {}
-        if len(simple) < len(rules):
+        if any(get_rule(r).per_exit and not get_rule(r).front for r in rules):
             per_exit = _per_exit_ltt(scores, el, cost, draws, n_cal, risk, eps, delta, per_exit_grid, per_exit_sweeps)
+        front = _pareto(scores, el, cost, draws, n_cal, risk, eps, delta) if any(
+            get_rule(r).front for r in rules) else {}
         done: dict[float, list[dict]] = {}
         for e in sorted(eps, reverse=True):  # descending: WSR re-tests only rows that passed a higher eps
             block = done[e] = []
             for rule in rules:
                 if get_rule(rule).per_exit:
-                    block.append(_row(rule, risk, e, *per_exit[e]))
+                    block.append(_row(rule, risk, e, *(front if get_rule(rule).front else per_exit)[e]))
                     continue
                 k = select(rule, cal, e, delta, risk, cal_macs if get_rule(rule).union_bound else None)
                 block.append(_row(rule, risk, e, pop_risk[k], pop_exit[k], pop_macs[k], LAMBDAS[k]))

@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rc = run.add_argument_group("risk control (override the matrix's risk_control block and switch it on)")
     rc.add_argument("--rc-rules", help="comma-separated: naive,crc,crc-raw,ucb-wsr,ucb-hb,ucb-hoeffding,ltt,"
-                                       "ucb-wsr-macs,ltt-per-exit")
+                                       "ucb-wsr-macs,ltt-per-exit,pareto-testing")
     rc.add_argument("--rc-risks", help="comma-separated: gap-prediction,gap-brier,consistency-prediction,"
                                        "consistency-brier")
     rc.add_argument("--rc-eps", help="comma-separated tolerated risks, e.g. 0.01,0.05,0.1")

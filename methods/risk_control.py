@@ -414,6 +414,124 @@ def fit_shape(scores: Tensor, exit_loss: Tensor, strict_costs: Sequence[float] |
 
 
 # ----------------------------------------------------------------------------------------------
+# Pareto testing (Laufer-Goldshtein, Fisch, Barzilay, Jaakkola, "Efficiently Controlling Multiple Risks
+# with Pareto Testing", ICLR 2023): per-exit thresholds whose expected cost is minimised, not only ordered
+
+
+PARETO_QUANTILES = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # per-exit values; plus 1.0: off
+
+
+def pareto_candidates(scores: Tensor, max_candidates: int = 4096, seed: int = 0) -> Tensor:
+    """[..., C, K] per-exit threshold vectors from the optimisation split's scores [..., K, n]: every
+    shared threshold of ``LAMBDAS`` (so the front can do whatever one shared lambda does), then every
+    combination of each exit's ``PARETO_QUANTILES`` score quantiles and 1.0 (the exit off: scores are in
+    [0, 1] and the rule is strict). Past ``max_candidates`` combinations (many exits), a seeded random
+    subset of them."""
+    k = scores.shape[-2]
+    q = torch.tensor(PARETO_QUANTILES, dtype=scores.dtype)
+    vals = torch.quantile(scores, q, dim=-1).movedim(0, -1)  # [..., K, Q]
+    vals = torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1)  # [..., K, V]
+    v = vals.shape[-1]
+    if v ** k <= max_candidates:
+        idx = torch.cartesian_prod(*[torch.arange(v)] * k).reshape(-1, k)  # [C, K]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(v, (max_candidates, k), generator=g)
+    lead = vals.shape[:-2]
+    picked = vals.gather(-1, idx.T.expand(*lead, k, idx.shape[0])).transpose(-1, -2)  # [..., C, K]
+    shared = LAMBDAS.to(scores.dtype)[:, None].expand(-1, k).expand(*lead, -1, -1)  # [..., G, K]
+    return torch.cat([shared, picked], dim=-2)
+
+
+def pareto_front(risk: Tensor, cost: Tensor) -> Tensor:
+    """[..., C] bool: the candidates no other candidate beats on both risk and cost (lower is better;
+    of exact duplicates one is kept)."""
+    by_risk = risk.argsort(dim=-1, stable=True)
+    order = by_risk.gather(-1, cost.gather(-1, by_risk).argsort(dim=-1, stable=True))  # cost, then risk
+    r = risk.gather(-1, order)
+    best_before = torch.cat([torch.full_like(r[..., :1], float("inf")), r.cummin(-1).values[..., :-1]], -1)
+    front = torch.zeros_like(risk, dtype=torch.bool)
+    return front.scatter(-1, order, r < best_before)
+
+
+@dataclass(frozen=True)
+class ParetoChoice:
+    thresholds: Tensor  # [..., K] per early exit (all 1.0, every exit off, when nothing is certified)
+    front_size: Tensor  # [...] candidates on the optimisation split's front
+    certified: Tensor  # [...] of them certified by the fixed-sequence test
+
+
+@dataclass
+class ParetoSequence:
+    """The optimisation split's Pareto front, ordered from the safest, with what testing along it on the
+    certification split needs; :meth:`choose` runs the test for one eps (built once for every eps)."""
+
+    thresholds: Tensor  # [..., F, K] the front's candidates in test order (padded past each front's end)
+    on_front: Tensor  # [..., F] bool: a real front member (False in the padding)
+    cost: Tensor  # [..., F] expected strict MACs on both splits
+    x: Tensor  # [..., F, n2] certification losses / B, in [-1, 1]
+    nu: Tensor  # [..., F, n2] WSR betting fractions at delta
+    delta: float
+    bound: float
+
+    def choose(self, eps: float) -> ParetoChoice:
+        """Fixed-sequence testing along the front (WSR's test of H: R >= eps, as ``ucb-wsr``) until the first
+        non-rejection; the cheapest certified candidate, or every exit off when none is."""
+        passed = wsr_log_wealth(self.x, eps / self.bound, self.delta, self.nu) > math.log(1 / self.delta)
+        rejected = (passed & self.on_front).long().cumprod(-1).bool()
+        cost = torch.where(rejected, self.cost, torch.full_like(self.cost, float("inf")))
+        k = self.thresholds.shape[-1]
+        pick = cost.argmin(-1, keepdim=True)[..., None].expand(*cost.shape[:-1], 1, k)
+        chosen = self.thresholds.gather(-2, pick)[..., 0, :]
+        chosen = torch.where(rejected.any(-1, keepdim=True), chosen, torch.ones_like(chosen))
+        return ParetoChoice(chosen, self.on_front.sum(-1), rejected.sum(-1))
+
+
+def pareto_sequence(opt_scores: Tensor, opt_loss: Tensor, cert_scores: Tensor, cert_loss: Tensor,
+                    strict_costs: Sequence[float] | Tensor, delta: float, risk: str,
+                    candidates: Tensor | None = None) -> ParetoSequence:
+    """Steps 1-2 of :func:`pareto_test`, batched over leading dims: the front on the optimisation split,
+    ordered from the safest, and its candidates' certification losses."""
+    b = get_risk(risk).bound
+    cost = torch.as_tensor(strict_costs, dtype=torch.float64)
+    cand = pareto_candidates(opt_scores) if candidates is None else candidates  # [..., C, K]
+    ex_opt = first_exit(opt_scores, cand, strict=True)  # [..., C, n1]
+    lead = ex_opt.shape[:-2]
+    k = cand.shape[-1]
+    cand = cand.expand(*lead, *cand.shape[-2:])
+    r_opt = opt_loss.double().expand(*lead, *opt_loss.shape[-2:]).gather(-2, ex_opt).mean(-1)  # [..., C]
+    c_opt = cost[ex_opt].mean(-1)
+    front = pareto_front(r_opt, c_opt)
+    order = torch.where(front, r_opt, torch.full_like(r_opt, float("inf"))).argsort(dim=-1, stable=True)
+    f = max(int(front.sum(-1).max()), 1)  # only the front is tested: the first f of the order
+    order = order[..., :f]
+    thr = cand.gather(-2, order[..., None].expand(*lead, f, k))  # [..., F, K]
+    ex_cert = first_exit(cert_scores, thr, strict=True)  # [..., F, n2]
+    n1, n2 = ex_opt.shape[-1], ex_cert.shape[-1]
+    x = cert_loss.double().expand(*lead, *cert_loss.shape[-2:]).gather(-2, ex_cert) / b
+    both = (c_opt.gather(-1, order) * n1 + cost[ex_cert].mean(-1) * n2) / (n1 + n2)
+    return ParetoSequence(thr, front.gather(-1, order), both, x, _wsr_nu(x, delta), delta, b)
+
+
+def pareto_test(opt_scores: Tensor, opt_loss: Tensor, cert_scores: Tensor, cert_loss: Tensor,
+                strict_costs: Sequence[float] | Tensor, eps: float, delta: float, risk: str,
+                candidates: Tensor | None = None) -> ParetoChoice:
+    """Pareto testing for per-exit thresholds, batched over leading dims.
+
+    1. On the optimisation split (``opt_scores`` [..., K, n1], ``opt_loss`` [..., E, n1], the per-sample
+       loss at each exit): the empirical risk and expected strict MACs of every candidate
+       (``pareto_candidates``), and their Pareto front.
+    2. The front ordered from the safest (lowest optimisation risk) to the riskiest, and tested in that
+       order on the certification split with ``ucb-wsr``'s betting test until the first non-rejection:
+       fixed-sequence testing (LTT), valid because the order was fixed on data the test does not see.
+    3. The cheapest certified candidate (expected strict MACs on both splits); nothing certified: every
+       exit off (the full model, risk 0).
+    """
+    return pareto_sequence(opt_scores, opt_loss, cert_scores, cert_loss, strict_costs, delta, risk,
+                           candidates).choose(eps)
+
+
+# ----------------------------------------------------------------------------------------------
 # One call for a calibration trace
 
 
@@ -425,8 +543,8 @@ class Calibrated:
     risk: str
     eps: float
     delta: float
-    lam: float
-    thresholds: tuple[float, ...]  # per early exit (lambda repeated, or lambda * a_l)
+    lam: float  # NaN for pareto-testing (a free threshold vector)
+    thresholds: tuple[float, ...]  # per early exit (lambda repeated, lambda * a_l, or Pareto testing's)
     certified_interval: bool  # whether the certified set is [lambda, 1] (scanning rules)
     calibration_risk: float  # empirical risk at the choice on the data that certified it
     n_certify: int
@@ -438,9 +556,11 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
     """Pick the risk-controlled threshold(s) on a calibration ``trace``.
 
     ``rule``: a name in ``RULES`` (not a protocol reference). ``strict_costs`` (relative cost per exit) makes the
-    selection minimise expected strict MACs among certified lambdas; it is needed for ``ucb-wsr-macs``
-    and for fitting a per-exit shape. ``ltt-per-exit`` uses ``shape`` (a_l, fixed in advance) or fits it
-    on a random ``shape_fraction`` of the trace (seeded) and certifies with LTT on the rest.
+    selection minimise expected strict MACs among certified lambdas; it is needed for ``ucb-wsr-macs``,
+    for fitting a per-exit shape and for ``pareto-testing`` (front on a random ``shape_fraction`` of the
+    trace, testing on the rest; ``lam`` is then NaN: there is no shared lambda). ``ltt-per-exit`` uses
+    ``shape`` (a_l, fixed in advance) or fits it on a random ``shape_fraction`` of the trace (seeded) and
+    certifies with LTT on the rest.
     ``trace``: anything with ``.logits`` [E, N, C], ``.labels`` [N] and ``.confidence`` ([E, N] or None).
     """
     if get_rule(rule).reference:
@@ -449,6 +569,17 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
     scores = confidence_scores(trace, score)
     el = exit_losses(trace.logits, trace.labels, risk)
     k = scores.shape[0]
+    if get_rule(rule).front:
+        if strict_costs is None:
+            raise UserError("pareto-testing: needs strict_costs (the cost the front trades against risk)")
+        n = scores.shape[1]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        opt, cert = perm[:int(round(n * shape_fraction))], perm[int(round(n * shape_fraction)):]
+        choice = pareto_test(scores[:, opt], el[:, opt], scores[:, cert], el[:, cert], strict_costs, eps, delta, risk)
+        thr = choice.thresholds
+        ex = exit_index(scores[:, cert], thr[None])[0]
+        return Calibrated(rule, risk, eps, delta, math.nan, tuple(thr.tolist()), False,
+                          el[:, cert].gather(0, ex[None])[0].mean().item(), len(cert))
     if get_rule(rule).per_exit:
         n = scores.shape[1]
         if shape is None:
@@ -479,8 +610,9 @@ def calibrate(trace, risk: str, eps: float, delta: float = 0.1, rule: str = "ucb
 
 
 __all__ = [
-    "GUARANTEES", "LAMBDAS", "RISKS", "RULES", "SELECTION_RULES", "SHARED_RULES", "CalLosses", "Calibrated", "Risk",
-    "Rule", "get_rule",
+    "GUARANTEES", "LAMBDAS", "PARETO_QUANTILES", "RISKS", "RULES", "SELECTION_RULES", "SHARED_RULES", "CalLosses",
+    "Calibrated", "ParetoChoice", "ParetoSequence", "Risk", "Rule", "get_rule", "pareto_candidates", "pareto_front",
+    "pareto_sequence", "pareto_test",
     "binom_cdf", "brier", "calibrate", "certified_set", "confidence_scores", "exit_index", "exit_losses",
     "family_mean_loss", "fit_shape", "get_risk", "hb_p_value", "hb_ucb", "hoeffding_ucb", "loss_matrix", "monotonise",
     "per_exit_family", "pointwise_ok", "scan_from_top", "select", "shape_from_thresholds", "to_unit",

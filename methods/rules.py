@@ -36,8 +36,9 @@ class Rule:
     ``promise``: ``"expectation"`` (E[R] <= eps), ``"high-probability"`` (P(R > eps) <= delta) or
     ``"none"`` -- the promise the harness checks; ``guarantee`` says it with its assumptions. ``scans``:
     the rule tests lambda from 1 down and certifies [lambda_hat, 1]; ``union_bound``: WSR at delta / G on
-    every lambda, then the cheapest certified; ``per_exit``: per-exit thresholds lambda * a_l;
-    ``reference``: a protocol reference (oracle, random), not something a user can deploy.
+    every lambda, then the cheapest certified; ``per_exit``: per-exit thresholds (lambda * a_l, or a
+    free vector); ``front``: Pareto testing (a cost-risk front found on one half, tested along it on the
+    other); ``reference``: a protocol reference (oracle, random), not something a user can deploy.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Rule:
     scans: bool = False
     union_bound: bool = False
     per_exit: bool = False
+    front: bool = False
     reference: bool = False
 
 
@@ -72,6 +74,10 @@ for _rule, _help in (
     (Rule("ltt-per-exit", "high-probability",
           "P(R(thresholds) <= eps) >= 1 - delta; none beyond iid (shape fitted on disjoint data)", per_exit=True),
      "per-exit thresholds lambda * a_l: shape fitted on half, LTT on the other half"),
+    (Rule("pareto-testing", "high-probability",
+          "P(R(thresholds) <= eps) >= 1 - delta; none beyond iid (front and order chosen on disjoint data)",
+          per_exit=True, front=True),
+     "per-exit thresholds: (risk, MACs) Pareto front on half, fixed-sequence LTT along it on the other half"),
     (Rule("oracle", "none", "baseline", reference=True), "protocol reference: the best lambda on the population"),
     (Rule("random", "none", "baseline", reference=True), "protocol reference: a uniformly random lambda"),
 ):

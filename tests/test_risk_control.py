@@ -28,6 +28,8 @@ from exitbench.methods.risk_control import (
     hb_ucb,
     loss_matrix,
     monotonise,
+    pareto_front,
+    pareto_test,
     per_exit_family,
     pointwise_ok,
     scan_from_top,
@@ -256,13 +258,14 @@ def _trace(n=800, exits=4, classes=5, seed=0) -> Trace:
     return synthetic_trace(n, exits, classes, seed)
 
 
-@pytest.mark.parametrize("rule", ["ucb-wsr", "crc", "ltt", "ucb-wsr-macs", "ltt-per-exit"])
+@pytest.mark.parametrize("rule", ["ucb-wsr", "crc", "ltt", "ucb-wsr-macs", "ltt-per-exit", "pareto-testing"])
 def test_calibrate_returns_a_deployable_policy(rule):
     tr = _trace()
     costs = [0.3, 0.55, 0.8, 1.1]
     c = calibrate(tr, "gap-prediction", 0.05, 0.1, rule, strict_costs=costs)
-    assert len(c.thresholds) == 3 and 0 <= c.lam <= 1 and c.calibration_risk <= 0.05 + 1e-12
-    assert c.certified_interval == (rule != "ucb-wsr-macs")
+    assert len(c.thresholds) == 3 and c.calibration_risk <= 0.05 + 1e-12
+    assert math.isnan(c.lam) if rule == "pareto-testing" else 0 <= c.lam <= 1
+    assert c.certified_interval == (rule not in ("ucb-wsr-macs", "pareto-testing"))
     # the thresholds, applied as a strict ThresholdPolicy, reproduce the exits on the trace
     pol = ThresholdPolicy("max_softmax", c.thresholds, strict=True)
     scores = tr.scores("max_softmax")
@@ -294,7 +297,7 @@ def test_protocol_schema_baselines_and_runtime():
     for row in out["rows"]:
         assert set(row) == ROW_KEYS and row["rule"] in rules and row["risk"] in RISKS
         assert 0 <= row["violation_freq"] <= 1 and 0 <= row["mean_exit_index"] <= 3
-        assert (row["lambda_mean"] is None) == (row["rule"] == "random")
+        assert (row["lambda_mean"] is None) == (row["rule"] in ("random", "pareto-testing"))  # no shared lambda
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
     by = {(r["rule"], r["risk"], r["eps"]): r for r in out["rows"]}
     for risk in RISKS:
@@ -344,14 +347,44 @@ def test_every_rule_keeps_its_guarantee_against_a_known_population_risk():
     slack = out["allowance"]
     by = {(r["rule"], r["risk"]): r for r in out["rows"]}
     for risk in ("gap-prediction", "consistency-brier"):
-        for rule in ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit"):
+        for rule in ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit", "pareto-testing"):
             assert by[rule, risk]["violation_freq"] <= delta + slack, (rule, risk, by[rule, risk])
         crc = by["crc", risk]
         assert crc["test_risk_mean"] <= eps + 2 * crc["test_risk_std"] / math.sqrt(trials), crc
         # and they exit early: the lambda = 1 fallback is not what keeps them safe
         assert by["ltt-per-exit", risk]["rel_macs_strict_mean"] < 1.0
+        assert by["pareto-testing", risk]["rel_macs_strict_mean"] < 1.0
         assert by["ucb-wsr", risk]["mean_exit_index"] < 3
     assert by["naive", "gap-prediction"]["violation_freq"] > delta + slack, "naive has no guarantee"
+
+
+def test_pareto_front_by_hand():
+    risk = torch.tensor([0.10, 0.05, 0.05, 0.20, 0.00, 0.05])
+    cost = torch.tensor([0.50, 0.60, 0.70, 0.40, 1.00, 0.60])
+    # 0.7 at 0.05 is beaten by 0.6 at 0.05; of the two identical (0.05, 0.6) one is kept
+    assert pareto_front(risk, cost).tolist() == [True, True, False, True, True, False]
+    batched = pareto_front(torch.stack([risk, -risk]), torch.stack([cost, cost]))
+    assert batched[0].tolist() == pareto_front(risk, cost).tolist()
+    assert batched[1].tolist() == [False, False, False, True, False, False]  # cheapest and least risky
+
+
+def test_pareto_test_tests_the_front_from_the_safest_and_keeps_the_cheapest_certified():
+    # two exits, three candidates; exit 0 right on everyone with score > 0.9, wrong below
+    n = 400
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, n, generator=g, dtype=torch.float64)
+    wrong0 = scores[0] <= 0.9
+    loss = torch.stack([wrong0.double(), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)])
+    cand = torch.tensor([[1.0, 1.0], [0.9, 1.0], [0.5, 1.0]], dtype=torch.float64)  # off, safe, risky
+    costs = [0.3, 0.6, 1.0]
+    c = pareto_test(scores, loss, scores, loss, costs, 0.05, 0.1, "gap-prediction", candidates=cand)
+    # "off" is beaten by "safe" (no risk either, cheaper): the front is safe then risky; the risky one fails
+    assert c.thresholds.tolist() == [0.9, 1.0]
+    assert int(c.front_size) == 2 and int(c.certified) == 1
+    # a target nothing but the full model meets: every exit off
+    strict = pareto_test(scores, loss + 0.5, scores, loss + 0.5, costs, 0.01, 0.1, "gap-prediction",
+                         candidates=cand[1:])
+    assert strict.thresholds.tolist() == [1.0, 1.0] and int(strict.certified) == 0
 
 
 def test_crc_monotonises_non_monotone_losses():
