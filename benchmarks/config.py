@@ -40,6 +40,7 @@ from exitbench.methods.rules import RISKS, SELECTION_RULES
 from exitbench.results import STATIC
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
+TEMPERATURE_MODES = ("none", "per-exit")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Evaluation:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: training, traces and timing (auto: CUDA if present)
     dtype: str = "float32"  # the inference dtype timed: float32 | bfloat16 | float16
     fast: str = "none"  # none | compile | graphs (CUDA): also time the fast path (benchmarks.fast)
+    temperature: str = "none"  # none | per-exit: scale exit scores by temperatures fitted on calibration
 
     @property
     def timed_variants(self) -> tuple[str, ...]:
@@ -174,6 +176,8 @@ class Cell:
         if self.next_to:  # a static baseline is timed against these backbones
             latency["next_to"] = [list(x) for x in self.next_to]
         risk = {} if self.static else asdict(self.risk_control)
+        if ev["temperature"] != "none" and not self.static:  # only when on: stored keys stay valid
+            points["temperature"] = latency["temperature"] = risk["temperature"] = ev["temperature"]
         return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(risk)}
 
     def slug(self) -> str:
@@ -290,6 +294,9 @@ def expand(matrix: dict) -> list[Cell]:
             raise UserError(f"evaluation.latency_variants: {v!r} is the fast path; set evaluation.fast: "
                             f"{LATENCY_VARIANTS.get(v).fast} instead of listing it")
     check_fast_mode(evaluation.fast)
+    if evaluation.temperature not in TEMPERATURE_MODES:
+        raise UserError(f"evaluation.temperature: unknown mode {evaluation.temperature!r}; use "
+                        f"{', '.join(TEMPERATURE_MODES)}")
     check_device_name(evaluation.device)
     if evaluation.dtype not in DTYPES:
         raise UserError(f"evaluation.dtype: unknown dtype {evaluation.dtype!r}; use {', '.join(DTYPES)}")

@@ -41,7 +41,8 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
             return static.run(cell, splits, ref, out_dir, to_tensors(splits.test)[0], st.elapsed(start))
         fitted = st.fit_method(cell, splits, ref.backbone, device)
         traces = st.record_traces(fitted.net, splits)
-        st.save_artifacts(out_dir, cell, traces, fitted.net)
+        st.save_artifacts(out_dir, cell, traces, fitted.net)  # the raw traces: scaling is an analysis
+        traces, temps = st.scale_traces(cell, traces)
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
         test_x = to_tensors(splits.test)[0]
         latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
@@ -49,7 +50,7 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
                                              latency)
         risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
         return st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, st.elapsed(start),
-                           profile)
+                           profile, temps)
 
 
 class _StoredCosts:
@@ -74,6 +75,7 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
     with num_threads(cell.evaluation.threads):
         method = get_method(cell.method)(**cell.hparams)
         traces, costs = st.load_traces(out_dir, cell), _StoredCosts(previous)
+        traces, temps = st.scale_traces(cell, traces)  # deterministic: the same fit as when it ran
         sweep, points = previous.sweep, previous.operating_points
         if "points" in redo:
             sweep, points = st.evaluate_points(cell, method, traces, costs, previous.backbone.calibration_accuracy)
@@ -88,7 +90,7 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
             profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs, latency)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
     result = replace(previous, sweep=sweep, operating_points=points, latency=latency, latency_profile=profile,
-                     risk_control=risk,
+                     risk_control=risk, temperature=temps,
                      config={**previous.config, **cell.to_dict()}, analysis=keys,
                      env_analysis=env_fingerprint(_device_of(latency, cell), cell.evaluation.threads,
                                                   cell.evaluation.dtype),

@@ -34,7 +34,7 @@ from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate
 from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
 from exitbench.claims import DEFAULT_STALE_AFTER, wait_for
-from exitbench.methods import calibration
+from exitbench.methods import calibration, temperature
 from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError, get_method
 from exitbench.methods.calibration import Choice
 from exitbench.methods.policies import make_policy
@@ -49,6 +49,7 @@ from exitbench.results import (
     OperatingPoint,
     PredictedLatency,
     RiskControlResult,
+    TemperatureResult,
     ThresholdSweep,
     setting_id,
 )
@@ -266,6 +267,30 @@ def load_traces(out_dir: Path, cell: Cell) -> dict[str, Trace]:
 
 # ------------------------------------------------------------------------- 5. evaluate operating points
 
+TEMPERATURE_FIT_FRACTION = 0.5  # the seeded share of calibration that fits the temperatures
+ECE_BINS = 15
+
+
+def scale_traces(cell: Cell, traces: dict[str, Trace]) -> tuple[dict[str, Trace], TemperatureResult | None]:
+    """With ``evaluation.temperature: per-exit``: one temperature per exit fitted (NLL) on a seeded
+    ``TEMPERATURE_FIT_FRACTION`` of calibration, and both splits' traces scaled by them; each exit's ECE
+    before and after on the rest of calibration and on test. The thresholds are then chosen on the
+    whole (scaled) calibration split; test is never seen. Otherwise the traces unchanged and None."""
+    if cell.evaluation.temperature == "none":
+        return traces, None
+    cal = traces["calibration"]
+    perm = torch.randperm(len(cal), generator=torch.Generator().manual_seed(cell.seed))
+    cut = max(1, int(round(len(cal) * TEMPERATURE_FIT_FRACTION)))
+    fit, rest = perm[:cut], perm[cut:]
+    temps = temperature.fit_temperatures(cal.logits[:, fit], cal.labels[fit])
+    scaled = {s: traces[s].scaled(temps) for s in SPLITS}
+    views = {"calibration_held_out": (cal.logits[:, rest], scaled["calibration"].logits[:, rest], cal.labels[rest]),
+             "test": (traces["test"].logits, scaled["test"].logits, traces["test"].labels)}
+    before = {k: [temperature.ece(lg, y, ECE_BINS) for lg in raw] for k, (raw, _, y) in views.items()}
+    after = {k: [temperature.ece(lg, y, ECE_BINS) for lg in sc] for k, (_, sc, y) in views.items()}
+    return scaled, TemperatureResult(temps, len(fit), len(rest), ECE_BINS, before, after)
+
+
 def _metrics(s: Sweep) -> Metrics:
     return Metrics(s.accuracy[0].item(), s.agreement[0].item(), s.rel_macs_strict[0].item(),
                    s.rel_macs_paper[0].item(), s.exit_fractions[0].tolist())
@@ -278,8 +303,10 @@ def _point(kind: str, target: float | None, choice: Choice, score: str, traces: 
         return OperatingPoint(kind, target, False, score, search=search, reason=choice.reason)
     th = torch.tensor([choice.thresholds], dtype=torch.float64)
     on = {s: _metrics(evaluate(traces[s], score, th, costs.strict, costs.paper, exit_strict=strict)) for s in SPLITS}
+    temps = traces["calibration"].temperatures  # the scores were temperature-scaled: deploy with them
     return OperatingPoint(kind, target, True, score, list(choice.thresholds), on["calibration"], on["test"],
-                          chosen_on=chosen_on, search=search, strict=strict)
+                          chosen_on=chosen_on, search=search, strict=strict,
+                          temperatures=None if temps is None or score == "patience" else temps[:-1])
 
 
 def evaluate_points(cell: Cell, method: Method, traces: dict[str, Trace], costs: CostTable,
@@ -336,7 +363,7 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
     if not (ev.latency and head is not None and head.feasible):
         return []
     head.timed = True
-    policy = make_policy(head.score, head.thresholds, head.strict)
+    policy = make_policy(head.score, head.thresholds, head.strict, head.temperatures)
     device = next(net.parameters()).device
     dtype = check_dtype(net, test_x, ev.dtype, device)
     check_fast(ev.fast, device)
@@ -414,7 +441,8 @@ def exit_rows(fitted: Fitted, backbone: StagedBackbone, traces: dict[str, Trace]
 
 def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces: dict[str, Trace],
              sweep: ThresholdSweep, points: list[OperatingPoint], latency: list[LatencyRecord],
-             risk: RiskControlResult | None, seconds: float, profile: dict | None = None) -> CellResult:
+             risk: RiskControlResult | None, seconds: float, profile: dict | None = None,
+             temperatures: TemperatureResult | None = None) -> CellResult:
     """The cell's typed result (status ``ok``)."""
     config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
               "trains_backbone": fitted.method.trains_backbone}
@@ -430,7 +458,7 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
         backbone=BackboneResult(cell.backbone, ref.test_accuracy, ref.calibration_accuracy, b.macs, MACS_COUNTER,
                                 len(b.blocks), getattr(b, "small_stem", None), ref.stats),
         exits=exit_rows(fitted, b, traces), training=fitted.training, sweep=sweep, operating_points=points,
-        latency=latency, latency_profile=profile, risk_control=risk,
+        latency=latency, latency_profile=profile, risk_control=risk, temperature=temperatures,
         traces={s: f"traces/{slug}.{s}.safetensors" for s in SPLITS},
         weights=f"weights/{slug}.safetensors", seconds=seconds, finished=now())
 

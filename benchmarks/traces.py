@@ -25,6 +25,13 @@ class Trace:
     logits: Tensor
     labels: Tensor
     confidence: Tensor | None = None
+    temperatures: list[float] | None = None  # set when ``logits`` are temperature-scaled (``scaled``)
+
+    def scaled(self, temperatures: list[float]) -> Trace:
+        """This trace with exit e's logits divided by ``temperatures[e]`` (predictions unchanged)."""
+        from exitbench.methods.temperature import scale
+
+        return Trace(scale(self.logits, temperatures), self.labels, self.confidence, list(temperatures))
 
     @property
     def num_exits(self) -> int:

@@ -140,6 +140,7 @@ class OperatingPoint:
     timed: bool = False
     reason: str | None = None
     predicted_latency: list[PredictedLatency] | None = None
+    temperatures: list[float] | None = None  # per early exit, when chosen on temperature-scaled scores
 
     @classmethod
     def from_dict(cls, d: dict) -> OperatingPoint:
@@ -164,6 +165,20 @@ class OperatingPoint:
         if self.kind == "latency_budget":
             return f"≤ {t * 100:g} % latency (b=1, predicted)"
         return self.kind.replace("_", " ")
+
+
+@dataclass
+class TemperatureResult:
+    """Per-exit temperature scaling (``evaluation.temperature``): the temperatures (every exit, final
+    last), fitted on ``fitted_on`` calibration samples, and each exit's ECE (``bins`` bins) before and
+    after scaling on the rest of calibration (``held_out``) and on test."""
+
+    temperatures: list[float]
+    fitted_on: int
+    held_out: int
+    bins: int
+    ece_before: dict[str, list[float]]  # split -> per exit
+    ece_after: dict[str, list[float]]
 
 
 @dataclass
@@ -306,6 +321,7 @@ class CellResult:
     latency: list[LatencyRecord] = field(default_factory=list)
     latency_profile: dict | None = None  # per-stage and per-head times at a few batch sizes (accounting)
     risk_control: RiskControlResult | None = None
+    temperature: TemperatureResult | None = None
     traces: dict | None = None
     weights: str | None = None
     seconds: float | None = None
@@ -331,7 +347,8 @@ class CellResult:
                       exits=lambda es: [_build(ExitRow, e) for e in es], sweep=ThresholdSweep.from_dict,
                       operating_points=lambda ps: [OperatingPoint.from_dict(p) for p in ps],
                       latency=lambda ls: [_build(LatencyRecord, x) for x in ls],
-                      risk_control=RiskControlResult.from_dict)
+                      risk_control=RiskControlResult.from_dict,
+                      temperature=lambda t: _build(TemperatureResult, t))
 
     # ------------------------------------------------------------------ reading
 

@@ -97,12 +97,15 @@ class ThresholdPolicy:
     score: str
     thresholds: tuple[float, ...]
     strict: bool = False
+    temperatures: tuple[float, ...] | None = None  # per early exit: logits / T_k before the score
 
     @classmethod
     def shared(cls, score: str, threshold: float, n_early: int, strict: bool = False) -> ThresholdPolicy:
         return cls(score, (float(threshold),) * n_early, strict)
 
     def accept(self, k: int, logits: Tensor, confidence: Tensor | None) -> Tensor:
+        if self.temperatures is not None:
+            logits = logits / self.temperatures[k]
         s = get_score(self.score)(logits, confidence)
         return s > self.thresholds[k] if self.strict else s >= self.thresholds[k]
 
@@ -152,12 +155,16 @@ class PatiencePolicy:
             self._pred, self._counter = self._pred.index_select(0, index), self._counter.index_select(0, index)
 
 
-def make_policy(score: str, thresholds: Sequence[float], strict: bool = False) -> ThresholdPolicy | PatiencePolicy:
-    """The dynamic-forward policy for ``score`` with per-early-exit ``thresholds``."""
+def make_policy(score: str, thresholds: Sequence[float], strict: bool = False,
+                temperatures: Sequence[float] | None = None) -> ThresholdPolicy | PatiencePolicy:
+    """The dynamic-forward policy for ``score`` with per-early-exit ``thresholds`` (and, when the
+    thresholds were chosen on temperature-scaled scores, the early exits' ``temperatures``; patience
+    reads only argmaxes, which no temperature changes)."""
     if score == "patience":
         return PatiencePolicy(thresholds, strict)
     get_score(score)  # fail early, with a hint, on an unknown name
-    return ThresholdPolicy(score, tuple(float(t) for t in thresholds), strict)
+    temps = None if temperatures is None else tuple(float(t) for t in temperatures)
+    return ThresholdPolicy(score, tuple(float(t) for t in thresholds), strict, temps)
 
 
 def first_exit(scores: Tensor, thresholds: Tensor, strict: bool = False) -> Tensor:

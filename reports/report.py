@@ -98,6 +98,10 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
         main_view = load.on_device(shown, devs[0]) if devs else shown  # the device the cells ran on
         blocks.append(("h2", f"Methods at the {oplabel} operating point"))
         table(tables.summary_table(main_view))
+        rel = tables.reliability_table(good)
+        if rel is not None:
+            blocks.append(("h2", "Reliability per exit (temperature scaling)"))
+            table(rel)
         blocks.append(("h2", "Where samples exit"))
         figure(figures.exit_distribution(good), "exit_distribution",
                f"Fraction of test samples leaving at each exit at the {oplabel} operating point (mean over "

@@ -253,6 +253,35 @@ def prediction_table(results: list[load.CellResult]) -> Table | None:
     return Table("latency_prediction", "Predicted versus measured latency", cols, rows, "lllrrrrr", starts, notes)
 
 
+def reliability_table(results: list[load.CellResult]) -> Table | None:
+    """Per method setting and exit: the fitted temperature and the ECE (%) on test and on the held-out part
+    of calibration, before -> after per-exit temperature scaling (cells with ``evaluation.temperature``)."""
+    cells = [r for r in load.ok(results) if r.temperature is not None]
+    if not cells:
+        return None
+    cols = ["dataset", "backbone", "method", "exit", "T", "ECE test before", "after", "ECE cal. held-out before",
+            "after"]
+    rows, starts = [], []
+    for (ds, bb), rs in load.group(cells, load.panel_key).items():
+        starts.append(len(rows))
+        first = True
+        for label, seeds in load.group(rs, load.setting).items():
+            for e, name in enumerate(load.exit_names(seeds[0])):
+                temps = [r.temperature for r in seeds if e < len(r.temperature.temperatures)]
+                ece = [fmt_pm([getattr(t, side)[split][e] for t in temps], 100, 1)[0]
+                       for split in ("test", "calibration_held_out") for side in ("ece_before", "ece_after")]
+                t = fmt_pm([x.temperatures[e] for x in temps], 1, 2)[0]
+                rows.append([*_group_cells(ds, bb, first), Cell(label if e == 0 else ""), Cell(name), Cell(t),
+                             *[Cell(x) for x in ece]])
+                first = False
+    r0 = cells[0].temperature
+    notes = [f"Expected calibration error (%, {r0.bins} equal-width confidence bins) of each exit's max-softmax, "
+             f"before and after dividing its logits by its temperature T. T is fitted (NLL) on {r0.fitted_on} "
+             f"calibration samples; \"held-out\" is the other {r0.held_out}, which the fit never saw. Predictions "
+             "and accuracies are unchanged; exit thresholds are chosen on the scaled scores."]
+    return Table("reliability", "Reliability per exit: temperature scaling", cols, rows, "llllrrrrr", starts, notes)
+
+
 def _per_seed(cells: list[load.CellResult], get: Callable[[load.CellResult], float | None]) -> list:
     """One value per seed: the backbone is shared by every method setting of a seed."""
     return list({load.seed(r): get(r) for r in cells}.values())
