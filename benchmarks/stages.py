@@ -446,21 +446,27 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
     """The cell's typed result (status ``ok``)."""
     config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
               "trains_backbone": fitted.method.trains_backbone}
-    b = ref.backbone
-    slug = cell.slug()
     return CellResult(
+        **result_fields(cell, splits, ref, config, next(fitted.net.parameters()).device),
+        exits=exit_rows(fitted, ref.backbone, traces), training=fitted.training, sweep=sweep,
+        operating_points=points, latency=latency, latency_profile=profile, risk_control=risk,
+        temperature=temperatures, seconds=seconds)
+
+
+def result_fields(cell: Cell, splits: Splits, ref: Reference, config: dict, device: torch.device) -> dict:
+    """The fields every ok result has (early-exit or static): identity, keys, environment, data, the
+    backbone's accuracy and MACs, where its traces and weights are, and when it finished."""
+    b, slug = ref.backbone, cell.slug()
+    return dict(
         status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=setting_id(config),
-        analysis=cell.analysis_keys(),
-        env=env_fingerprint(next(fitted.net.parameters()).device, cell.evaluation.threads, cell.evaluation.dtype),
+        analysis=cell.analysis_keys(), env=env_fingerprint(device, cell.evaluation.threads, cell.evaluation.dtype),
         higher_is_better=dict(HIGHER_IS_BETTER),
         data={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
               "num_classes": splits.info.num_classes, "input_size": list(splits.info.input_size)},
         backbone=BackboneResult(cell.backbone, ref.test_accuracy, ref.calibration_accuracy, b.macs, MACS_COUNTER,
                                 len(b.blocks), getattr(b, "small_stem", None), ref.stats),
-        exits=exit_rows(fitted, b, traces), training=fitted.training, sweep=sweep, operating_points=points,
-        latency=latency, latency_profile=profile, risk_control=risk, temperature=temperatures,
-        traces={s: f"traces/{slug}.{s}.safetensors" for s in SPLITS},
-        weights=f"weights/{slug}.safetensors", seconds=seconds, finished=now())
+        traces={s: f"traces/{slug}.{s}.safetensors" for s in SPLITS}, weights=f"weights/{slug}.safetensors",
+        finished=now())
 
 
 def write_result(path: Path, result: CellResult) -> None:

@@ -12,6 +12,7 @@ backbone they are ``against``. Reports put it on the panels of those backbones (
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,19 +23,9 @@ from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits
 from exitbench.benchmarks.device import check_dtype
-from exitbench.benchmarks.env import env_fingerprint
-from exitbench.benchmarks.flops import MACS_COUNTER
 from exitbench.benchmarks.latency import measure_static
 from exitbench.methods.base import MultiExitNet, StagedBackbone
-from exitbench.results import (
-    HIGHER_IS_BETTER,
-    SCHEMA_VERSION,
-    BackboneResult,
-    CellResult,
-    ExitRow,
-    LatencyRecord,
-    setting_id,
-)
+from exitbench.results import CellResult, ExitRow, LatencyRecord
 
 
 def as_net(model: StagedBackbone) -> MultiExitNet:
@@ -84,25 +75,12 @@ def rebuild(cell: Cell, splits: Splits | st.NoData, weights: Path, device: torch
 def run(cell: Cell, splits: Splits, ref: st.Reference, out_dir: Path, test_x: Tensor, seconds: float) -> CellResult:
     """The static cell after its shared stages (``ref``: the model, prepared as a backbone): traces, weights,
     timing and the result. ``seconds``: the time its shared stages took."""
-    import time
-
     start = time.perf_counter()
     model, net = ref.backbone, as_net(ref.backbone)
     traces = st.record_traces(net, splits)
     st.save_artifacts(out_dir, cell, traces, net)
     latency = time_static(cell, model, splits, test_x)
-    config = cell.to_dict()
-    slug = cell.slug()
     final = ExitRow("final", len(model.blocks) - 1, model.macs, model.head_macs, 1.0, 1.0, ref.calibration_accuracy,
                     ref.test_accuracy)
-    return CellResult(
-        status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=setting_id(config),
-        analysis=cell.analysis_keys(),
-        env=env_fingerprint(next(model.parameters()).device, cell.evaluation.threads, cell.evaluation.dtype),
-        higher_is_better=dict(HIGHER_IS_BETTER),
-        data={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),
-              "num_classes": splits.info.num_classes, "input_size": list(splits.info.input_size)},
-        backbone=BackboneResult(cell.backbone, ref.test_accuracy, ref.calibration_accuracy, model.macs, MACS_COUNTER,
-                                len(model.blocks), getattr(model, "small_stem", None), ref.stats),
-        exits=[final], latency=latency, traces={s: f"traces/{slug}.{s}.safetensors" for s in st.SPLITS},
-        weights=f"weights/{slug}.safetensors", seconds=seconds + st.elapsed(start), finished=st.now())
+    return CellResult(**st.result_fields(cell, splits, ref, cell.to_dict(), next(model.parameters()).device),
+                      exits=[final], latency=latency, seconds=seconds + st.elapsed(start))
