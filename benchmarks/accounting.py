@@ -68,14 +68,18 @@ def profile(net: MultiExitNet, images: Tensor, batch_sizes: Sequence[int], repea
     head_ms = [[0.0] * len(sizes) for _ in net.heads]
     gate_ms = [[0.0] * len(sizes) for _ in net.heads[:-1]]
     for j, s in enumerate(sizes):
-        x, outs = images[:s], []
-        for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
+        x, outs, carry = images[:s], [], ()
+        for k, stage in enumerate(net.stages):
             stage_ms[k][j] = _time(lambda st=stage, inp=x: st(inp), device, repeats)
             x = stage(x)
-            head_ms[k][j] = _time(lambda h=head, inp=x: _split_head_output(h(inp)), device, repeats)
-            outs.append((x, head(x)))
+            head_ms[k][j] = _time(lambda k=k, inp=x, c=carry: _split_head_output(net.run_head(k, inp, c)[0]),
+                                  device, repeats)
+            out, next_carry = net.run_head(k, x, carry)
+            outs.append((x, out, next_carry))
+            carry = next_carry
         if gate is not None and gate_ms:
-            bookkeeping = _time(lambda inp=images[:s], o=outs: net.forward_dynamic(inp, gate, step=lambda i, _: o[i]),
+            bookkeeping = _time(lambda inp=images[:s], o=outs: net.forward_dynamic(inp, gate,
+                                                                                 step=lambda i, _x, _c: o[i]),
                                 device, repeats)
             for g in gate_ms:
                 g[j] = bookkeeping / len(gate_ms)

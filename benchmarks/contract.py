@@ -22,7 +22,7 @@ from functools import cache
 import torch
 
 from exitbench.benchmarks.backbones import create_backbone
-from exitbench.benchmarks.flops import cost_table, head_macs
+from exitbench.benchmarks.flops import cost_table, exit_head_macs
 from exitbench.benchmarks.traces import collect_trace
 from exitbench.methods.base import Method, UserError
 from exitbench.methods.policies import ThresholdPolicy, first_exit
@@ -48,7 +48,7 @@ def built(cls: type[Method], backbone_name: str):
     m = _method(cls)
     exits = m.place_exits(backbone)
     net = m.build(backbone, exits, NUM_CLASSES)
-    table = cost_table(backbone, exits, [head_macs(h, e) for h, e in zip(net.heads[:-1], exits)])
+    table = cost_table(backbone, exits, exit_head_macs(net, exits))
     net.rel_costs = torch.tensor(table.paper, dtype=torch.float32)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.arange(BATCH) % NUM_CLASSES
     return m, net, x, y

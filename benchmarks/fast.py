@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from exitbench.errors import UserError
-from exitbench.methods.base import MultiExitNet, Policy
+from exitbench.methods.base import Carry, MultiExitNet, Policy
 
 FAST_MODES = ("none", "compile", "graphs")
 
@@ -57,15 +57,16 @@ def check_fast(mode: str, device: torch.device, where: str = "evaluation.fast") 
 
 
 class _StageHead(nn.Module):
-    """Stage k followed by its head, as one module to compile or capture."""
+    """Stage k followed by its exit (``net.step``), as one module to compile or capture: ``(x, *carry) ->
+    (features, exit output, carry)``."""
 
-    def __init__(self, stage: nn.Module, head: nn.Module):
+    def __init__(self, net: MultiExitNet, k: int):
         super().__init__()
-        self.stage, self.head = stage, head
+        self.stage, self.head, self.k = net.stages[k], net.heads[k], k
+        object.__setattr__(self, "net", net)  # not a child: the stage and head above are its parts here
 
-    def forward(self, x: Tensor) -> tuple[Tensor, HeadOut]:
-        x = self.stage(x)
-        return x, self.head(x)
+    def forward(self, x: Tensor, *carry: Tensor) -> tuple[Tensor, HeadOut, Carry]:
+        return self.net.step(self.k, x, carry)
 
 
 def _allow_specialisations(n: int) -> None:
@@ -77,22 +78,24 @@ def _allow_specialisations(n: int) -> None:
 
 
 class _Graph:
-    """One CUDA graph of ``module`` at a fixed input shape, with static buffers."""
+    """One CUDA graph of ``module`` at fixed input shapes (features and carry), with static buffers."""
 
-    def __init__(self, module: nn.Module, example: Tensor):
-        self.static_in = example.clone()
-        stream = torch.cuda.Stream(example.device)
-        stream.wait_stream(torch.cuda.current_stream(example.device))
+    def __init__(self, module: nn.Module, example: Sequence[Tensor]):
+        self.static_in = [t.clone() for t in example]
+        device = example[0].device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.no_grad():  # warm-up off the capture: lazy init, cuDNN choice
             for _ in range(3):
-                module(self.static_in)
-        torch.cuda.current_stream(example.device).wait_stream(stream)
+                module(*self.static_in)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_out = module(self.static_in)
+            self.static_out = module(*self.static_in)
 
-    def __call__(self, x: Tensor):
-        self.static_in[: x.shape[0]].copy_(x)
+    def __call__(self, inputs: Sequence[Tensor]):
+        for buf, t in zip(self.static_in, inputs):
+            buf[: t.shape[0]].copy_(t)
         self.graph.replay()
         return self.static_out
 
@@ -113,7 +116,7 @@ class FastForward:
         if mode not in ("compile", "graphs"):
             raise ValueError(f"fast path mode {mode!r}: use compile or graphs")
         self.net, self.mode, self.buckets = net, mode, tuple(sorted(buckets))
-        self._parts = [_StageHead(s, h) for s, h in zip(net.stages, net.heads)]
+        self._parts = [_StageHead(net, k) for k in range(net.num_exits)]
         self._runners: dict[tuple[int, int], Callable] = {}
         if mode == "compile":
             _allow_specialisations(len(self._parts) * len(self.buckets) + 8)
@@ -129,24 +132,26 @@ class FastForward:
                 return b
         raise ValueError(f"{n} rows exceed the largest bucket {self.buckets[-1]}")
 
-    def step(self, k: int, x: Tensor) -> tuple[Tensor, HeadOut]:
-        """Stage k and its head on ``x`` padded to its bucket; the outputs cut back to ``x``'s rows.
-        A graph's outputs are views of its static buffers, valid until that (stage, bucket) runs again --
-        ``forward_dynamic`` has consumed them by then (it copies what it keeps)."""
+    def step(self, k: int, x: Tensor, carry: Carry = ()) -> tuple[Tensor, HeadOut, Carry]:
+        """Stage k and its exit on ``x`` (and the carry) padded to its bucket; the outputs cut back to
+        ``x``'s rows. A graph's outputs are views of its static buffers, valid until that (stage, bucket)
+        runs again -- ``forward_dynamic`` has consumed them by then (it copies or gathers what it keeps)."""
         n = x.shape[0]
         b = self.bucket(n)
         runner = self._runners.get((k, b))
+        inputs = (x, *carry)
         if self.mode == "graphs":
             if runner is None:
-                runner = self._runners[(k, b)] = _Graph(self._parts[k], _pad(x, b))
-            feats, out = runner(x)  # copies x into the first n rows of the static input
+                runner = self._runners[(k, b)] = _Graph(self._parts[k], [_pad(t, b) for t in inputs])
+            feats, out, carry = runner(inputs)  # copies the inputs into the first n rows of the static ones
         else:
             if runner is None:
                 runner = self._runners[(k, b)] = torch.compile(self._parts[k], dynamic=False)
-            feats, out = runner(_pad(x, b))
+            feats, out, carry = runner(*(_pad(t, b) for t in inputs))
         if b == n:
-            return feats, out
-        return feats[:n], (tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n])
+            return feats, out, tuple(carry)
+        return (feats[:n], (tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]),
+                tuple(t[:n] for t in carry))
 
     def __call__(self, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
         return self.net.forward_dynamic(x, policy, step=self.step)

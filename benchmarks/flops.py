@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
-from exitbench.methods.base import ExitPoint, StagedBackbone, UserError
+from exitbench.methods.base import Carry, ExitPoint, MultiExitNet, StagedBackbone, UserError
 
 ACCOUNTINGS = ("strict", "paper")
 MACS_COUNTER = "ptflops-aten+attention"  # recorded beside every MACs number in results
@@ -154,6 +154,31 @@ def head_macs(head: nn.Module, exit_point: ExitPoint) -> int:
     return count_macs(head, exit_point.feature_shape)
 
 
+class _ExitStep(nn.Module):
+    """``net.run_head(k, feats, carry)`` with the carry fixed, as a module to count; keeps the next carry."""
+
+    def __init__(self, net: MultiExitNet, k: int, carry: Carry):
+        super().__init__()
+        object.__setattr__(self, "net", net)
+        self.k, self.carry, self.next_carry = k, carry, ()
+
+    def forward(self, feats: Tensor) -> Tensor:
+        out, self.next_carry = self.net.run_head(self.k, feats, self.carry)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def exit_head_macs(net: MultiExitNet, exits: Sequence[ExitPoint]) -> list[int]:
+    """MACs (batch 1) of each early exit of ``net`` beyond the backbone: its head, and for a net whose exits
+    read earlier ones (``MultiExitNet.run_head``; ZTW) whatever it does with what they carried -- counted
+    on the carry the exits before it really produce."""
+    out, carry = [], ()
+    for k, e in enumerate(exits):
+        step = _ExitStep(net, k, carry)
+        out.append(_count(step, _probe_input(net.heads[k], e.feature_shape))[0])
+        carry = tuple(c.detach() for c in step.next_carry)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Cost tables
 
@@ -218,5 +243,4 @@ def expected_rel_macs(exit_fractions: Sequence[float] | np.ndarray, table: CostT
 
 
 __all__ = ["ACCOUNTINGS", "MACS_COUNTER", "CostTable", "cost_table", "count_macs", "expected_rel_macs",
-           "flop_counter_macs",
-           "head_macs", "measure_blocks"]
+           "exit_head_macs", "flop_counter_macs", "head_macs", "measure_blocks"]

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from exitbench.benchmarks.fast import FastForward, buckets_for
-from exitbench.methods.base import MultiExitNet, Policy, _split_head_output
+from exitbench.methods.base import Carry, MultiExitNet, Policy, _split_head_output
 from exitbench.registry import Registry
 
 Run = Callable[[], object]
@@ -63,9 +63,10 @@ def masked_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[Tensor
     exit_index = torch.full((n,), last, dtype=torch.long, device=x.device)
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
     out: Tensor | None = None
-    for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
-        x = stage(x)
-        logits, conf = _split_head_output(head(x))
+    carry: Carry = ()
+    for k in range(net.num_exits):
+        x, head_out, carry = net.step(k, x, carry)
+        logits, conf = _split_head_output(head_out)
         out = logits if out is None else torch.where(done[:, None], out, logits)
         if k == last:
             break
@@ -82,9 +83,10 @@ def masked_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[Tensor
 def batch_uniform_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
     """The whole batch leaves at the first exit where every sample qualifies: (logits, exit index)."""
     last = net.num_exits - 1
-    for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
-        x = stage(x)
-        logits, conf = _split_head_output(head(x))
+    carry: Carry = ()
+    for k in range(net.num_exits):
+        x, head_out, carry = net.step(k, x, carry)
+        logits, conf = _split_head_output(head_out)
         if k == last or bool(policy.accept(k, logits, conf).all()):  # one host read per exit
             return logits, torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
     raise AssertionError("unreachable: the last exit always returns")
@@ -105,23 +107,25 @@ def full_select_forward(net: MultiExitNet, x: Tensor, policy: Policy) -> tuple[T
 
 
 def _ideal(backbone: nn.Module, net: MultiExitNet, policy: Policy, batches: Sequence[Tensor]) -> list[Run]:
-    """Per batch: the inputs each stage sees under compaction, precomputed; the timed call runs every
-    stage and head alone on exactly those inputs."""
+    """Per batch: the inputs each stage (and the carry each exit) sees under compaction, precomputed; the
+    timed call runs every stage and exit alone on exactly those inputs."""
     runs = []
     for b in batches:
         _, exit_idx = net.forward_dynamic(b, policy)
-        feats, x = [], b
+        inputs, x, carry = [], b, ()
         with torch.no_grad():
-            for k, stage in enumerate(net.stages):
+            for k in range(net.num_exits):
                 keep = torch.nonzero(exit_idx >= k).flatten()  # outside the timed region
-                x_k = x.index_select(0, keep) if len(keep) < len(x) else x
-                feats.append(x_k)
-                x = stage(x)
-        def run(feats=feats) -> None:
+                if len(keep) < len(x):
+                    inputs.append((x.index_select(0, keep), tuple(c.index_select(0, keep) for c in carry)))
+                else:
+                    inputs.append((x, carry))
+                x, _, carry = net.step(k, x, carry)
+        def run(inputs=inputs) -> None:
             with torch.no_grad():
-                for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
-                    if len(feats[k]):
-                        head(stage(feats[k]))
+                for k, (x_k, carry_k) in enumerate(inputs):
+                    if len(x_k):
+                        net.step(k, x_k, carry_k)
         runs.append(run)
     return runs
 

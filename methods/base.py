@@ -159,8 +159,13 @@ class Policy(Protocol):
     def accept(self, k: int, logits: Tensor, confidence: Tensor | None) -> Tensor: ...
 
 
-Step = Callable[[int, Tensor], "tuple[Tensor, Tensor | tuple[Tensor, Tensor]]"]
-"""``step(k, x) -> (features after stage k, head k's output)``: one stage of the dynamic forward."""
+Carry = tuple[Tensor, ...]
+"""What an exit hands the next one (per-sample tensors, batch first); empty for independent heads. ZTW's
+cascading heads carry the previous head's logits and the log-probabilities its ensembles combine."""
+
+Step = Callable[[int, Tensor, Carry], "tuple[Tensor, Tensor | tuple[Tensor, Tensor], Carry]"]
+"""``step(k, x, carry) -> (features after stage k, exit k's output, carry for exit k+1)``: one stage of the
+dynamic forward."""
 
 
 def _split_head_output(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -211,15 +216,34 @@ class MultiExitNet(nn.Module):
             self.heads[-1].eval()
         return self
 
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze (and keep in eval mode) or release the backbone's stages and final head: how the harness
+        applies a cell's training regime to any method's net."""
+        self.freeze_backbone = frozen
+        for m in (*self.stages, self.heads[-1]):
+            m.requires_grad_(not frozen)
+        self.train(self.training)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def run_head(self, k: int, feats: Tensor, carry: Carry = ()) -> tuple[Tensor | tuple[Tensor, Tensor], Carry]:
+        """Exit ``k``'s output on the features after stage ``k``, and the carry for exit ``k+1``.
+
+        Default: ``heads[k](feats)``, nothing carried. A net whose exits depend on earlier ones (ZTW's
+        cascading heads and ensembles) overrides this; every forward (all exits, dynamic, the latency
+        variants, the fast path, the profile and the MACs count) goes through it, and the dynamic forward
+        compacts the carry with the features."""
+        return self.heads[k](feats), carry
 
     def forward_all(self, x: Tensor) -> ExitOutputs:
         """Run the whole network and return every exit's output (no early termination)."""
         logits, confs = [], []
-        for stage, head in zip(self.stages, self.heads):
+        carry: Carry = ()
+        for k, stage in enumerate(self.stages):
             x = stage(x)
-            lg, c = _split_head_output(head(x))
+            out, carry = self.run_head(k, x, carry)
+            lg, c = _split_head_output(out)
             logits.append(lg)
             confs.append(c)
         if all(c is None for c in confs[:-1]):
@@ -230,11 +254,12 @@ class MultiExitNet(nn.Module):
     def forward(self, x: Tensor) -> ExitOutputs:
         return self.forward_all(x)
 
-    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
-        """Stage ``k`` on ``x``, then its head: (features, head output). The eager step of
+    def step(self, k: int, x: Tensor, carry: Carry = ()) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor], Carry]:
+        """Stage ``k`` on ``x``, then its exit: (features, exit output, carry). The eager step of
         :meth:`forward_dynamic`; the harness's fast path substitutes a compiled or captured one."""
         x = self.stages[k](x)
-        return x, self.heads[k](x)
+        out, carry = self.run_head(k, x, carry)
+        return x, out, carry
 
     @torch.no_grad()
     def forward_dynamic(self, x: Tensor, policy: Policy, step: Step | None = None) -> tuple[Tensor, Tensor]:
@@ -245,8 +270,9 @@ class MultiExitNet(nn.Module):
         -- a stable sort on the reject flag puts the leavers first, one count read splits them from the
         rest, ``index_select`` gathers each side -- so an exit costs exactly one device->host read
         (``torch.cuda.set_sync_debug_mode`` finds no other); boolean-mask indexing, a hidden ``nonzero``
-        per use, is never used. Nothing is gathered at an exit nobody leaves. A stateful policy (PABEE's
-        patience) is told which rows stayed through its ``compact(index)``. ``step`` (default
+        per use, is never used. Nothing is gathered at an exit nobody leaves. What an exit carries to the next
+        (:meth:`run_head`) is compacted with the features. A stateful policy (PABEE's patience) is told
+        which rows stayed through its ``compact(index)``. ``step`` (default
         :meth:`step`) runs one stage and its head; the gating and partitioning stay here either way.
         """
         step = step or self.step
@@ -256,8 +282,9 @@ class MultiExitNet(nn.Module):
         exit_index = torch.full((n,), len(self.heads) - 1, dtype=torch.long, device=x.device)
         last = len(self.heads) - 1
         compact = getattr(policy, "compact", None)
+        carry: Carry = ()
         for k in range(len(self.heads)):
-            x, head_out = step(k, x)
+            x, head_out, carry = step(k, x, carry)
             logits, conf = _split_head_output(head_out)
             if out is None:
                 out = logits.new_empty((n, logits.shape[1]))
@@ -276,6 +303,7 @@ class MultiExitNet(nn.Module):
             if n_accept == rows.numel():
                 break
             x, rows = x.index_select(0, stay), rows.index_select(0, stay)
+            carry = tuple(c.index_select(0, stay) for c in carry)
             if compact is not None:
                 compact(stay)
         assert out is not None
@@ -299,6 +327,8 @@ class Budget:
     betas: tuple[float, float] = (0.9, 0.999)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast in the shared training loop (fp16 on CUDA only)
 
+
+REGIMES = ("disjoint", "mixed", "joint")  # training regimes, see Method.regimes
 
 Trainer = Callable[..., dict]
 """The harness's shared loop: ``trainer(net, loss_fn, params, loaders, budget) -> stats``."""
@@ -387,7 +417,11 @@ class Method:
     version: ClassVar[str] = "1"
     score: ClassVar[str] = "max_softmax"
     scores: ClassVar[tuple[str, ...]] = ("max_softmax", "neg_entropy")
-    trains_backbone: ClassVar[bool] = False
+    trains_backbone: ClassVar[bool] = False  # the method's own regime trains the backbone (joint methods)
+    # Training regimes (Kubaty et al. 2024) a matrix may ask for: disjoint (backbone first, then the heads on
+    # it frozen), mixed (backbone first, then all together), joint (all together from a fresh backbone).
+    # The default is the method's own: mixed when it trains the backbone, else disjoint.
+    regimes: ClassVar[tuple[str, ...]] = REGIMES
     per_exit_thresholds: ClassVar[bool] = False  # calibrate one threshold per exit (e.g. BranchyNet's T_n)
     hparams: ClassVar[dict[str, HParam]] = {}
 
@@ -415,6 +449,11 @@ class Method:
 
     def loss(self, outputs: ExitOutputs, target: Tensor, net: MultiExitNet) -> Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def default_regime(cls) -> str:
+        """The method's own regime: ``mixed`` when it trains the backbone (from the trained one), else ``disjoint``."""
+        return "mixed" if cls.trains_backbone else "disjoint"
 
     def budget(self) -> Budget:
         """The training budget from the hyper-parameters (keys named like Budget's fields)."""
@@ -446,7 +485,8 @@ METHODS: Registry[type[Method]] = Registry("method", base=Method, classes=True, 
 # entry-point metadata) still has them; an installed exitbench declares the same targets in pyproject.toml.
 BUILTIN_METHODS = {"pteenet": "exitbench.methods.pteenet:PTEENet",
                    "branchynet": "exitbench.methods.branchynet:BranchyNet",
-                   "eenet": "exitbench.methods.eenet:EENet", "sdn": "exitbench.methods.sdn:SDN"}
+                   "eenet": "exitbench.methods.eenet:EENet", "sdn": "exitbench.methods.sdn:SDN",
+                   "ztw": "exitbench.methods.ztw:ZTW"}
 for _name, _target in BUILTIN_METHODS.items():
     METHODS.register(_name, _target)
 
@@ -469,7 +509,7 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "ExitOutputs", "ExitPoint", "HParam", "Method",
-    "MultiExitNet", "Policy", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
+    "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint", "HParam", "Method",
+    "MultiExitNet", "Policy", "REGIMES", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
     "list_methods", "place_exits", "register_method",
 ]

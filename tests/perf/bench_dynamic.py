@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from exitbench.benchmarks.backbones import create_backbone
-from exitbench.benchmarks.flops import cost_table, head_macs
+from exitbench.benchmarks.flops import cost_table, exit_head_macs
 from exitbench.benchmarks.latency import realisation
 from exitbench.benchmarks.traces import collect_trace, evaluate
 from exitbench.methods.base import get_method
@@ -46,7 +46,7 @@ def setup():
     method = get_method("pteenet")(n_exits=3, placement="linear")
     exits = method.place_exits(bb)
     net = method.build(bb, exits, 10).eval()
-    table = cost_table(bb, exits, [head_macs(h, e) for h, e in zip(net.heads[:-1], exits)])
+    table = cost_table(bb, exits, exit_head_macs(net, exits))
     x = torch.randn(256, 3, 32, 32)
     trace = collect_trace(net, x, torch.zeros(256, dtype=torch.long))
     s = trace.scores("confidence")
