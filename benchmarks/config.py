@@ -35,7 +35,7 @@ import yaml
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
 from exitbench.benchmarks.fast import check_fast_mode
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
-from exitbench.methods.base import Budget, UserError, did_you_mean
+from exitbench.methods.base import REGIMES, Budget, UserError, did_you_mean, get_method
 from exitbench.methods.rules import RISKS, SELECTION_RULES
 from exitbench.results import STATIC
 
@@ -113,7 +113,9 @@ class Cell:
     method: str
     hparams: dict[str, Any]
     seed: int
-    init: str = "backbone"  # joint methods: start from the backbone's weights, or from scratch
+    # training regime (Method.regimes): disjoint (heads on the frozen trained backbone), mixed (from the
+    # trained backbone, all together), joint (all together from a fresh backbone); "" for static baselines
+    regime: str = ""
     backbone_training: BackboneTraining = field(default_factory=BackboneTraining)
     evaluation: Evaluation = field(default_factory=Evaluation)
     risk_control: RiskControl = field(default_factory=lambda: RiskControl(enabled=False))
@@ -135,6 +137,15 @@ class Cell:
         d["next_to"] = [list(x) for x in self.next_to]
         d["evaluation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["evaluation"].items()}
         d["risk_control"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["risk_control"].items()}
+        # Why: before regimes the field was `init` (backbone | scratch), and keys, setting ids and stored
+        # results hash it. `init` says where the backbone starts (scratch: the joint regime); `regime` is
+        # written only when `init` and the method's default cannot say it (e.g. SDN mixed, BranchyNet
+        # disjoint), so every cell that existed before keeps its key and setting id. Cell.from_config
+        # reads both back into the resolved regime.
+        regime = d.pop("regime")
+        d["init"] = "scratch" if regime == "joint" else "backbone"
+        if regime and not self.static and regime not in ("joint", _default_regime(self.method)):
+            d["regime"] = regime
         return d
 
     @classmethod
@@ -146,6 +157,8 @@ class Cell:
         kw["next_to"] = tuple((str(n), s) for n, s in config.get("next_to") or ())
         if "dataset_options" not in kw:
             kw["dataset_options"] = {}
+        if "regime" not in config and config.get("method", STATIC) != STATIC:  # said by `init` (see to_dict)
+            kw["regime"] = "joint" if config.get("init") == "scratch" else _default_regime(config["method"])
         known = lambda dc, d: {k: v for k, v in (d or {}).items() if k in dc.__dataclass_fields__}
         return cls(**kw, backbone_training=_dataclass_from(BackboneTraining, known(BackboneTraining,
                                                                                     config.get("backbone_training")),
@@ -188,6 +201,14 @@ class Cell:
         return f"{self.dataset}__{self.backbone}__{safe}__seed{self.seed}__{self.key()}"
 
 
+def _default_regime(method: str) -> str:
+    """The method's own regime, or "" for a method not installed here (its users name what is missing)."""
+    try:
+        return get_method(method).default_regime()
+    except UserError:
+        return ""
+
+
 def _hash(d: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -202,7 +223,7 @@ _EXITS = {"n_exits", "placement", "branch_depth"}  # shared by every method that
 _DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
 SPLIT_OPTIONS = _DATASET - {"name"}  # how a dataset is split and where it lives; the rest are its own options
 _BACKBONE = {"name", "weights", "small_stem"}
-_METHOD = {"name", "hparams", "grid", "init"}
+_METHOD = {"name", "hparams", "grid", "regime", "init"}
 _BASELINE = _BACKBONE | {"next_to"}
 
 
@@ -275,7 +296,6 @@ def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
     # kept out of import time (`exitbench --help` should be instant)
     from exitbench.benchmarks.data import dataset_info, list_datasets
-    from exitbench.methods.base import get_method
 
     _check_keys(matrix, _TOP, "")
     training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")
@@ -344,12 +364,13 @@ def expand(matrix: dict) -> list[Cell]:
             cls = get_method(m["name"])
         except UserError as e:
             raise UserError(f"methods[{i}].name: {e}") from None
-        init = m.get("init", "backbone")
-        if init not in ("backbone", "scratch"):
-            raise UserError(f"methods[{i}].init: expected backbone or scratch, got {init!r}")
-        if init == "scratch" and not cls.trains_backbone:
-            raise UserError(f"methods[{i}].init: scratch needs a method that trains the backbone; "
-                            f"{m['name']} keeps it frozen")
+        if "init" in m:
+            raise UserError(f"methods[{i}].init: replaced by `regime`; write regime: joint for init: scratch "
+                            "(all together from a fresh backbone) or regime: mixed for init: backbone")
+        regime = m.get("regime", cls.default_regime())
+        if regime not in cls.regimes:
+            raise UserError(f"methods[{i}].regime: {m['name']} trains in {', '.join(cls.regimes)}, not {regime!r}"
+                            + ("" if regime in REGIMES else f"; {did_you_mean(str(regime), list(REGIMES))}"))
         # the same exits for every method in a comparison, unless a method's hparams say otherwise
         fixed = {k: v for k, v in shared_exits.items() if k in cls.hparams} | (m.get("hparams") or {})
         grid = m.get("grid") or {}
@@ -367,7 +388,7 @@ def expand(matrix: dict) -> list[Cell]:
                 resolved = cls(**hp).hp  # rejects unknown keys and bad choices
             except UserError as e:
                 raise UserError(f"methods[{i}].hparams: {e}") from None
-            methods.append((m["name"], resolved, init, tuple(keys), f"methods[{i}]"))
+            methods.append((m["name"], resolved, regime, tuple(keys), f"methods[{i}]"))
 
     seeds = _as_list(matrix.get("seeds", [0]), "seeds")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -376,9 +397,9 @@ def expand(matrix: dict) -> list[Cell]:
     cells = [
         Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
              backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"],
-             method=name, hparams=hp, init=init, seed=s, backbone_training=training, evaluation=evaluation,
+             method=name, hparams=hp, regime=regime, seed=s, backbone_training=training, evaluation=evaluation,
              risk_control=risk_control, swept=swept, where=where)
-        for d in datasets for b in backbones for (name, hp, init, swept, where) in methods for s in seeds
+        for d in datasets for b in backbones for (name, hp, regime, swept, where) in methods for s in seeds
     ]
     # static baselines: trained with the backbones' recipe on the same data and seeds; nothing to exit or
     # risk-control, so no risk-control block

@@ -132,7 +132,7 @@ def plan_cells(cells: list[Cell], out_dir: Path | None, cache_dir: Path, through
         else:
             method = get_method(cell.method)(**cell.hparams)
             epochs = int(method.hp.get("epochs", 1))
-            factor = TRAIN_FACTOR if method.trains_backbone else 1.0
+            factor = TRAIN_FACTOR if cell.regime != "disjoint" else 1.0
             method_s = factor * macs * train * epochs / throughput
             timed_macs = len({"backbone", *ev.timed_variants}) * macs
         traces_s = macs * (cal + test) / throughput

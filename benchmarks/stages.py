@@ -28,7 +28,7 @@ from exitbench.benchmarks.data import DatasetInfo, Splits, dataset_info, load_sp
 from exitbench.benchmarks.device import check_dtype
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.fast import check_fast
-from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, head_macs
+from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, exit_head_macs
 from exitbench.benchmarks.latency import default_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate
@@ -205,10 +205,11 @@ def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: tor
     exits = place(cell, method, backbone)
     torch.manual_seed(cell.seed)  # same head initialisation for the same cell
     start_from = backbone
-    if method.trains_backbone:  # joint training changes the backbone: keep the reference intact
-        start_from = make_backbone(cell, splits, weights=False) if cell.init == "scratch" else copy.deepcopy(backbone)
+    if cell.regime != "disjoint":  # training the backbone changes it: keep the reference intact
+        start_from = make_backbone(cell, splits, weights=False) if cell.regime == "joint" else copy.deepcopy(backbone)
     net = method.build(start_from, exits, splits.info.num_classes)
-    h_macs = [head_macs(h, e) for h, e in zip(net.heads[:-1], exits)]
+    net.set_backbone_frozen(cell.regime == "disjoint")  # the regime decides, whatever the method's default
+    h_macs = exit_head_macs(net, exits)
     costs = cost_table(backbone, exits, h_macs)
     net.rel_costs = torch.tensor(costs.paper, dtype=torch.float32)
     budget = method.budget()
@@ -216,6 +217,7 @@ def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: tor
     loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed, device=device),
                "calibration": make_loader(splits.calibration, budget.batch_size, False, cell.seed, device=device)}
     training = method.fit(net, loaders, budget, method_trainer)
+    training["budget"] = {**training.get("budget", {}), "regime": cell.regime}  # what the budget bought, and how
     net.eval()
     return Fitted(method, net, exits, h_macs, costs, training)
 
@@ -445,7 +447,7 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
              temperatures: TemperatureResult | None = None) -> CellResult:
     """The cell's typed result (status ``ok``)."""
     config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
-              "trains_backbone": fitted.method.trains_backbone}
+              "trains_backbone": cell.regime != "disjoint"}
     return CellResult(
         **result_fields(cell, splits, ref, config, next(fitted.net.parameters()).device),
         exits=exit_rows(fitted, ref.backbone, traces), training=fitted.training, sweep=sweep,

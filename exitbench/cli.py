@@ -257,8 +257,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             print("methods (hyper-parameter = default: help):")
             for name in sorted(reg.names()):
                 cls = get_method(name)
-                how = "joint" if cls.trains_backbone else "post-trained"
-                print(f"  {name:<12} {how:<13} score={cls.score}  {reg.help(name)}")
+                how = f"regime={cls.default_regime()}"
+                others = [r for r in cls.regimes if r != cls.default_regime()]
+                how += f" (or {'/'.join(others)})" if others else ""
+                print(f"  {name:<12} {how:<32} score={cls.score}  {reg.help(name)}")
                 for k, spec in cls.hparams.items():
                     default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
                     print(f"      {k} = {default!r}: {spec.help}")

@@ -409,6 +409,8 @@ def setting_id(config: dict) -> str:
     not what they are). Seeds are pooled only within one setting_id; labels are for reading only."""
     d = {k: config.get(k) for k in SETTING_FIELDS}
     d["dataset_options"] = _dataset_options(config)
+    if config.get("regime"):  # only a regime that `init` cannot say (the config writer's rule): old ids stay
+        d["regime"] = config["regime"]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -436,7 +438,7 @@ def setting_label(config: dict) -> str:
 
 def _setting_fields(config: dict) -> dict[str, Any]:
     out = {k: v for k, v in (config.get("hparams") or {}).items()}
-    for k in ("init", "weights", "small_stem", "method_version"):
+    for k in ("init", "regime", "weights", "small_stem", "method_version"):
         out[k] = config.get(k)
     for k, v in (config.get("backbone_training") or {}).items():
         out[f"backbone.{k}"] = v

@@ -11,7 +11,8 @@ Inference: the first early exit with h_i > tau (tau = 0.5 in the reference; swep
 Choices recorded here:
 - Joint training starts from the backbone the harness supplies (trained here, pretrained or a file),
   so EENet is compared with the other methods on the same backbone; the matrix entry
-  ``init: scratch`` gives the paper's regime (a freshly initialised backbone) for any joint method.
+  ``regime: joint`` gives the paper's regime (a freshly initialised backbone), ``regime: disjoint``
+  trains the heads alone on the frozen backbone.
 - Reference settings: Adam, lr 1e-3, weight decay 1e-4, batch 32, 150 epochs. The defaults keep all
   of them but the epochs (10, for CPU runs); set ``epochs: 150`` for the reference budget.
 

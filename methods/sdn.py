@@ -9,6 +9,8 @@ classifier and takes no loss); at inference a sample leaves at the first IC whos
 reaches q (one global q, swept).
 
 Choices recorded here:
+- ``regime: mixed | joint`` (see the README) trains the backbone with the ICs; the final exit then joins
+  the loss (the paper's "SDN training" weights the ICs by a schedule, not copied here).
 - Exits are placed by the shared cost rule (``placement``), not SDN's fixed 15/30/.../90 % of the
   FLOPs, so every method in a comparison uses the same exit points; ``placement: linear`` with
   ``n_exits: 6`` is close to SDN's own layout.
@@ -76,5 +78,8 @@ class SDN(Method):
         return MultiExitNet(backbone, exits, heads, freeze_backbone=True)
 
     def loss(self, outputs: ExitOutputs, target: Tensor, net: MultiExitNet | None = None) -> Tensor:
-        # The final exit is the frozen backbone: no loss there (nothing it could train).
-        return torch.stack([F.cross_entropy(lg.float(), target) for lg in outputs.logits[:-1]]).sum()
+        # On the frozen backbone (SDN's IC-only training) the final exit takes no loss: nothing it could train.
+        # When a regime trains the backbone (mixed, joint) the final exit is one more term, as in the paper's
+        # joint "SDN training" (without its per-IC weight schedule) -- else the final classifier never learns.
+        logits = outputs.logits if net is not None and not net.freeze_backbone else outputs.logits[:-1]
+        return torch.stack([F.cross_entropy(lg.float(), target) for lg in logits]).sum()

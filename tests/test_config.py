@@ -1,4 +1,4 @@
-"""Matrix expansion: shared exits, overrides, init, grids and field-path errors."""
+"""Matrix expansion: shared exits, overrides, training regimes, grids and field-path errors."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def test_grid_expands_and_records_the_swept_keys():
 
 
 @pytest.mark.parametrize("matrix, message", [
-    ({"methods": [{"name": "pteenet", "init": "scratch"}]}, "methods[0].init: scratch needs a method that trains"),
-    ({"methods": [{"name": "pteenet", "init": "random"}]}, "methods[0].init: expected backbone or scratch"),
+    ({"methods": [{"name": "eenet", "init": "scratch"}]}, "methods[0].init: replaced by `regime`; write regime: joint"),
+    ({"methods": [{"name": "ztw", "regime": "mixed"}]}, "methods[0].regime: ztw trains in disjoint, not 'mixed'"),
+    ({"methods": [{"name": "sdn", "regime": "joined"}]}, "not 'joined'; did you mean 'joint'"),
     ({"exits": {"n_exit": 2}, "methods": ["pteenet"]}, "exits.n_exit: unknown key; did you mean 'n_exits'"),
     ({"methods": ["pteenet"], "seeds": ["a"]}, "seeds: expected a non-empty list of integers"),
     ({"methods": ["pteenet"], "evaluation": {"grid_size": "many"}}, "evaluation.grid_size: expected a number"),
@@ -43,3 +44,38 @@ def test_errors_name_the_field(matrix, message):
     with pytest.raises(UserError) as e:
         expand({**BASE, **matrix})
     assert message in str(e.value)
+
+
+def test_regimes_default_to_the_methods_own_and_are_in_the_key_and_the_budget():
+    cells = expand({**BASE, "seeds": [0], "methods": ["sdn", "branchynet", {"name": "sdn", "regime": "mixed"},
+                                                      {"name": "branchynet", "regime": "disjoint"},
+                                                      {"name": "branchynet", "regime": "joint"}]})
+    assert [c.regime for c in cells] == ["disjoint", "mixed", "mixed", "disjoint", "joint"]
+    assert len({c.key() for c in cells}) == 5
+
+
+def test_the_stored_config_says_the_regime_as_init_where_it_can_and_reads_back():
+    import json
+
+    from exitbench.benchmarks.config import Cell
+
+    for method, regime, init, written in (("sdn", "disjoint", "backbone", None), ("sdn", "mixed", "backbone", "mixed"),
+                                          ("eenet", "mixed", "backbone", None), ("eenet", "joint", "scratch", None),
+                                          ("eenet", "disjoint", "backbone", "disjoint")):
+        cell = expand({**BASE, "seeds": [0], "methods": [{"name": method, "regime": regime}]})[0]
+        d = json.loads(json.dumps(cell.to_dict()))  # as a result stores it
+        assert (d["init"], d.get("regime")) == (init, written)
+        assert Cell.from_config(d).regime == regime and Cell.from_config(d).key() == cell.key()
+
+
+def test_a_stored_result_keeps_its_key():
+    import json
+    from pathlib import Path
+
+    from exitbench.benchmarks.config import Cell
+
+    cells = Path(__file__).parent / "data" / "results" / "cells"
+    stored = cells / "digits__resnet18__pteenet-lam1__seed0__74a4cb5553.json"
+    config = json.loads(stored.read_text())["config"]
+    assert "init" in config and "regime" not in config  # written before regimes
+    assert Cell.from_config(config).key() == "74a4cb5553"

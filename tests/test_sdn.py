@@ -54,3 +54,15 @@ def test_build_freezes_the_backbone_in_eval_mode(tiny):
 def test_bad_pool_size():
     with pytest.raises(UserError, match="pool_size"):
         get_method("sdn")(pool_size=0)
+
+
+def test_the_final_exit_joins_the_loss_when_the_regime_trains_the_backbone(tiny):
+    m = get_method("sdn")(n_exits=2, placement="pareto")
+    net = m.build(tiny, m.place_exits(tiny), 5)
+    logits = [torch.randn(4, 5) for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 0])
+    early = F.cross_entropy(logits[0], y) + F.cross_entropy(logits[1], y)
+    assert torch.isclose(m.loss(ExitOutputs(logits), y, net), early)  # frozen: IC-only
+    net.set_backbone_frozen(False)  # regime mixed or joint
+    assert torch.isclose(m.loss(ExitOutputs(logits), y, net), early + F.cross_entropy(logits[2], y))
+    assert all(p.requires_grad for p in net.stages.parameters()) and net.train().stages.training

@@ -107,3 +107,22 @@ def test_the_weights_rebuild_the_same_net(staged, cell):
 def test_run_cell_is_the_sequence_of_the_stages(staged, cell, tmp_path):
     r = runner.run_cell(cell, tmp_path, staged["cache"])  # cached backbone: the same reference
     assert _untimed(r.to_dict()) == _untimed(staged["result"].to_dict())
+
+
+@pytest.mark.parametrize("method, regime, backbone_trains", [("sdn", "mixed", True), ("branchynet", "disjoint", False),
+                                                             ("sdn", "joint", True)])
+def test_the_regime_decides_what_trains(method, regime, backbone_trains, tmp_path):
+    cell = expand({**TINY, "methods": [{"name": method, "regime": regime,
+                                        "hparams": {"epochs": 1, "n_exits": 2, "placement": "linear"}}],
+                   "backbone_training": {"epochs": 1}})[0]
+    splits = st.prepare_data(cell)
+    ref = st.prepare_backbone(cell, splits, tmp_path)
+    before = {k: v.clone() for k, v in ref.backbone.state_dict().items()}
+    fitted = st.fit_method(cell, splits, ref.backbone)
+    assert fitted.training["budget"]["regime"] == regime
+    assert all(torch.equal(before[k], v) for k, v in ref.backbone.state_dict().items()), "the reference changed"
+    net_backbone = {**{f"stages.{k}": v for k, v in fitted.net.stages.state_dict().items()}}
+    start = ({f"stages.{k}": v for k, v in type(fitted.net)(ref.backbone, fitted.exits, list(fitted.net.heads[:-1]))
+              .stages.state_dict().items()})
+    changed = any(not torch.equal(start[k], v) for k, v in net_backbone.items() if v.is_floating_point())
+    assert changed == backbone_trains
