@@ -12,8 +12,8 @@ from exitbench.cli import main
 def test_smoke_keeps_every_backbone_and_method_and_drops_the_rest():
     cells = expand(load_matrix("paper"))
     smoke = smoke_cells(cells)
-    # 360 early-exit cells and 27 static baselines (3 datasets x 3 models x 3 seeds); 40 + 6 in the smoke run
-    assert len(cells) == 387 and len({c.slug() for c in smoke}) == len(smoke) == 46
+    # 405 early-exit cells and 27 static baselines (3 datasets x 3 models x 3 seeds); 50 + 6 in the smoke run
+    assert len(cells) == 432 and len({c.slug() for c in smoke}) == len(smoke) == 56
     assert sum(c.static for c in smoke) == 6
     assert {c.backbone for c in smoke} == {c.backbone for c in cells}
     assert {c.method for c in smoke} == {c.method for c in cells}
@@ -31,5 +31,5 @@ def test_smoke_keeps_every_backbone_and_method_and_drops_the_rest():
 def test_the_paper_matrix_validates_offline(capsys):
     assert main(["validate", "paper"]) == 0
     out = capsys.readouterr().out
-    assert "matrix 'paper' is valid: 387 cells" in out
+    assert "matrix 'paper' is valid: 432 cells" in out
     assert out.count("warning: dataset:") <= 3  # the data are not on this machine; that is not an error
