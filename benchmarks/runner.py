@@ -89,13 +89,17 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
             latency = st.time_latency(cell, backbone, net, points, test_x, costs.strict)
             profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs, latency)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
-    result = replace(previous, sweep=sweep, operating_points=points, latency=latency, latency_profile=profile,
-                     risk_control=risk, temperature=temps,
-                     config={**previous.config, **cell.to_dict()}, analysis=keys,
-                     env_analysis=env_fingerprint(_device_of(latency, cell), cell.evaluation.threads,
-                                                  cell.evaluation.dtype),
-                     reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
-    return result, redo
+    return _reanalysed(previous, cell, redo, start, sweep=sweep, operating_points=points, latency=latency,
+                       latency_profile=profile, risk_control=risk, temperature=temps), redo
+
+
+def _reanalysed(previous: CellResult, cell: Cell, redo: list[str], start: float, **changes) -> CellResult:
+    """``previous`` with the re-computed ``changes`` (``latency`` among them) and the bookkeeping every
+    re-analysis records: the cell's current config and analysis keys, where it was timed, what was re-run."""
+    return replace(previous, **changes, config={**previous.config, **cell.to_dict()}, analysis=cell.analysis_keys(),
+                   env_analysis=env_fingerprint(_device_of(changes["latency"], cell), cell.evaluation.threads,
+                                                cell.evaluation.dtype),
+                   reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
 
 
 def _reanalyse_static(cell: Cell, previous: CellResult, out_dir: Path, redo: list[str], start: float,
@@ -109,11 +113,7 @@ def _reanalyse_static(cell: Cell, previous: CellResult, out_dir: Path, redo: lis
             prepare(device)
             model = static.rebuild(cell, splits, st.artifact_paths(out_dir, cell)["weights"], device)
             latency = static.time_static(cell, model, splits, to_tensors(splits.test)[0])
-    return replace(previous, latency=latency, config={**previous.config, **cell.to_dict()},
-                   analysis=cell.analysis_keys(),
-                   env_analysis=env_fingerprint(_device_of(latency, cell), cell.evaluation.threads,
-                                                cell.evaluation.dtype),
-                   reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
+    return _reanalysed(previous, cell, redo, start, latency=latency)
 
 
 def cell_path(out_dir: Path, cell: Cell) -> Path:
