@@ -49,24 +49,22 @@ from exitbench.methods.base import (
     Method,
     MultiExitNet,
     StagedBackbone,
-    UserError,
     register_method,
 )
-from exitbench.methods.heads import MixedPool, map_side, to_map
+from exitbench.methods.heads import SDNHead
+from exitbench.methods.sdn import SDN
 
 
-class CascadingHead(nn.Module):
+class CascadingHead(SDNHead):
     """SDN's IC (mixed pooling, flatten, Linear) that, when ``cascading``, also reads the previous IC's
     logits: detached, layer-normalised, concatenated with the pooled features before the Linear."""
 
     def __init__(self, exit_point: ExitPoint, num_classes: int, pool_size: int = 4, cascading: bool = True):
-        super().__init__()
-        self.adapt = to_map(exit_point)
-        self.pool = MixedPool(map_side(exit_point), pool_size)
-        features = exit_point.channels * self.pool.out_side ** 2
+        super().__init__(exit_point, num_classes, pool_size)
         self.cascading = cascading
         self.norm = nn.LayerNorm(num_classes) if cascading else None
-        self.classifier = nn.Linear(features + (num_classes if cascading else 0), num_classes)
+        if cascading:  # SDN's Linear, widened by the previous IC's logits
+            self.classifier = nn.Linear(self.classifier.in_features + num_classes, num_classes)
 
     def forward(self, x: Tensor, previous: Tensor | None = None) -> Tensor:
         z = self.pool(self.adapt(x)).flatten(1)
@@ -123,24 +121,15 @@ class ZTW(Method):
     scores = ("max_softmax", "neg_entropy")
     trains_backbone = False
     regimes = ("disjoint",)  # both phases are defined on a frozen pre-trained backbone
-    hparams = {
-        "n_exits": HParam(3, "number of early exits (internal classifiers)"),
-        "placement": HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions"),
-        "pool_size": HParam(4, "side of the mixed-pooled map an IC classifies (reference: 4)"),
+    # the ICs are SDN's: its exit, pooling and loop hyper-parameters, declared once there
+    hparams = {k: SDN.hparams[k] for k in ("n_exits", "placement", "pool_size", "precision")} | {
         "epochs": HParam(10, "phase 1 (cascading ICs) epochs"),
         "lr": HParam(5e-3, "phase 1 Adam learning rate (reference: 5e-3)"),
         "weight_decay": HParam(1e-4, "phase 1 Adam weight decay (reference: 1e-4)"),
         "ensemble_epochs": HParam(2, "phase 2 (ensemble weights) epochs (reference: 2)", low=1),
         "ensemble_lr": HParam(1e-3, "phase 2 Adam learning rate (reference: 1e-3)", positive=True),
         "batch_size": HParam(128, "training batch size of both phases (reference: 128, then 64)"),
-        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
-                            ("fp32", "bf16", "fp16")),
     }
-
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        if not (isinstance(self.hp["pool_size"], int) and self.hp["pool_size"] >= 1):
-            raise UserError(f"method {self.name}: pool_size must be a positive integer, got {self.hp['pool_size']!r}")
 
     def build(self, backbone: StagedBackbone, exits: Sequence[ExitPoint], num_classes: int) -> ZTWNet:
         heads = [CascadingHead(e, num_classes, int(self.hp["pool_size"]), cascading=k > 0) for k, e in enumerate(exits)]
