@@ -5,7 +5,7 @@ repository's contract tests run for every built-in method, as plain functions ov
 and a tiny timm backbone. Each raises ``AssertionError`` with a message on failure.
 
 - build: ``place_exits`` + ``build`` give a net whose ``forward_all`` has one finite logit tensor per
-  exit (and confidences in (0, 1) when the score is ``confidence``);
+  exit (and confidences in [0, 1] when the score is ``confidence``);
 - train: a few Adam steps with the method's ``loss`` on one fixed batch lower it; a post-trained
   method leaves the backbone's weights unchanged and in eval mode;
 - dynamic: ``forward_dynamic`` takes exactly the exits and predictions the threshold policy gives on
@@ -74,7 +74,7 @@ def check_build(cls: type[Method], backbone_name: str) -> None:
     assert all(torch.isfinite(lg).all() for lg in out.logits), "non-finite logits"
     if m.score == "confidence":
         assert out.confidence is not None and [tuple(c.shape) for c in out.confidence] == [(BATCH,)] * 3
-        assert all(((c > 0) & (c < 1)).all() for c in out.confidence[:-1]), "confidence outside (0, 1)"
+        assert all(((c >= 0) & (c <= 1)).all() for c in out.confidence[:-1]), "confidence outside [0, 1]"
     else:
         assert out.confidence is None, "confidence returned although the score is not 'confidence'"
     assert m.score in m.scores, f"default score {m.score!r} is not in scores {m.scores}"

@@ -40,8 +40,9 @@ def smoke_cells(cells: list[Cell]) -> list[Cell]:
         data = {"num_classes": k, "image_size": info.input_size[1], "n": 4 * k, **SMOKE_SPLITS}
         declared = {} if c.static else get_method(c.method).hparams
         hp = dict(c.hparams)
-        if "epochs" in declared:
-            hp["epochs"] = 1
+        for name in declared:  # every epoch budget: epochs and a phase's (ensemble_epochs, warmup_epochs)
+            if name == "epochs" or name.endswith("_epochs"):
+                hp[name] = 1
         if "batch_size" in declared:
             hp["batch_size"] = min(int(hp.get("batch_size", declared["batch_size"].default)), 64)
         if "precision" in declared:  # bf16 autocast crawls on CPUs without bf16 units; tests cover precisions

@@ -147,7 +147,7 @@ def place_exits(candidates: Sequence[ExitPoint], total_macs: int, n_exits: int,
 @dataclass
 class ExitOutputs:
     """Every exit's output for a batch: ``logits[k]`` is [B, classes] (final exit last);
-    ``confidence[k]`` is [B] in (0, 1) for methods with learned confidence (1 at the final exit)."""
+    ``confidence[k]`` is [B] in [0, 1] for methods with learned confidence or exit gates (1 at the final exit)."""
 
     logits: list[Tensor]
     confidence: list[Tensor] | None = None
@@ -334,6 +334,19 @@ Trainer = Callable[..., dict]
 """The harness's shared loop: ``trainer(net, loss_fn, params, loaders, budget) -> stats``."""
 
 
+def merge_phases(phases: dict[str, dict]) -> dict:
+    """One stats dict for a training run made of several ``trainer`` calls (ZTW's two phases, JEI-DNN's
+    warm-up and bi-level stage): the first phase's budget, seconds, epochs and losses summed or chained over
+    all, and each phase's own stats under ``phases``."""
+    stats = list(phases.values())
+    seconds = sum(s["seconds"] for s in stats)
+    epochs = sum(s["epochs_run"] for s in stats)
+    return {**stats[0], "phases": phases, "seconds": seconds, "epochs_run": epochs,
+            "seconds_per_epoch": seconds / max(epochs, 1),
+            "stopped_by_wall_time": any(s["stopped_by_wall_time"] for s in stats),
+            "loss_per_epoch": [v for s in stats for v in s["loss_per_epoch"]]}
+
+
 @dataclass
 class HParam:
     """A method hyper-parameter: its default, a one-line help, allowed values (if a choice) and, for
@@ -486,7 +499,7 @@ METHODS: Registry[type[Method]] = Registry("method", base=Method, classes=True, 
 BUILTIN_METHODS = {"pteenet": "exitbench.methods.pteenet:PTEENet",
                    "branchynet": "exitbench.methods.branchynet:BranchyNet",
                    "eenet": "exitbench.methods.eenet:EENet", "sdn": "exitbench.methods.sdn:SDN",
-                   "ztw": "exitbench.methods.ztw:ZTW"}
+                   "ztw": "exitbench.methods.ztw:ZTW", "jeidnn": "exitbench.methods.jeidnn:JEIDNN"}
 for _name, _target in BUILTIN_METHODS.items():
     METHODS.register(_name, _target)
 
@@ -511,5 +524,5 @@ def get_method(name: str) -> type[Method]:
 __all__ = [
     "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint", "HParam", "Method",
     "MultiExitNet", "Policy", "REGIMES", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
-    "list_methods", "place_exits", "register_method",
+    "list_methods", "merge_phases", "place_exits", "register_method",
 ]

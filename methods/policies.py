@@ -38,7 +38,7 @@ def neg_entropy(logits: Tensor, confidence: Tensor | None = None) -> Tensor:
 
 
 def learned_confidence(logits: Tensor, confidence: Tensor | None = None) -> Tensor:
-    """The head's own confidence in (0, 1) (EENet, PTEENet)."""
+    """The head's own confidence in [0, 1] (EENet, PTEENet; JEI-DNN's gate)."""
     if confidence is None:
         raise UserError("score: 'confidence' needs a method with confidence heads (eenet, pteenet); "
                         "use max_softmax or neg_entropy")

@@ -49,6 +49,7 @@ from exitbench.methods.base import (
     Method,
     MultiExitNet,
     StagedBackbone,
+    merge_phases,
     register_method,
 )
 from exitbench.methods.heads import SDNHead
@@ -158,10 +159,4 @@ class ZTW(Method):
         finally:
             for p in heads:
                 p.requires_grad_(True)
-        phases = {"cascading": cascading, "ensembling": ensembling}
-        seconds = sum(s["seconds"] for s in phases.values())
-        epochs = sum(s["epochs_run"] for s in phases.values())
-        return {**cascading, "phases": phases, "seconds": seconds, "epochs_run": epochs,
-                "seconds_per_epoch": seconds / max(epochs, 1),
-                "stopped_by_wall_time": any(s["stopped_by_wall_time"] for s in phases.values()),
-                "loss_per_epoch": cascading["loss_per_epoch"] + ensembling["loss_per_epoch"]}
+        return merge_phases({"cascading": cascading, "ensembling": ensembling})
