@@ -417,6 +417,15 @@ COMMON_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
 }
 
 
+
+# The hyper-parameters every method with placed exits and the shared loop declares the same way; a method
+# file writes ``"n_exits": N_EXITS`` rather than repeating the declaration (and may declare its own instead).
+N_EXITS = HParam(3, "number of early exits")
+PLACEMENT = HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions")
+PRECISION = HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
+                   ("fp32", "bf16", "fp16"))
+
+
 class Method:
     """Base class of early-exit methods. Subclass, set the class attributes, register.
 
@@ -524,5 +533,5 @@ def get_method(name: str) -> type[Method]:
 __all__ = [
     "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint", "HParam", "Method",
     "MultiExitNet", "Policy", "REGIMES", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
-    "list_methods", "merge_phases", "place_exits", "register_method",
+    "list_methods", "merge_phases", "N_EXITS", "PLACEMENT", "PRECISION", "place_exits", "register_method",
 ]

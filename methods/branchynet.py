@@ -34,6 +34,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from exitbench.methods.base import (
+    N_EXITS,
+    PLACEMENT,
+    PRECISION,
     Budget,
     ExitOutputs,
     ExitPoint,
@@ -67,16 +70,15 @@ class BranchyNet(Method):
     trains_backbone = True
     per_exit_thresholds = True  # one entropy threshold T_n per exit, screened on calibration
     hparams = {
-        "n_exits": HParam(3, "number of early exits"),
-        "placement": HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions"),
+        "n_exits": N_EXITS,
+        "placement": PLACEMENT,
         "branch_depth": HParam(2, "conv blocks in a branch (0 = pool head; 2 matches PTEENet's conv2)", (0, 1, 2, 3)),
         "weights": HParam("paper", "paper: early exits 1.0, final exit 0.3; equal: all 1.0", ("paper", "equal")),
         "epochs": HParam(10, "joint training epochs"),
         "lr": HParam(1e-3, "Adam learning rate (paper: 1e-3)"),
         "betas": HParam((0.99, 0.999), "Adam betas (paper: 0.99, 0.999; the reference code uses 0.9, 0.999)"),
         "batch_size": HParam(128, "training batch size"),
-        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
-                                ("fp32", "bf16", "fp16")),
+        "precision": PRECISION,
         "weight_decay": HParam(0.0, "Adam weight decay (none in the paper)"),
     }
 

@@ -28,7 +28,18 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
+from exitbench.methods.base import (
+    N_EXITS,
+    PLACEMENT,
+    PRECISION,
+    ExitOutputs,
+    ExitPoint,
+    HParam,
+    Method,
+    MultiExitNet,
+    StagedBackbone,
+    register_method,
+)
 from exitbench.methods.heads import BNPoolBranch, ConvBranch
 from exitbench.methods.losses import cost_aware_loss
 
@@ -50,8 +61,8 @@ class EENet(Method):
     scores = ("confidence", "max_softmax", "neg_entropy")
     trains_backbone = True
     hparams = {
-        "n_exits": HParam(3, "number of early exits"),
-        "placement": HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions"),
+        "n_exits": N_EXITS,
+        "placement": PLACEMENT,
         "head": HParam("pool", "pool: avg pool + linear heads (paper); bnpool: BN+ReLU first; conv2: PTEENet's",
                        ("pool", "bnpool", "conv2")),
         "loss": HParam("v2", "v2: sum over all exits (the original form); v1: the mixture at exit 0 only",
@@ -61,8 +72,7 @@ class EENet(Method):
         "epochs": HParam(10, "joint training epochs (reference: 150)"),
         "lr": HParam(1e-3, "Adam learning rate (reference: 1e-3)"),
         "batch_size": HParam(32, "training batch size (reference: 32)"),
-        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
-                                ("fp32", "bf16", "fp16")),
+        "precision": PRECISION,
         "weight_decay": HParam(1e-4, "Adam weight decay (reference: 1e-4)"),
     }
 

@@ -16,7 +16,18 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
+from exitbench.methods.base import (
+    N_EXITS,
+    PLACEMENT,
+    PRECISION,
+    ExitOutputs,
+    ExitPoint,
+    HParam,
+    Method,
+    MultiExitNet,
+    StagedBackbone,
+    register_method,
+)
 from exitbench.methods.heads import ConvBranch
 from exitbench.methods.losses import cost_aware_loss
 
@@ -31,8 +42,8 @@ class PTEENet(Method):
     scores = ("confidence", "max_softmax", "neg_entropy")
     trains_backbone = False
     hparams = {
-        "n_exits": HParam(3, "number of early exits"),
-        "placement": HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions"),
+        "n_exits": N_EXITS,
+        "placement": PLACEMENT,
         "branch_depth": HParam(2, "conv blocks in a branch (0 = pool head; conv2 is the paper's)",
                                (0, 1, 2, 3)),
         "loss": HParam("v2", "v1: loss on the mixture at exit 0; v2: mean over all exits", ("v1", "v2")),
@@ -42,8 +53,7 @@ class PTEENet(Method):
         "epochs": HParam(10, "training epochs"),
         "lr": HParam(1e-3, "Adam learning rate"),
         "batch_size": HParam(128, "training batch size"),
-        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
-                                ("fp32", "bf16", "fp16")),
+        "precision": PRECISION,
         "weight_decay": HParam(0.0, "Adam weight decay"),
     }
 

@@ -35,6 +35,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from exitbench.methods.base import (
+    PLACEMENT,
+    PRECISION,
     ExitOutputs,
     ExitPoint,
     HParam,
@@ -58,13 +60,12 @@ class SDN(Method):
     trains_backbone = False
     hparams = {
         "n_exits": HParam(3, "number of early exits (internal classifiers)"),
-        "placement": HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions"),
+        "placement": PLACEMENT,
         "pool_size": HParam(4, "side of the mixed-pooled map an IC classifies (reference: 4)"),
         "epochs": HParam(10, "training epochs (reference: 25)"),
         "lr": HParam(1e-3, "Adam learning rate (reference: 1e-3)"),
         "batch_size": HParam(128, "training batch size (reference: 128)"),
-        "precision": HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
-                                ("fp32", "bf16", "fp16")),
+        "precision": PRECISION,
         "weight_decay": HParam(1e-4, "Adam weight decay (reference: 1e-4 for ResNets, 5e-4 for VGG)"),
     }
 

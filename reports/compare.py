@@ -1,7 +1,8 @@
 """``exitbench compare A B``: what changed between two results directories.
 
 Cells are matched by (dataset, backbone, setting_id, seed): settings that differ in anything are never
-paired, and every cell without a partner is listed. Metrics are compared per method setting over
+paired, and every cell without a partner is listed. Metrics are compared per method setting (a static
+baseline included: its own accuracy and its latency against its backbone) over
 seeds. The direction of each metric comes from the results' declared ``higher_is_better``.
 A change is called significant only when it exceeds ``k`` times the pooled seed spread
 sqrt((s_A^2 + s_B^2) / 2), which needs at least two seeds on both sides; with one seed nothing is
@@ -36,7 +37,7 @@ class Metric:
 
 def metrics_for(results: list[dict]) -> list[Metric]:
     """Every comparable metric present in ``results`` (stable order)."""
-    ms = [Metric("backbone.test_accuracy", "backbone test accuracy (%)", "test_accuracy", 100, 2,
+    ms = [Metric("backbone.test_accuracy", "backbone / static model test accuracy (%)", "test_accuracy", 100, 2,
                  lambda r: r.backbone.test_accuracy if r.backbone else None)]
     op = load.op_label(results)
     for key, label, scale, digits in (("accuracy", "test accuracy (%)", 100, 2), ("agreement", "agreement (%)", 100, 2),
@@ -47,7 +48,7 @@ def metrics_for(results: list[dict]) -> list[Metric]:
     for b in load.budgets(results):
         ms.append(Metric(f"budget.{b:g}", f"accuracy at {100 * b:g} % MACs (%)", "accuracy", 100, 2,
                          lambda r, b=b: load.budget_accuracy(r, b)))
-    keys = sorted({(x.variant, x.batch_size) for r in load.ok(results) for x in r.latency},
+    keys = sorted({(x.variant, x.batch_size) for r in results if r.ok for x in r.latency},
                   key=lambda k: (str(k[0]), k[1] or 0))
     for variant, bs in keys:
         ms.append(Metric(f"latency.{variant}.b{bs}.median_ms", f"{variant} median ms, batch {bs}", "median_ms", 1, 3,
@@ -116,7 +117,7 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
     for side, ks in (("only in A (no match in B)", [k for k in ca if k not in cb]),
                      ("only in B (no match in A)", [k for k in cb if k not in ca])):
         out += [f"{side}: {name(k)}" for k in sorted(ks, key=load.order_key)]
-    okA, okB = load.ok(a), load.ok(b)
+    okA, okB = _finished(a), _finished(b)
     pkgs = sorted({p for r in okA + okB for p in ((r.env or {}).get("packages") or {})})
     checks: list[tuple[str, Callable[[load.CellResult], object]]] = [
         (f"{p} version", lambda r, p=p: ((r.env or {}).get("packages") or {}).get(p)) for p in pkgs]
@@ -167,13 +168,20 @@ class Change:
     significant: bool
 
 
+def _finished(results: list[dict]) -> list[dict]:
+    return [r for r in results if r.ok]
+
+
 def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
     """Per (method setting, metric) present on both sides, over the seeds both sides have: the change and
     its verdict."""
-    hib = {**load.directions(load.ok(a)), **load.directions(load.ok(b))}
-    ga, gb = load.group(load.ok(a), _setting_key), load.group(load.ok(b), _setting_key)
+    # early-exit cells and static baselines alike: a static model's own accuracy and its latency against
+    # its backbone are compared like any cell's (it has no operating point, budget or training rows)
+    fa, fb = _finished(a), _finished(b)
+    hib = {**load.directions(fa), **load.directions(fb)}
+    ga, gb = load.group(fa, _setting_key), load.group(fb, _setting_key)
     out = []
-    mets = metrics_for(load.ok(a) + load.ok(b))
+    mets = metrics_for(fa + fb)
     for key in sorted(set(ga) & set(gb), key=load.order_key):
         sa, sb = {load.seed(r): r for r in ga[key]}, {load.seed(r): r for r in gb[key]}
         common = [x for x in sa if x in sb]  # the same seeds on both sides, or the means would differ by design
@@ -216,7 +224,7 @@ def render(a_dir: str | Path, b_dir: str | Path, a: list[dict], b: list[dict], k
     nb = sum((c.higher is not None and (c.b[0] - c.a[0] > 0) == c.higher) for c in sig)
 
     def counts(rs: list[dict]) -> str:
-        return f"{len(rs)} cells, {len(load.ok(rs))} ok"
+        return f"{len(rs)} cells, {len(_finished(rs))} ok"
 
     lines = ["# exitbench compare", "", f"- A: `{a_dir}` ({counts(a)})", f"- B: `{b_dir}` ({counts(b)})",
              f"- significant: |change| > {k:g} × pooled seed std, sqrt((s_A² + s_B²) / 2), with at least 2 seeds "

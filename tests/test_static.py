@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import yaml
@@ -12,7 +13,7 @@ import yaml
 from exitbench.benchmarks.config import expand
 from exitbench.cli import main
 from exitbench.errors import UserError
-from exitbench.reports import load, static, tables
+from exitbench.reports import compare, load, static, tables
 
 MATRIX = {
     "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
@@ -193,3 +194,20 @@ def test_plan_counts_static_cells(run, capsys):
     assert main(["plan", _write(tmp, MATRIX), "--out", str(out), "--rate", "1e9"]) == 0
     text = capsys.readouterr().out
     assert "3 cells" in text and "3 done" in text
+
+
+def test_compare_compares_static_cells_too(run, tmp_path):
+    _, out, _, _ = run
+    b = tmp_path / "B"
+    shutil.copytree(out, b)
+    path, r = _static_result(b)
+    r["backbone"]["test_accuracy"] += 0.02
+    path.write_text(json.dumps(r))
+    cs = compare.changes(load.load_cells(out), load.load_cells(b))
+    static_rows = {c.metric.id: c for c in cs if c.key[1] == "test_efficientnet" and c.key[2] == r["setting_id"]}
+    acc = static_rows["backbone.test_accuracy"]
+    assert acc.b[0] - acc.a[0] == pytest.approx(0.02) and acc.verdict == "better, 1 seed (no spread)"
+    # its latency against its backbone is paired too (unchanged here)
+    assert any(m.startswith("latency.static.") and c.verdict == "unchanged" for m, c in static_rows.items())
+    text = compare.render(out, b, load.load_cells(out), load.load_cells(b))
+    assert any("test_efficientnet" in line and "static model test accuracy" in line for line in text.splitlines())
