@@ -56,6 +56,7 @@ Choices recorded here:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -218,7 +219,7 @@ class JEIDNN(Method):
         return gate_loss(logits, t)
 
     def warmup_budget(self, budget: Budget) -> Budget:
-        return Budget(**{**budget.__dict__, "epochs": int(self.hp["warmup_epochs"])})
+        return replace(budget, epochs=int(self.hp["warmup_epochs"]))
 
     def fit(self, net: JEIDNNNet, loaders: dict, budget: Budget, trainer) -> dict:
         ims = [p for h in net.heads[:-1] for p in h.parameters()]

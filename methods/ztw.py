@@ -35,6 +35,7 @@ Choices recorded here:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -143,8 +144,8 @@ class ZTW(Method):
 
     def ensemble_budget(self, budget: Budget) -> Budget:
         """Phase 2's budget: the ensemble epochs and learning rate, no weight decay, the rest as phase 1."""
-        return Budget(**{**budget.__dict__, "epochs": int(self.hp["ensemble_epochs"]),
-                         "lr": float(self.hp["ensemble_lr"]), "weight_decay": 0.0})
+        return replace(budget, epochs=int(self.hp["ensemble_epochs"]), lr=float(self.hp["ensemble_lr"]),
+                       weight_decay=0.0)
 
     def fit(self, net: ZTWNet, loaders: dict, budget: Budget, trainer) -> dict:
         heads = [p for h in net.heads[:-1] for p in h.parameters()]

@@ -48,7 +48,7 @@ def metrics_for(results: list[dict]) -> list[Metric]:
     for b in load.budgets(results):
         ms.append(Metric(f"budget.{b:g}", f"accuracy at {100 * b:g} % MACs (%)", "accuracy", 100, 2,
                          lambda r, b=b: load.budget_accuracy(r, b)))
-    keys = sorted({(x.variant, x.batch_size) for r in results if r.ok for x in r.latency},
+    keys = sorted({(x.variant, x.batch_size) for r in load.finished(results) for x in r.latency},
                   key=lambda k: (str(k[0]), k[1] or 0))
     for variant, bs in keys:
         ms.append(Metric(f"latency.{variant}.b{bs}.median_ms", f"{variant} median ms, batch {bs}", "median_ms", 1, 3,
@@ -117,7 +117,7 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
     for side, ks in (("only in A (no match in B)", [k for k in ca if k not in cb]),
                      ("only in B (no match in A)", [k for k in cb if k not in ca])):
         out += [f"{side}: {name(k)}" for k in sorted(ks, key=load.order_key)]
-    okA, okB = _finished(a), _finished(b)
+    okA, okB = load.finished(a), load.finished(b)
     pkgs = sorted({p for r in okA + okB for p in ((r.env or {}).get("packages") or {})})
     checks: list[tuple[str, Callable[[load.CellResult], object]]] = [
         (f"{p} version", lambda r, p=p: ((r.env or {}).get("packages") or {}).get(p)) for p in pkgs]
@@ -168,16 +168,12 @@ class Change:
     significant: bool
 
 
-def _finished(results: list[dict]) -> list[dict]:
-    return [r for r in results if r.ok]
-
-
 def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
     """Per (method setting, metric) present on both sides, over the seeds both sides have: the change and
     its verdict."""
     # early-exit cells and static baselines alike: a static model's own accuracy and its latency against
     # its backbone are compared like any cell's (it has no operating point, budget or training rows)
-    fa, fb = _finished(a), _finished(b)
+    fa, fb = load.finished(a), load.finished(b)
     hib = {**load.directions(fa), **load.directions(fb)}
     ga, gb = load.group(fa, _setting_key), load.group(fb, _setting_key)
     out = []
@@ -224,7 +220,7 @@ def render(a_dir: str | Path, b_dir: str | Path, a: list[dict], b: list[dict], k
     nb = sum((c.higher is not None and (c.b[0] - c.a[0] > 0) == c.higher) for c in sig)
 
     def counts(rs: list[dict]) -> str:
-        return f"{len(rs)} cells, {len(_finished(rs))} ok"
+        return f"{len(rs)} cells, {len(load.finished(rs))} ok"
 
     lines = ["# exitbench compare", "", f"- A: `{a_dir}` ({counts(a)})", f"- B: `{b_dir}` ({counts(b)})",
              f"- significant: |change| > {k:g} × pooled seed std, sqrt((s_A² + s_B²) / 2), with at least 2 seeds "

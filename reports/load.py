@@ -137,6 +137,11 @@ def ok(results: Iterable[CellResult]) -> list[CellResult]:
     return [r for r in results if r.ok and not r.static]
 
 
+def finished(results: Iterable[CellResult]) -> list[CellResult]:
+    """Every cell that finished: the early-exit cells (:func:`ok`) and the static baselines (:func:`baselines`)."""
+    return [r for r in results if r.ok]
+
+
 def baselines(results: Iterable[CellResult]) -> list[CellResult]:
     """The static baselines that finished (plain models from a matrix's ``baselines``)."""
     return [r for r in results if r.ok and r.static]
