@@ -220,7 +220,7 @@ def _short(v: Any) -> str:
 _TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "seeds", "backbone_training", "evaluation",
         "risk_control", "baselines"}
 _EXITS = {"n_exits", "placement", "branch_depth"}  # shared by every method that has the hyper-parameter
-_DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment"}
+_DATASET = {"name", "root", "download", "calibration_fraction", "test_fraction", "augment", "train_subset"}
 SPLIT_OPTIONS = _DATASET - {"name"}  # how a dataset is split and where it lives; the rest are its own options
 _BACKBONE = {"name", "weights", "small_stem"}
 _METHOD = {"name", "hparams", "grid", "regime", "init"}
@@ -295,7 +295,7 @@ def load_matrix(path: str | Path | None) -> dict:
 def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
     # kept out of import time (`exitbench --help` should be instant)
-    from exitbench.benchmarks.data import dataset_info, list_datasets
+    from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, check_split, dataset_info, list_datasets
 
     _check_keys(matrix, _TOP, "")
     training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")
@@ -339,9 +339,16 @@ def expand(matrix: dict) -> list[Cell]:
             raise UserError(f"datasets[{i}].name: unknown dataset {d['name']!r}; "
                             f"{did_you_mean(d['name'], list_datasets())}")
         try:  # dataset-specific options (e.g. synthetic's n, num_classes) are checked by the dataset
-            dataset_info(d["name"], **{k: v for k, v in d.items() if k not in _DATASET})
+            info = dataset_info(d["name"], **{k: v for k, v in d.items() if k not in _DATASET})
         except UserError as e:
             raise UserError(f"datasets[{i}]: {e}") from None
+        for key in ("download", "augment"):
+            if not isinstance(d.get(key, False), bool):
+                raise UserError(f"datasets[{i}].{key}: expected true or false, got {d[key]!r}")
+        if not isinstance(d.get("root", ""), str):
+            raise UserError(f"datasets[{i}].root: expected a folder path, got {d['root']!r}")
+        check_split(d["name"], info, d.get("calibration_fraction", CALIBRATION_FRACTION),
+                    d.get("test_fraction", TEST_FRACTION), d.get("train_subset"), where=f"datasets[{i}]")
         datasets.append(d)
 
     backbones = [_model_entry(b, f"backbones[{i}]", _BACKBONE)

@@ -1,18 +1,22 @@
 """Datasets and the three disjoint splits every cell uses: train, calibration, test.
 
 Registry: ``digits`` (default; scikit-learn's 1,797 real 8x8 digits, shipped with the package, no
-download), ``cifar10``, ``cifar100``, ``svhn`` (torchvision, from ``root``) and ``synthetic`` (for tests).
+download), ``fashion_mnist`` (the original IDX files, ``exitbench.benchmarks.fashion``), ``cifar10``,
+``cifar100``, ``svhn`` (torchvision, from ``root``) and ``synthetic`` (for tests).
 
 Every split is held in memory as an :class:`ImageDataset` (uint8 or [0, 1] float images, normalised on
 access), so a split materialises with one vectorised op (:func:`to_tensors`) and no PIL round trip.
 
 Splits (docs/measurement.md, "Accuracy"): seeded, stratified (sklearn ``train_test_split``) and disjoint.
 Calibration is held out of the training data; datasets with an official test set use it as ``test``,
-the others (digits, synthetic) split a stratified test set off first with ``test_fraction``.
+the others (digits, synthetic) split a stratified test set off first with ``test_fraction``. Every dataset
+takes ``train_subset``: a seeded, stratified subset of that many training images (calibration and test
+are not touched), so that a CPU-sized matrix can run on a large dataset.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ from exitbench.errors import UserError, did_you_mean
 from exitbench.registry import Registry
 
 DEFAULT_DATASET = "digits"
+CALIBRATION_FRACTION, TEST_FRACTION = 0.1, 0.3  # the split options' defaults
 
 
 @dataclass(frozen=True)
@@ -166,34 +171,38 @@ class Digits(DatasetSpec):
 
 
 class Synthetic(DatasetSpec):
-    """Generated class prototypes plus per-sample noise (options num_classes, n, image_size, noise): for tests."""
+    """Generated class prototypes plus per-sample noise (options num_classes, n, image_size, channels, noise): tests."""
 
     name = "synthetic"
-    options = {"num_classes": (int, 4), "n": (int, 240), "image_size": (int, 16), "noise": (float, 0.5)}
+    options = {"num_classes": (int, 4), "n": (int, 240), "image_size": (int, 16), "noise": (float, 0.5),
+               "channels": (int, 3)}
 
-    def info(self, num_classes: int = 4, n: int = 240, image_size: int = 16, noise: float = 0.5) -> DatasetInfo:
-        return DatasetInfo("synthetic", num_classes, (3, image_size, image_size), (0.5,) * 3, (0.25,) * 3,
-                           tuple(f"class{k}" for k in range(num_classes)), train_samples=n, test_samples=0)
+    def info(self, num_classes: int = 4, n: int = 240, image_size: int = 16, noise: float = 0.5,
+             channels: int = 3) -> DatasetInfo:
+        return DatasetInfo("synthetic", num_classes, (channels, image_size, image_size), (0.5,) * channels,
+                           (0.25,) * channels, tuple(f"class{k}" for k in range(num_classes)), train_samples=n,
+                           test_samples=0)
 
     def check(self, options: dict[str, Any]) -> None:
         o = {k: d for k, (_, d) in self.options.items()} | options
-        if o["num_classes"] < 2 or o["image_size"] < 4 or o["noise"] < 0 or o["n"] < 4 * o["num_classes"]:
-            raise UserError(f"dataset: synthetic needs num_classes >= 2, image_size >= 4, noise >= 0 and "
-                            f"n >= 4 * num_classes; got {o}")
+        if (o["num_classes"] < 2 or o["image_size"] < 4 or o["noise"] < 0 or o["n"] < 4 * o["num_classes"]
+                or o["channels"] < 1):
+            raise UserError(f"dataset: synthetic needs num_classes >= 2, image_size >= 4, channels >= 1, noise >= 0 "
+                            f"and n >= 4 * num_classes; got {o}")
 
     def load(self, root: Path, download: bool, num_classes: int = 4, n: int = 240, image_size: int = 16,
-             noise: float = 0.5) -> RawData:
+             noise: float = 0.5, channels: int = 3) -> RawData:
         # A smooth random prototype per class plus Gaussian noise whose scale varies per sample (0.2..1.2 x
         # ``noise``), so some samples are easy and some hard, as an early-exit benchmark needs. The data is
         # fixed (generator seed 0); the split seed only decides which sample goes to which split.
         g = torch.Generator().manual_seed(0)
-        protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
-                               align_corners=False)
+        protos = F.interpolate(torch.rand(num_classes, channels, 4, 4, generator=g), size=image_size,
+                               mode="bilinear", align_corners=False)
         labels = torch.arange(n) % num_classes
         labels = labels[torch.randperm(n, generator=g)]
         scale = noise * (0.2 + torch.rand(n, 1, 1, 1, generator=g))
-        x = (protos[labels] + scale * torch.randn(n, 3, image_size, image_size, generator=g)).clamp_(0, 1)
-        return RawData(self.info(num_classes, n, image_size, noise), x, labels)
+        x = (protos[labels] + scale * torch.randn(n, channels, image_size, image_size, generator=g)).clamp_(0, 1)
+        return RawData(self.info(num_classes, n, image_size, noise, channels), x, labels)
 
 
 class DataMissing(UserError):
@@ -264,6 +273,7 @@ DATASETS.register("cifar100", Torchvision("cifar100", 100, (0.5071, 0.4865, 0.44
 DATASETS.register("svhn", Torchvision("svhn", 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False,
                                       "SVHN cropped digits (torchvision .mat files; never flipped)", (73257, 26032)))
 DATASETS.register("synthetic", Synthetic())
+DATASETS.register("fashion_mnist", "exitbench.benchmarks.fashion:FASHION_MNIST")  # lazy: its module imports this one
 
 
 def list_datasets() -> list[str]:
@@ -295,44 +305,83 @@ def dataset_info(name: str = DEFAULT_DATASET, **options: Any) -> DatasetInfo:
     return _check(name, options).info(**options)
 
 
-def _split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int, field: str):
+def _split(labels: np.ndarray, indices: np.ndarray, held_out: float | int, seed: int, field: str, value: Any):
+    """(kept, held out) of ``indices``, stratified and seeded; ``held_out`` is a fraction or a count."""
     from sklearn.model_selection import train_test_split  # lazy: sklearn adds ~1.5 s to every CLI start
 
     try:
-        return train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels[indices])
+        return train_test_split(indices, test_size=held_out, random_state=seed, stratify=labels[indices])
     except ValueError as e:  # a class too rare, or fewer held-out samples than classes
         raise UserError(f"{field}: cannot make a stratified split of {len(indices)} samples "
-                        f"({len(np.unique(labels))} classes) with {field}={fraction} ({e}); use more data or "
-                        f"a larger fraction") from None
+                        f"({len(np.unique(labels))} classes) with {field}={value} ({e}); use more data or "
+                        f"a larger {field}") from None
+
+
+def split_sizes(info: DatasetInfo, calibration_fraction: float = CALIBRATION_FRACTION,
+                test_fraction: float = TEST_FRACTION) -> tuple[int, int, int]:
+    """(train, calibration, test) images of the splits :func:`load_splits` makes from the dataset's official
+    files, before any ``train_subset`` (sklearn's rounding: the held-out side gets ``ceil(fraction * n)``)."""
+    pool, test = info.train_samples or 0, info.test_samples or 0
+    if not test:  # no official test set: it is split off the whole dataset first
+        test = math.ceil(test_fraction * pool)
+        pool -= test
+    calibration = math.ceil(calibration_fraction * pool)
+    return pool - calibration, calibration, test
+
+
+def check_split(name: str, info: DatasetInfo, calibration_fraction: float = CALIBRATION_FRACTION,
+                test_fraction: float = TEST_FRACTION, train_subset: int | None = None, where: str = "dataset") -> None:
+    """Raise :class:`UserError` (naming ``where``.field) for split options of the wrong type or range: fractions
+    strictly between 0 and 1, ``train_subset`` a whole number from the number of classes up to the train split."""
+    for field, f in (("calibration_fraction", calibration_fraction), ("test_fraction", test_fraction)):
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise UserError(f"{where}.{field}: must be a number between 0 and 1 (exclusive), got {f!r}")
+    if train_subset is None:
+        return
+    if isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < info.num_classes:
+        raise UserError(f"{where}.train_subset: must be a whole number of training images, at least one per class "
+                        f"({info.num_classes}), got {train_subset!r}; drop it to train on the whole split")
+    available = split_sizes(info, calibration_fraction, test_fraction)[0]
+    if info.train_samples and train_subset > available:
+        raise UserError(f"{where}.train_subset: {train_subset} is more than {name}'s train split ({available} images "
+                        f"once calibration_fraction {calibration_fraction:g} is held out); use at most {available}, "
+                        "or drop it to train on the whole split")
 
 
 def load_splits(name: str = DEFAULT_DATASET, *, root: str | Path | None = None, seed: int = 0,
-                calibration_fraction: float = 0.1, test_fraction: float = 0.3, download: bool = False,
-                augment: bool = False, **options: Any) -> Splits:
+                calibration_fraction: float = CALIBRATION_FRACTION, test_fraction: float = TEST_FRACTION,
+                download: bool = False, augment: bool = False, train_subset: int | None = None, **options: Any
+                ) -> Splits:
     """Load dataset ``name`` and cut it into seeded, stratified, disjoint train / calibration / test.
 
     ``calibration_fraction`` of the training pool is held out as calibration. ``test_fraction`` is used
     only by datasets without an official test set (digits, synthetic), and is taken first, from the whole
-    dataset. ``root`` (default :func:`default_root`) holds the torchvision files; they are downloaded only
-    with ``download=True``, otherwise missing files raise :class:`UserError` naming the expected path.
-    ``augment`` adds random crop (pad 4) + horizontal flip to CIFAR's train split; it is a no-op for the
-    other datasets (see ``Splits.augment``). ``options`` are dataset-specific (synthetic: ``num_classes``,
-    ``n``, ``image_size``, ``noise``).
+    dataset. ``train_subset`` keeps that many training images (seeded by ``seed``, stratified), after
+    calibration is held out. ``root`` (default :func:`default_root`) holds the dataset files; they are
+    downloaded only with ``download=True``, otherwise missing files raise :class:`UserError` naming where
+    they were looked for. ``augment`` adds random crop (pad 4) + horizontal flip to the train split of
+    datasets that allow it (see ``Splits.augment``). ``options`` are dataset-specific (synthetic:
+    ``num_classes``, ``n``, ``image_size``, ``noise``).
     """
     spec = _check(name, options)
-    for field, f in (("calibration_fraction", calibration_fraction), ("test_fraction", test_fraction)):
-        if not 0 < f < 1:
-            raise UserError(f"{field}: must be between 0 and 1 (exclusive), got {f!r}")
+    check_split(name, spec.info(**options), calibration_fraction, test_fraction, train_subset)
     raw = spec.load(Path(root).expanduser() if root is not None else default_root(), download, **options)
     labels = raw.labels.numpy()
     pool = np.arange(len(labels))
     if raw.test_images is None:
-        pool, test_idx = _split(labels, pool, test_fraction, seed, "test_fraction")
+        pool, test_idx = _split(labels, pool, test_fraction, seed, "test_fraction", test_fraction)
         test_x, test_y = raw.images[test_idx], raw.labels[test_idx]
     else:
         test_idx = np.arange(len(raw.test_labels))
         test_x, test_y = raw.test_images, raw.test_labels
-    train_idx, cal_idx = _split(labels, pool, calibration_fraction, seed, "calibration_fraction")
+    train_idx, cal_idx = _split(labels, pool, calibration_fraction, seed, "calibration_fraction",
+                                calibration_fraction)
+    if train_subset is not None and train_subset < len(train_idx):
+        # files smaller than the official ones (checked against those in check_split) are caught here
+        train_idx = _split(labels, train_idx, len(train_idx) - train_subset, seed, "train_subset", train_subset)[0]
+    elif train_subset is not None and train_subset > len(train_idx):
+        raise UserError(f"dataset.train_subset: {train_subset} is more than the {len(train_idx)} training images of "
+                        f"{name} found on disk; use at most {len(train_idx)}")
     aug = augment and spec.augment
     m, s = raw.info.mean, raw.info.std
     return Splits(
@@ -369,5 +418,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
 
 __all__ = [
     "DATASETS", "DEFAULT_DATASET", "DatasetInfo", "DatasetSpec", "ImageDataset", "RawData", "Splits", "dataset_info",
-    "default_root", "list_datasets", "load_splits", "make_loader", "to_tensors",
+    "check_split", "default_root", "list_datasets", "load_splits", "make_loader", "split_sizes", "to_tensors",
 ]

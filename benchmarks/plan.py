@@ -29,6 +29,7 @@ import torch
 
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, split_sizes
 from exitbench.benchmarks.latency import default_batch_sizes
 from exitbench.benchmarks.runner import cell_path, claim_path, existing, reusable
 from exitbench.claims import held_live, holder
@@ -82,13 +83,10 @@ def measure_throughput(device: torch.device, seconds: float = 3.0) -> float:
 
 def _split_sizes(cell: Cell) -> tuple[int, int, int]:
     """(train, calibration, test) sample counts the cell will use, from the dataset's known sizes."""
-    opts, info = cell.dataset_options, st.without_data(cell).info
-    n, test = info.train_samples or 0, info.test_samples or 0
-    if not test:
-        test = round(n * float(opts.get("test_fraction", 0.3)))
-        n -= test
-    cal = round(n * float(opts.get("calibration_fraction", 0.1)))
-    return n - cal, cal, test
+    opts = cell.dataset_options
+    train, cal, test = split_sizes(st.without_data(cell).info, opts.get("calibration_fraction", CALIBRATION_FRACTION),
+                                   opts.get("test_fraction", TEST_FRACTION))
+    return min(train, opts.get("train_subset") or train), cal, test
 
 
 def _state(cell: Cell, out_dir: Path | None, claims_dir: Path | None) -> tuple[str, str | None]:

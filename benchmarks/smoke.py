@@ -38,6 +38,8 @@ def smoke_cells(cells: list[Cell]) -> list[Cell]:
         info = st.without_data(c).info
         k = info.num_classes
         data = {"num_classes": k, "image_size": info.input_size[1], "n": 4 * k, **SMOKE_SPLITS}
+        if info.input_size[0] != 3:  # only when it differs: the smoke cells of 3-channel matrices keep their keys
+            data["channels"] = info.input_size[0]
         declared = {} if c.static else get_method(c.method).hparams
         hp = dict(c.hparams)
         for name in declared:  # every epoch budget: epochs and a phase's (ensemble_epochs, warmup_epochs)

@@ -14,6 +14,7 @@ import torchvision
 
 from exitbench.benchmarks import data
 from exitbench.methods.base import UserError
+from tests import test_fashion
 
 # ----------------------------------------------------------------------------------------------
 # digits
@@ -25,7 +26,7 @@ def digits() -> data.Splits:
 
 
 def test_digits_shapes_and_info(digits):
-    assert data.list_datasets() == ["cifar10", "cifar100", "digits", "svhn", "synthetic"]
+    assert data.list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "svhn", "synthetic"]
     assert digits.info.num_classes == 10 and digits.info.input_size == (3, 32, 32)
     assert data.dataset_info("digits") == digits.info
     x, y = digits.train[0]
@@ -203,7 +204,7 @@ def test_svhn_roundtrip(tmp_path, monkeypatch):
 
 # Every registered dataset needs a tiny copy in its real on-disk format here (None: needs no files).
 FIXTURES = {"digits": None, "synthetic": None, "cifar10": _write_cifar, "cifar100": _write_cifar,
-            "svhn": _write_svhn}
+            "svhn": _write_svhn, "fashion_mnist": test_fashion.write_fixture}
 
 
 @pytest.mark.parametrize("name", data.DATASETS.names())

@@ -11,6 +11,7 @@ import torch
 
 from exitbench.benchmarks import plan
 from exitbench.benchmarks.config import expand
+from exitbench.benchmarks.data import load_splits
 from exitbench.benchmarks.runner import cell_path, claim_path
 from exitbench.claims import try_claim
 from exitbench.cli import main
@@ -23,7 +24,9 @@ def test_estimates_follow_macs_samples_and_epochs(tmp_path):
     cells = expand(TINY)
     plans = plan.plan_cells(cells, None, tmp_path / "cache", RATE)
     train, cal, test = plan._split_sizes(cells[0])
-    assert (train, cal, test) == (112 - 11, 11, 48)  # synthetic n=160: 30 % test, then 10 % of the rest
+    assert (train, cal, test) == (112 - 12, 12, 48)  # synthetic n=160: 30 % test, then 10 % of the rest (rounded up)
+    real = load_splits("synthetic", **cells[0].dataset_options)  # what the run will really use
+    assert (len(real.train), len(real.calibration), len(real.test)) == (train, cal, test)
     first, second = plans
     macs = first.macs
     assert first.backbone_s == pytest.approx(3 * macs * train * 2 / RATE)  # backbone_training.epochs = 2
