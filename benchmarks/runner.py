@@ -36,11 +36,11 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
     with num_threads(cell.evaluation.threads):
         prepare(device)
         splits = st.prepare_data(cell, download, memo)
-        ref = st.prepare_backbone(cell, splits, cache_dir, device, stale_after=stale_after)
+        ref = st.prepare_backbone(cell, splits, cache_dir, device, stale_after=stale_after, memo=memo)
         if cell.static:  # a plain model from `baselines`: no method to fit, nothing to exit
             return static.run(cell, splits, ref, out_dir, to_tensors(splits.test)[0], st.elapsed(start))
         fitted = st.fit_method(cell, splits, ref.backbone, device)
-        traces = st.record_traces(fitted.net, splits)
+        traces = st.record_traces(fitted.net, splits, st.frozen_identity(cell, ref, fitted), memo)
         st.save_artifacts(out_dir, cell, traces, fitted.net)  # the raw traces: scaling is an analysis
         traces, temps = st.scale_traces(cell, traces)
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)

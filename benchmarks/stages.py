@@ -31,7 +31,7 @@ from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, exit_head_macs
 from exitbench.benchmarks.latency import default_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
-from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate
+from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, stage_features
 from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
 from exitbench.claims import DEFAULT_STALE_AFTER, wait_for
 from exitbench.methods import calibration, temperature
@@ -69,6 +69,7 @@ class Reference:
     stats: dict
     calibration_accuracy: float
     test_accuracy: float
+    key: str = ""  # its weights and the cell's splits: equal keys, equal backbone outputs (the run's memo key)
 
 
 @dataclass
@@ -177,15 +178,23 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
 
 
 def prepare_backbone(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device | None = None,
-                     stale_after: float = DEFAULT_STALE_AFTER) -> Reference:
+                     stale_after: float = DEFAULT_STALE_AFTER, memo: dict | None = None) -> Reference:
     """The reference backbone (pretrained, a file, or trained here on ``device`` and cached) in eval mode on
     ``device`` (default: the CPU), with its calibration and test accuracy. A backbone another runner is
-    training is waited for (its claim must heartbeat within ``stale_after`` seconds, else it is taken over)."""
+    training is waited for (its claim must heartbeat within ``stale_after`` seconds, else it is taken over).
+    The accuracies are memoised in ``memo`` (a run's, shared with :func:`prepare_data`) per weights and
+    splits: every cell on one backbone and seed compares with the same numbers, computed once."""
     backbone, stats = _weights(cell, splits, cache_dir, device or torch.device("cpu"), stale_after)
     backbone.eval()
-    (cal_x, cal_y), (test_x, test_y) = to_tensors(splits.calibration), to_tensors(splits.test)
-    return Reference(backbone, stats, _accuracy(predict_logits(backbone, cal_x), cal_y),
-                     _accuracy(predict_logits(backbone, test_x), test_y))
+    memo = {} if memo is None else memo
+    key = "reference:" + json.dumps([stats.get("cache") or [cell.backbone, cell.weights, cell.small_stem],
+                                     cell.dataset, cell.seed, {k: v for k, v in cell.dataset_options.items()
+                                                               if k not in ("root", "download")}], default=str)
+    if key not in memo:
+        (cal_x, cal_y), (test_x, test_y) = to_tensors(splits.calibration), to_tensors(splits.test)
+        memo[key] = (_accuracy(predict_logits(backbone, cal_x), cal_y), _accuracy(predict_logits(backbone, test_x),
+                                                                                  test_y))
+    return Reference(backbone, stats, *memo[key], key=key)
 
 
 # ------------------------------------------------------------------------------------ 3. fit method
@@ -247,9 +256,36 @@ def artifact_paths(out_dir: Path, cell: Cell) -> dict[str, Path]:
             "weights": out_dir / "weights" / f"{slug}.safetensors"}
 
 
-def record_traces(net: MultiExitNet, splits: Splits) -> dict[str, Trace]:
-    """One ``forward_all`` pass per held-out split: every exit's logits (and confidences)."""
-    return {s: collect_trace(net, *to_tensors(getattr(splits, s))) for s in SPLITS}
+def record_traces(net: MultiExitNet, splits: Splits, shared: tuple | None = None, memo: dict | None = None
+                  ) -> dict[str, Trace]:
+    """One ``forward_all`` pass per held-out split: every exit's logits (and confidences).
+
+    ``shared``: the identity of a frozen backbone and its exits (:func:`frozen_identity`); every net with
+    the same identity computes the same stage outputs, so they are computed once per run and kept in
+    ``memo`` (the latest identity only: a backbone's held-out features are hundreds of MB), and each such
+    net runs only its exits on them. The traces are the same tensors either way (a test checks)."""
+    memo = {} if memo is None else memo
+    out = {}
+    for s in SPLITS:
+        x, y = to_tensors(getattr(splits, s))
+        feats = None
+        if shared is not None:
+            key = ("features", shared, s)
+            if key not in memo:
+                for old in [k for k in memo if k[0] == "features" and k[1] != shared]:
+                    del memo[old]
+                memo[key] = stage_features(net, x)
+            feats = memo[key]
+        out[s] = collect_trace(net, x, y, features=feats)
+    return out
+
+
+def frozen_identity(cell: Cell, ref: Reference, fitted: Fitted) -> tuple | None:
+    """What determines a frozen backbone's stage outputs on the cell's splits (its weights, the data, the
+    exits' blocks), or None when the backbone trains (each net then has its own)."""
+    if not fitted.net.freeze_backbone or cell.regime != "disjoint":
+        return None
+    return (ref.key, tuple(e.index for e in fitted.exits), str(next(fitted.net.parameters()).device))
 
 
 def save_artifacts(out_dir: Path, cell: Cell, traces: dict[str, Trace], net: MultiExitNet) -> None:

@@ -16,6 +16,8 @@ from torch import Tensor
 from exitbench.methods.base import MultiExitNet
 from exitbench.methods.policies import first_exit, score_matrix
 
+TRACE_BATCH = 256  # images per forward when traces are recorded
+
 
 @dataclass
 class Trace:
@@ -61,15 +63,21 @@ class Trace:
 
 
 @torch.no_grad()
-def collect_trace(net: MultiExitNet, images: Tensor, labels: Tensor, batch_size: int = 256) -> Trace:
-    """One ``forward_all`` pass over ``images`` in eval mode."""
+def collect_trace(net: MultiExitNet, images: Tensor, labels: Tensor, batch_size: int = TRACE_BATCH,
+                  features: list[list[Tensor]] | None = None) -> Trace:
+    """One ``forward_all`` pass over ``images`` in eval mode. ``features`` (from :func:`stage_features` with
+    the same ``batch_size``) are the stages' outputs per batch, computed once for every net that shares a
+    frozen backbone and its exits: only the exits run then, on exactly the tensors the stages would give."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     logits: list[list[Tensor]] = []
     confs: list[list[Tensor]] = []
-    for start in range(0, len(images), batch_size):
-        out = net.forward_all(images[start:start + batch_size].to(device))
+    for i, start in enumerate(range(0, len(images), batch_size)):
+        if features is None:
+            out = net.forward_all(images[start:start + batch_size].to(device))
+        else:
+            out = net.exits_on([f.to(device) for f in features[i]])
         logits.append([lg.float().cpu() for lg in out.logits])  # traces live on the CPU
         if out.confidence is not None:
             confs.append([c.float().cpu() for c in out.confidence])
@@ -77,6 +85,18 @@ def collect_trace(net: MultiExitNet, images: Tensor, labels: Tensor, batch_size:
     stacked = torch.stack([torch.cat(col) for col in zip(*logits)])
     conf = torch.stack([torch.cat(col) for col in zip(*confs)]) if confs else None
     return Trace(stacked.cpu(), labels.cpu(), None if conf is None else conf.cpu())
+
+
+@torch.no_grad()
+def stage_features(net: MultiExitNet, images: Tensor, batch_size: int = TRACE_BATCH) -> list[list[Tensor]]:
+    """The stages' outputs on ``images``, per batch of ``batch_size``, in eval mode, on the net's device."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    out = [net.stage_outputs(images[start:start + batch_size].to(device))
+           for start in range(0, len(images), batch_size)]
+    net.train(was_training)
+    return out
 
 
 @dataclass

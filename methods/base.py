@@ -238,11 +238,23 @@ class MultiExitNet(nn.Module):
 
     def forward_all(self, x: Tensor) -> ExitOutputs:
         """Run the whole network and return every exit's output (no early termination)."""
+        return self.exits_on(self.stage_outputs(x))
+
+    def stage_outputs(self, x: Tensor) -> list[Tensor]:
+        """Every stage's output on ``x``: what exit k reads is the k-th."""
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def exits_on(self, feats: Sequence[Tensor]) -> ExitOutputs:
+        """Every exit's output on the stages' outputs ``feats`` (:meth:`stage_outputs`), through
+        :meth:`run_head` in order (so carries pass from exit to exit)."""
         logits, confs = [], []
         carry: Carry = ()
-        for k, stage in enumerate(self.stages):
-            x = stage(x)
-            out, carry = self.run_head(k, x, carry)
+        for k, f in enumerate(feats):
+            out, carry = self.run_head(k, f, carry)
             lg, c = _split_head_output(out)
             logits.append(lg)
             confs.append(c)

@@ -3,6 +3,8 @@ sequence (its result equals running the stages by hand)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -62,6 +64,28 @@ def test_fit_and_traces(staged, cell):
     assert all(p.exists() for p in st.artifact_paths(staged["out"], cell).values())
     back = st.load_traces(staged["out"], cell)
     assert torch.equal(back["test"].logits, traces["test"].logits)
+
+
+def test_a_frozen_backbones_features_are_computed_once_and_give_the_same_traces(staged, cell):
+    fitted, ref, splits = staged["fitted"], staged["ref"], staged["splits"]
+    shared = st.frozen_identity(cell, ref, fitted)
+    assert shared is not None and shared[0] == ref.key  # SDN: disjoint, frozen
+    calls = []
+    hook = fitted.net.stages[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        memo: dict = {}
+        first = st.record_traces(fitted.net, splits, shared, memo)
+        n = len(calls)
+        again = st.record_traces(fitted.net, splits, shared, memo)  # another net on the same frozen backbone
+    finally:
+        hook.remove()
+    assert n > 0 and len(calls) == n  # the stages ran for the first only
+    for split in st.SPLITS:
+        for tr in (first[split], again[split]):
+            assert torch.equal(tr.logits, staged["traces"][split].logits)  # exactly what forward_all gives
+    st.record_traces(fitted.net, splits, ("another backbone",), memo)
+    assert {k[1] for k in memo if k[0] == "features"} == {("another backbone",)}  # one backbone's kept at a time
+    assert st.frozen_identity(replace(cell, regime="mixed"), ref, fitted) is None  # a trained backbone: its own
 
 
 TIMED = ("seconds", "seconds_per_epoch", "finished", "env", "latency", "timed", "cached", "cache",
