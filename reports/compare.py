@@ -13,7 +13,6 @@ changed configurations are flagged. The exit code is 0 whatever changed (2 for a
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,7 +167,7 @@ class Change:
     significant: bool
 
 
-def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
+def changes(a: list[dict], b: list[dict], k: float = load.SEED_K) -> list[Change]:
     """Per (method setting, metric) present on both sides, over the seeds both sides have: the change and
     its verdict."""
     # early-exit cells and static baselines alike: a static model's own accuracy and its latency against
@@ -193,11 +192,10 @@ def changes(a: list[dict], b: list[dict], k: float = 2.0) -> list[Change]:
             else:
                 better = None if higher is None else (d > 0) == higher
                 word = "changed" if better is None else "better" if better else "worse"
-                if va[2] < 2 or vb[2] < 2:
+                sig = load.seed_significant(va, vb, k)
+                if sig is None:
                     verdict, sig = f"{word}, 1 seed (no spread)", False
                 else:
-                    pooled = math.sqrt((va[1] ** 2 + vb[1] ** 2) / 2)
-                    sig = abs(d) > k * pooled
                     verdict = f"**{word.upper()}**" if sig else f"{word}, within seed spread"
                 if better is None:
                     verdict += " (direction not declared)"
@@ -211,7 +209,7 @@ def _fmt(v: tuple[float, float, int], m: Metric) -> str:
     return s + (f" ± {std * m.scale:.{m.digits}f}" if n > 1 else "") + f" (n={n})"
 
 
-def render(a_dir: str | Path, b_dir: str | Path, a: list[dict], b: list[dict], k: float = 2.0,
+def render(a_dir: str | Path, b_dir: str | Path, a: list[dict], b: list[dict], k: float = load.SEED_K,
            show_all: bool = False) -> str:
     cs = changes(a, b, k)
     fl = flags(a, b)

@@ -63,7 +63,7 @@ def rule_styles(rules: list[str]) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------- layout
 
-def _panels(n: int, ncols: int = 3, w: float = 4.0, h: float = 3.1):
+def panel_grid(n: int, ncols: int = 3, w: float = 4.0, h: float = 3.1):
     ncols = max(1, min(n, ncols))
     nrows = max(1, math.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
@@ -73,7 +73,7 @@ def _panels(n: int, ncols: int = 3, w: float = 4.0, h: float = 3.1):
     return fig, flat[:n]
 
 
-def _finish(fig, handles: list, labels: list[str], note: str, ncol: int | None = None,
+def finish_figure(fig, handles: list, labels: list[str], note: str, ncol: int | None = None,
             handler_map: dict | None = None) -> None:
     """Grow the figure at the bottom for a shared legend and the environment footnote, then lay out."""
     w, h = fig.get_size_inches()
@@ -96,7 +96,7 @@ def _finish(fig, handles: list, labels: list[str], note: str, ncol: int | None =
              linespacing=1.25)
 
 
-def _collect(handles: dict, ax) -> None:
+def collect_legend(handles: dict, ax) -> None:
     for hd, lab in zip(*ax.get_legend_handles_labels()):
         if not lab.startswith("_"):
             handles.setdefault(lab, hd)
@@ -145,7 +145,7 @@ def accuracy_vs_macs(results: list[dict], view: str = "strict"):
     oplabel = load.op_label(cells)
     with style():
         panels = load.group(cells, load.panel_key)
-        fig, axes = _panels(len(panels))
+        fig, axes = panel_grid(len(panels))
         handles: dict = {}
         band = False
         for ax, ((ds, bb), rs) in zip(axes, panels.items()):
@@ -185,14 +185,15 @@ def accuracy_vs_macs(results: list[dict], view: str = "strict"):
                 ax.set_xlabel("cost reduction (%, paper accounting)")
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"{bb} on {ds}")
-            _collect(handles, ax)
+            collect_legend(handles, ax)
         extra = [Line2D([], [], ls="", marker="o", ms=8, mfc="none", mec="0.2", mew=1.3)]
         names = [f"{oplabel} (chosen on calibration)"]
         if band:
             extra.append(Patch(color="0.5", alpha=0.25, lw=0))
             names.append("± std over seeds")
         order = [lab for lab in labels if lab in handles] + [k for k in handles if k not in labels]
-        _finish(fig, [handles[k] for k in order] + extra, order + names, load.env_note(cells) + _seeds_note(cells))
+        finish_figure(fig, [handles[k] for k in order] + extra, order + names,
+                      load.env_note(cells) + _seeds_note(cells))
     return fig
 
 
@@ -209,7 +210,7 @@ def exit_distribution(results: list[dict]):
     n_bars = max(len(load.group(rs, load.setting)) for rs in panels.values())
     n_exits = max(len(r.exits) for r in cells) or 1
     with style():
-        fig, axes = _panels(len(panels), w=max(3.0, 0.75 * n_bars + 1.6), h=3.3)
+        fig, axes = panel_grid(len(panels), w=max(3.0, 0.75 * n_bars + 1.6), h=3.3)
         cmap = plt.get_cmap("cividis")
         hatches = ["", "////", "....", "xxx", "\\\\\\\\", "++", "oo"]
         cats = [f"exit {i + 1}" for i in range(n_exits - 1)] + ["final exit"]
@@ -247,7 +248,7 @@ def exit_distribution(results: list[dict]):
         handles = [Patch(edgecolor="0.15", linewidth=0.6, **look[c]) for c in cats]
         note = (f"At the {oplabel} operating point (chosen on calibration); above the bars: test accuracy and "
                 f"strict relative MACs. " + load.env_note(cells) + _seeds_note(cells))
-        _finish(fig, handles, cats, note)
+        finish_figure(fig, handles, cats, note)
     return fig
 
 
@@ -376,7 +377,7 @@ def latency(results: list[dict]):
                 "side in its own cell); *: a noisy record (IQR > 10 % of its median); †: MACs above the "
                 "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
                 + _seeds_note(cells))
-        _finish(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})
+        finish_figure(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})
     return fig
 
 
@@ -427,7 +428,7 @@ def latency_variants(results: list[load.CellResult]):
                 ax.grid(axis="x", visible=False)
                 ax.set_ylabel("time / backbone time")
                 ax.set_title(f"{bb} on {ds}, batch {b}")
-                _collect(handles, ax)
+                collect_legend(handles, ax)
         order = [v for v in variants if v in handles] + [k for k in ("per-stage ideal", "backbone") if k in handles]
         labels = [f"{v} (simulation)" if v in simulated else v for v in order]
         devs = sorted({str(x.device) for r in cells for x in r.latency})
@@ -435,7 +436,7 @@ def latency_variants(results: list[load.CellResult]):
                 "per-repeat paired ratios to the backbone (mean ± std over seeds); hatched: simulations, not "
                 "deployable; red tick: each stage and head timed alone on exactly the samples that reach it. "
                 + load.env_note(cells) + _seeds_note(cells))
-        _finish(fig, [handles[k] for k in order], labels, note)
+        finish_figure(fig, [handles[k] for k in order], labels, note)
     return fig
 
 
@@ -475,8 +476,8 @@ def risk_control(rows: list[dict], title: str, note: str):
                 pv = [(d, a) for d, a in pv if a]
                 if pv:
                     a_viol.plot([p[0] for p in pv], [p[1]["violation_freq"] for p in pv], label=rule, **kw)
-                _collect(handles, a_risk)
-                _collect(handles, a_viol)
+                collect_legend(handles, a_risk)
+                collect_legend(handles, a_viol)
             top = max(epss)
             a_risk.plot([0, top], [0, top], color="0.35", lw=1.0, ls=(0, (4, 2)), marker="", zorder=1)
             a_risk.set_xlim(0, top * 1.08)
@@ -497,5 +498,5 @@ def risk_control(rows: list[dict], title: str, note: str):
         fig.suptitle(title, fontsize=10)
         order = [r for r in rules if r in handles]
         diag = Line2D([], [], color="0.35", lw=1.0, ls=(0, (4, 2)))
-        _finish(fig, [handles[r] for r in order] + [diag], order + ["diagonal: ε, δ"], note)
+        finish_figure(fig, [handles[r] for r in order] + [diag], order + ["diagonal: ε, δ"], note)
     return fig

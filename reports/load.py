@@ -245,6 +245,18 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
 
 
+SEED_K = 2.0  # the seed rule's factor (exitbench compare --k, the report's significance table)
+
+
+def seed_significant(a: tuple[float, float, int], b: tuple[float, float, int], k: float = SEED_K) -> bool | None:
+    """The seed rule, one for every comparison exitbench makes: two (mean, std, n) summaries differ
+    significantly when ``|mean_b - mean_a| > k * sqrt((std_a² + std_b²) / 2)`` (the pooled seed standard
+    deviation); None (undecided) with fewer than two seeds on either side."""
+    if a[2] < 2 or b[2] < 2:
+        return None
+    return abs(b[0] - a[0]) > k * math.sqrt((a[1] ** 2 + b[1] ** 2) / 2)
+
+
 # ------------------------------------------------------------------------------------- measurements
 
 def operating_point(r: CellResult) -> OperatingPoint | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from exitbench.reports import figures, load, static, tables
+from exitbench.reports import figures, load, risk_summary, significance, static, sweeps, tables
 from exitbench.store import write_atomic, write_text_atomic
 
 
@@ -94,10 +94,21 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
         table(tables.budget_table(shown))
         if load.budgets(good, "msdnet_budget"):
             table(tables.budget_table(good, kind="msdnet_budget"))
+        sig = significance.significance_table(shown)
+        if sig is not None:
+            table(sig)
         devs = load.devices(good)
         main_view = load.on_device(shown, devs[0]) if devs else shown  # the device the cells ran on
         blocks.append(("h2", f"Methods at the {oplabel} operating point"))
         table(tables.summary_table(main_view))
+        sweep = sweeps.sweep_table(good)
+        if sweep is not None:
+            blocks.append(("h2", "Trade-off hyper-parameters"))
+            figure(sweeps.sweep_figure(good), "sweeps",
+                   "Each swept method at its own rule (e.g. PTEENet's h > tau, no calibration): relative cost "
+                   "(paper accounting solid, strict dashed) and test accuracy / agreement against the swept value, "
+                   "mean ± std over seeds; gray dotted: the published sweep, in its own setting.")
+            table(sweep)
         rel = tables.reliability_table(good)
         if rel is not None:
             blocks.append(("h2", "Reliability per exit (temperature scaling)"))
@@ -165,6 +176,13 @@ def _risk_section(good, blocks, figure, table, tab_dir: Path, written: dict) -> 
     if not groups:
         return
     blocks.append(("h2", "Risk control"))
+    summary = risk_summary.risk_summary_table(good)
+    if summary is not None:
+        table(summary)
+    vs = risk_summary.versus(good)
+    if vs is not None:
+        blocks.append(("p", risk_summary.versus_text(vs)))
+    blocks.append(("p", "**Per method setting.**"))
     blocks.append(("p", "Thresholds chosen to bound a risk on calibration sets drawn with replacement from the "
                         "pooled calibration + test samples; each choice is judged by the pool's exact (population) "
                         "risk. Top: mean risk at the chosen λ against the target ε (CRC promises it stays under the "

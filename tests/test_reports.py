@@ -87,11 +87,12 @@ def test_report_writes_markdown_html_latex_and_every_figure(report_dir):
     out, _ = report_dir
     md = (out / "report.md").read_text()
     for section in ("Accuracy versus cost", "Accuracy at a MACs budget", "within 1 pt operating point",
-                    "Where samples exit", "Latency", "Risk control", "Failed cells"):
+                    "Trade-off hyper-parameters", "Where samples exit", "Latency", "Risk control",
+                    "Risk control over every cell", "Differences between methods", "Failed cells"):
         assert section in md
     assert "RuntimeError: synthetic failure for the fixture" in md
-    stems = ["accuracy_vs_macs", "accuracy_vs_cost_reduction", "exit_distribution", "latency", "latency_variants",
-             "risk_control__digits__resnet18__pteenet-lam-1__ncal100"]
+    stems = ["accuracy_vs_macs", "accuracy_vs_cost_reduction", "sweeps", "exit_distribution", "latency",
+             "latency_variants", "risk_control__digits__resnet18__pteenet-lam-1__ncal100"]
     for stem in stems:
         assert f"figures/{stem}.png" in md
         png, pdf = out / "figures" / f"{stem}.png", out / "figures" / f"{stem}.pdf"
@@ -101,9 +102,10 @@ def test_report_writes_markdown_html_latex_and_every_figure(report_dir):
     assert page.count('src="data:image/png;base64,') == len(stems)
     assert "src=\"figures" not in page and "<link" not in page  # self-contained
     assert "<strong>" in page and "<table>" in page
-    for name in ("budget", "budget_msdnet", "summary", "risk__digits__resnet18__pteenet-lam-1__ncal100"):
+    for name in ("budget", "budget_msdnet", "summary", "significance", "sweeps", "risk_summary",
+                 "risk__digits__resnet18__pteenet-lam-1__ncal100"):
         tex = (out / "tables" / f"{name}.tex").read_text()
-        assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{" in tex
+        assert r"\toprule" in tex and r"\bottomrule" in tex and (r"\textbf{" in tex or name == "sweeps")
     assert "ltt-per-exit" in (out / "tables" / "risk_control.csv").read_text()
 
 
