@@ -84,6 +84,7 @@ def profile(net: MultiExitNet, images: Tensor, batch_sizes: Sequence[int], repea
             for g in gate_ms:
                 g[j] = bookkeeping / len(gate_ms)
     prof = {"sizes": sizes, "stage_ms": stage_ms, "head_ms": head_ms, "device": str(device), "repeats": repeats,
+            "dtype": str(images.dtype).removeprefix("torch."),
             "note": "each stage and head timed alone on the features that reach it"}
     if gate is not None:
         prof["gate_ms"] = gate_ms

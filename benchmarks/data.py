@@ -406,17 +406,64 @@ def to_tensors(dataset: Dataset, batch_size: int = 512) -> tuple[Tensor, Tensor]
     return torch.cat(xs), torch.cat(ys).long()
 
 
+def crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, pad: int = 4) -> Tensor:
+    """A batch's random crops and flips as tensor ops: each image ``x[i]`` zero-padded by ``pad``, the window
+    at (``offsets[i, 0]``, ``offsets[i, 1]``) cut out, mirrored where ``flips[i]`` -- what
+    :class:`ImageDataset` does sample by sample, for a whole batch at once on its device."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [N, H]
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [N, W]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)  # advanced indices first: [N, H, W, C] -> [N, C, H, W]
+
+
+class DeviceLoader:
+    """An in-memory split held on ``device``, batches gathered, augmented and normalised there: no worker
+    processes, no per-sample Python, no host-to-device copy per batch. The shuffling order and the crop and
+    flip draws come from a CPU generator seeded with ``seed`` (reproducible on any device); the data path a
+    CUDA run trains through (:func:`make_loader`), recorded as :attr:`kind` in its training stats."""
+
+    kind = "device-resident: batches gathered, augmented and normalised on the device"
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, device: torch.device):
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+        self.mean, self.std = dataset.mean.to(device), dataset.std.to(device)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, dataset.augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.labels), self.labels.device
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for idx in order.to(device).split(self.batch_size):
+            x = self.images.index_select(0, idx)
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            if self.augment:
+                draws = torch.randint(0, 9, (len(idx), 2), generator=self.generator)
+                flips = torch.rand(len(idx), generator=self.generator) < 0.5
+                x = crop_flip(x, draws.to(device), flips.to(device))
+            yield (x - self.mean) / self.std, self.labels.index_select(0, idx)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                device: torch.device | None = None) -> DataLoader:
-    """A DataLoader whose shuffling order (and worker seeds) come from a generator seeded with ``seed``.
-    For a CUDA ``device`` batches come from 2 worker processes into pinned memory (copied asynchronously)."""
+                device: torch.device | None = None) -> DataLoader | DeviceLoader:
+    """The batches of a split. On a CUDA ``device`` an in-memory split is a :class:`DeviceLoader` (held and
+    augmented on the GPU); otherwise a DataLoader whose shuffling order (and worker seeds) come from a
+    generator seeded with ``seed`` (on CUDA, for other datasets: 2 workers into pinned memory)."""
     cuda = device is not None and device.type == "cuda"
+    if cuda and isinstance(dataset, ImageDataset):
+        return DeviceLoader(dataset, batch_size, shuffle, seed, device)
     workers = max(num_workers, 2) if cuda else num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, pin_memory=cuda,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
 
 
 __all__ = [
-    "DATASETS", "DEFAULT_DATASET", "DatasetInfo", "DatasetSpec", "ImageDataset", "RawData", "Splits", "dataset_info",
-    "check_split", "default_root", "list_datasets", "load_splits", "make_loader", "split_sizes", "to_tensors",
+    "DATASETS", "DEFAULT_DATASET", "DatasetInfo", "DatasetSpec", "DeviceLoader", "ImageDataset", "RawData", "Splits",
+    "check_split", "crop_flip", "dataset_info", "default_root", "list_datasets", "load_splits", "make_loader",
+    "split_sizes", "to_tensors",
 ]

@@ -8,6 +8,7 @@ before anything runs.
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 from typing import Any
@@ -59,7 +60,7 @@ def prepare(device: torch.device) -> None:
 
 def device_env(device: torch.device, dtype: str = "float32") -> dict[str, Any]:
     """What a result records about its device: name, driver, CUDA and cuDNN versions, the dtype timed."""
-    env: dict[str, Any] = {"device": str(device), "dtype": dtype}
+    env: dict[str, Any] = {"device": str(device), "dtype": dtype, **precision_flags()}
     if device.type == "cuda":
         env.update({"device_name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -68,6 +69,13 @@ def device_env(device: torch.device, dtype: str = "float32") -> dict[str, Any]:
     elif device.type == "mps":
         env["device_name"] = "Apple MPS"
     return env
+
+
+def precision_flags() -> dict[str, Any]:
+    """The float32 precision settings that change logits (TF32 on CUDA turns fp32 matmuls and convolutions
+    into ~1e-3-relative ones): recorded with every result, since two paths can then disagree near a threshold."""
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def _nvidia_driver() -> str | None:
@@ -90,13 +98,20 @@ def check_dtype(model: torch.nn.Module, sample: torch.Tensor, dtype: str, device
         return t
     try:
         with torch.no_grad():
-            model.to(device, t)(sample[:1].to(device, t))
+            in_dtype(model, device, t)(sample[:1].to(device, t))
     except (RuntimeError, NotImplementedError, TypeError) as e:
         raise UserError(f"{where}: {dtype} does not run on {device} for this network ({_first_line(e)}); use "
                         "float32, or another device") from None
-    finally:
-        model.to(device, torch.float32)
     return t
+
+
+def in_dtype(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` on ``device`` in ``dtype``: the model itself in float32, otherwise a converted copy. Why a
+    copy: converting the trained model to bfloat16 and back would round its weights for good (and a cached
+    backbone is shared by every later cell of the run)."""
+    if dtype is torch.float32:
+        return model.to(device)
+    return copy.deepcopy(model).to(device, dtype)
 
 
 def check_precision(precision: str, device: torch.device, where: str) -> torch.dtype | None:

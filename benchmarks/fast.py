@@ -42,6 +42,23 @@ def buckets_for(batch_size: int) -> tuple[int, ...]:
     return (*sizes, batch_size)
 
 
+def triton_missing() -> str | None:
+    """What torch.compile on CUDA lacks here, or None: Triton compiles a small C launcher at run time, which
+    needs Triton, a C compiler and Python's headers."""
+    import shutil
+    import sysconfig
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    if find_spec("triton") is None:
+        return "triton is not installed"
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        return "no C compiler (cc, gcc or clang) on PATH"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return f"no Python.h in {sysconfig.get_paths()['include']} (install the Python development headers)"
+    return None
+
+
 def check_fast_mode(mode: str, where: str = "evaluation.fast") -> None:
     """A one-line :class:`UserError` for an unknown mode (what a matrix can check before the device is known)."""
     if mode not in FAST_MODES:
@@ -75,6 +92,27 @@ def _allow_specialisations(n: int) -> None:
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), n))
+
+
+class FastPathUnavailable(RuntimeError):
+    """The fast path cannot be built here at this size (out of memory, a failed capture): the timing leaves
+    that fast variant out at that batch size, with a note, instead of failing the cell."""
+
+
+def _capture(module: nn.Module, example: Sequence[Tensor]) -> _Graph:
+    """A :class:`_Graph`, or :class:`FastPathUnavailable` saying why it could not be captured."""
+    try:
+        return _Graph(module, example)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        raise FastPathUnavailable(f"out of memory capturing a CUDA graph: {_first_line(e)}") from None
+    except RuntimeError as e:  # capture errors (an op that syncs, a disallowed allocation) are RuntimeErrors
+        raise FastPathUnavailable(f"CUDA graph capture failed: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 class _Graph:
@@ -142,7 +180,7 @@ class FastForward:
         inputs = (x, *carry)
         if self.mode == "graphs":
             if runner is None:
-                runner = self._runners[(k, b)] = _Graph(self._parts[k], [_pad(t, b) for t in inputs])
+                runner = self._runners[(k, b)] = _capture(self._parts[k], [_pad(t, b) for t in inputs])
             feats, out, carry = runner(inputs)  # copies the inputs into the first n rows of the static ones
         else:
             if runner is None:
@@ -155,3 +193,25 @@ class FastForward:
 
     def __call__(self, x: Tensor, policy: Policy) -> tuple[Tensor, Tensor]:
         return self.net.forward_dynamic(x, policy, step=self.step)
+
+
+class FastModule:
+    """A plain network (the backbone, a static model) run the way the fast path runs a stage, so that the fast
+    path is compared with a backbone that gets the same treatment: ``compile`` (``torch.compile``, one
+    specialisation per input shape) or ``graphs`` (one CUDA graph per input shape, captured on first use).
+    A graph's output is its static buffer, valid until the next call of the same shape."""
+
+    def __init__(self, module: nn.Module, mode: str):
+        if mode not in ("compile", "graphs"):
+            raise ValueError(f"fast path mode {mode!r}: use compile or graphs")
+        self.module, self.mode = module, mode
+        self._compiled = torch.compile(module, dynamic=False) if mode == "compile" else None
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._compiled is not None:
+            return self._compiled(x)
+        graph = self._graphs.get(tuple(x.shape))
+        if graph is None:
+            graph = self._graphs[tuple(x.shape)] = _capture(self.module, [x])
+        return graph([x])

@@ -41,6 +41,15 @@ def _inputs(cell: Cell) -> tuple[torch.Tensor, str]:
         return torch.randn(RANDOM_SAMPLES, *info.input_size, generator=g), "random N(0,1), same shape (seeded)"
 
 
+def _test_trace(cell: Cell, results_dir: Path):
+    """The cell's stored test trace, scaled as its points were chosen (to count the timed decisions that
+    differ from it on this device), or None when it is not there."""
+    try:
+        return st.scale_traces(cell, st.load_traces(results_dir, cell))[0]["test"]
+    except Exception:  # absent or unreadable (safetensors raises its own error type): timed without the check
+        return None
+
+
 def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_sizes: tuple[int, ...] = (),
                 repeats: int | None = None, threads: int | None = None, fast: str | None = None) -> CellResult | None:
     """``result`` with latency records for ``device_spec`` appended (same device/variant/batch replaced);
@@ -82,7 +91,8 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
             records = static.time_static(cell, model, st.without_data(cell), inputs)
         else:
             points = [dataclasses.replace(p) for p in result.operating_points]
-            records = st.time_latency(cell, backbone, net, points, inputs, [e.rel_macs_strict for e in result.exits])
+            records = st.time_latency(cell, backbone, net, points, inputs, [e.rel_macs_strict for e in result.exits],
+                                      _test_trace(cell, results_dir) if note == "test split" else None)
     for r in records:
         r.inputs = note
     new = {(r.device, r.variant, r.batch_size, r.against) for r in records}

@@ -45,12 +45,13 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         traces, temps = st.scale_traces(cell, traces)
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
         test_x = to_tensors(splits.test)[0]
-        latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
+        latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict,
+                                  traces["test"], notes := [])
         profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs,
                                              latency)
         risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
         return st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, st.elapsed(start),
-                           profile, temps)
+                           profile, temps, notes)
 
 
 class _StoredCosts:
@@ -79,18 +80,18 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
         sweep, points = previous.sweep, previous.operating_points
         if "points" in redo:
             sweep, points = st.evaluate_points(cell, method, traces, costs, previous.backbone.calibration_accuracy)
-        latency, profile = previous.latency, previous.latency_profile
+        latency, profile, notes = previous.latency, previous.latency_profile, previous.latency_notes
         if "latency" in redo:
             splits = st.prepare_data(cell, download, memo)
             device = resolve_device(cell.evaluation.device, "evaluation.device")
             prepare(device)
             backbone, net = st.rebuild(cell, splits, method, st.artifact_paths(out_dir, cell)["weights"], device)
             test_x = to_tensors(splits.test)[0]
-            latency = st.time_latency(cell, backbone, net, points, test_x, costs.strict)
+            latency = st.time_latency(cell, backbone, net, points, test_x, costs.strict, traces["test"], notes := [])
             profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs, latency)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
     return _reanalysed(previous, cell, redo, start, sweep=sweep, operating_points=points, latency=latency,
-                       latency_profile=profile, risk_control=risk, temperature=temps), redo
+                       latency_profile=profile, latency_notes=notes, risk_control=risk, temperature=temps), redo
 
 
 def _reanalysed(previous: CellResult, cell: Cell, redo: list[str], start: float, **changes) -> CellResult:

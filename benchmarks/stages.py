@@ -25,11 +25,11 @@ from exitbench.benchmarks import accounting
 from exitbench.benchmarks import backbones as bb
 from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
 from exitbench.benchmarks.data import DatasetInfo, Splits, dataset_info, load_splits, make_loader, to_tensors
-from exitbench.benchmarks.device import check_dtype
+from exitbench.benchmarks.device import DTYPES, check_dtype, in_dtype
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, exit_head_macs
-from exitbench.benchmarks.latency import default_batch_sizes, measure_latency
+from exitbench.benchmarks.latency import default_batch_sizes, effective_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, stage_features
 from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
@@ -391,9 +391,14 @@ def _sweep_lists(s: Sweep) -> dict[str, list]:
 # ------------------------------------------------------------------------------------ 6. time latency
 
 def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points: list[OperatingPoint],
-                 test_x: Tensor, strict_costs: list[float]) -> list[LatencyRecord]:
+                 test_x: Tensor, strict_costs: list[float], trace: Trace | None = None,
+                 notes: list[str] | None = None) -> list[LatencyRecord]:
     """The registered latency variants against the backbone at the headline point (marked ``timed``), on
-    the device the net is on, in ``evaluation.dtype`` (both networks are put back in float32 after)."""
+    the device the net is on, in ``evaluation.dtype`` (other than float32: converted copies are timed, the
+    trained networks are left untouched).
+    ``trace``: the (scaled) test trace of ``test_x``; every exiting variant is then checked against its
+    decisions under the same policy (the records count the samples that differ). What the timing had to
+    leave out is appended to ``notes``."""
     ev = cell.evaluation
     head = next((p for p in points if p.headline), None)
     for p in points:
@@ -405,12 +410,11 @@ def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points
     device = next(net.parameters()).device
     dtype = check_dtype(net, test_x, ev.dtype, device)
     check_fast(ev.fast, device)
-    try:
-        records = measure_latency(backbone.to(device, dtype), net.to(device, dtype), policy, test_x.to(device, dtype),
-                                  strict_costs, batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats,
-                                  threads=ev.threads, variants=ev.timed_variants)
-    finally:
-        backbone.float(), net.float()
+    expected = None if trace is None else trace.decisions(head.score, head.thresholds, head.strict)
+    records = measure_latency(in_dtype(backbone, device, dtype), in_dtype(net, device, dtype), policy,
+                              test_x.to(device, dtype), strict_costs, batch_sizes=ev.latency_batch_sizes,
+                              repeats=ev.latency_repeats, threads=ev.threads, variants=ev.timed_variants,
+                              expected=expected, notes=notes)
     return [LatencyRecord(**r, inputs="test split") for r in records]
 
 
@@ -427,10 +431,11 @@ def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[
     if not ev.latency:
         return None, points
     device = next(net.parameters()).device
-    sizes = ev.latency_batch_sizes or default_batch_sizes(device)
+    sizes = effective_batch_sizes(ev.latency_batch_sizes or default_batch_sizes(device), len(test_x))
     never = make_policy(method.score, [math.inf] * (net.num_exits - 1))  # times the gates, nobody leaves
+    dtype = DTYPES[ev.dtype]  # the dtype that was timed (checked there), so the two describe one network
     with torch.no_grad():
-        prof = accounting.profile(net, test_x.to(device), sizes, gate=never)
+        prof = accounting.profile(in_dtype(net, device, dtype), test_x.to(device, dtype), sizes, gate=never)
     cal, score = traces["calibration"], method.score
     grid = calibration.quantile_grid(cal.scores(score), ev.grid_size)
     lat_costs = accounting.exit_costs_batch1(prof)
@@ -480,15 +485,15 @@ def exit_rows(fitted: Fitted, backbone: StagedBackbone, traces: dict[str, Trace]
 def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces: dict[str, Trace],
              sweep: ThresholdSweep, points: list[OperatingPoint], latency: list[LatencyRecord],
              risk: RiskControlResult | None, seconds: float, profile: dict | None = None,
-             temperatures: TemperatureResult | None = None) -> CellResult:
+             temperatures: TemperatureResult | None = None, latency_notes: list[str] | None = None) -> CellResult:
     """The cell's typed result (status ``ok``)."""
     config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
               "trains_backbone": cell.regime != "disjoint"}
     return CellResult(
         **result_fields(cell, splits, ref, config, next(fitted.net.parameters()).device),
         exits=exit_rows(fitted, ref.backbone, traces), training=fitted.training, sweep=sweep,
-        operating_points=points, latency=latency, latency_profile=profile, risk_control=risk,
-        temperature=temperatures, seconds=seconds)
+        operating_points=points, latency=latency, latency_profile=profile, latency_notes=list(latency_notes or []),
+        risk_control=risk, temperature=temperatures, seconds=seconds)
 
 
 def result_fields(cell: Cell, splits: Splits, ref: Reference, config: dict, device: torch.device) -> dict:

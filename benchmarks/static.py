@@ -22,7 +22,7 @@ from torch import Tensor
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits
-from exitbench.benchmarks.device import check_dtype
+from exitbench.benchmarks.device import check_dtype, in_dtype
 from exitbench.benchmarks.latency import measure_static
 from exitbench.methods.base import MultiExitNet, StagedBackbone
 from exitbench.results import CellResult, ExitRow, LatencyRecord
@@ -53,12 +53,9 @@ def time_static(cell: Cell, model: StagedBackbone, splits: Splits | st.NoData, t
     device = next(model.parameters()).device
     refs = references(cell, splits)
     dtype = check_dtype(model, test_x, ev.dtype, device)
-    try:
-        records = measure_static(model.to(device, dtype), {n: r.to(device, dtype) for n, r in refs.items()},
-                                 test_x.to(device, dtype), model.macs, {n: r.macs for n, r in refs.items()},
-                                 batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats, threads=ev.threads)
-    finally:
-        model.float()
+    records = measure_static(in_dtype(model, device, dtype), {n: in_dtype(r, device, dtype) for n, r in refs.items()},
+                             test_x.to(device, dtype), model.macs, {n: r.macs for n, r in refs.items()},
+                             batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats, threads=ev.threads)
     return [LatencyRecord(**r, inputs="test split") for r in records]
 
 

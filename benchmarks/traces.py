@@ -50,6 +50,12 @@ class Trace:
     def predictions(self) -> Tensor:
         return self.logits.argmax(-1)
 
+    def decisions(self, score: str, thresholds: list[float], strict: bool = False) -> tuple[Tensor, Tensor]:
+        """(prediction [N], exit index [N]) of every sample under the threshold policy (one threshold per
+        early exit): what a deployed network running that policy must give, to compare it with."""
+        exit_idx = first_exit(self.scores(score), torch.tensor([thresholds], dtype=torch.float64), strict=strict)[0]
+        return self.predictions().gather(0, exit_idx[None])[0], exit_idx
+
     def save(self, path: str | Path) -> None:
         tensors = {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
         if self.confidence is not None:

@@ -58,7 +58,9 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
     stopped_early = False
     for _ in range(budget.epochs):
         model.train()
-        total, count = 0.0, 0
+        # the epoch's loss is summed on the device and read once at its end: a read per step would make
+        # the host wait for every step on a GPU
+        total, count = torch.zeros((), device=device), 0
         for x, y in loaders["train"]:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
@@ -73,9 +75,9 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
                 opt.step()
             if sched is not None:
                 sched.step()
-            total += loss.item() * len(y)
+            total += loss.detach().float() * len(y)
             count += len(y)
-        losses.append(total / max(count, 1))
+        losses.append(total.item() / max(count, 1))
         if budget.max_seconds is not None and time.perf_counter() - start > budget.max_seconds:
             stopped_early = len(losses) < budget.epochs
             break
@@ -83,6 +85,7 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
     seconds = time.perf_counter() - start
     return {
         "budget": asdict(budget) | {"schedule": schedule},
+        "data_path": getattr(loaders["train"], "kind", "DataLoader (batches assembled on the host)"),
         "epochs_run": len(losses),
         "stopped_by_wall_time": stopped_early,
         "seconds": seconds,

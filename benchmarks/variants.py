@@ -16,7 +16,9 @@ deployable execution (they are references, and are labelled so in every record a
 - ``full+select`` (simulation): every exit is run, then each sample's exit is picked -- what an offline
   evaluation on traces assumes; it saves no time by construction.
 - ``fast-compile`` / ``fast-graphs``: compaction with every (stage, bucketed batch size) compiled or
-  captured as a CUDA graph (``exitbench.benchmarks.fast``); timed when ``evaluation.fast`` turns it on.
+  captured as a CUDA graph (``exitbench.benchmarks.fast``); timed when ``evaluation.fast`` turns it on,
+  together with ``backbone-compile`` / ``backbone-graphs``, the backbone run the same way, which the fast
+  path's ratio is taken against (the eager ratio is kept beside it).
 - ``per-stage-ideal`` (simulation): each stage and head timed alone on exactly the samples that reach
   it under compaction (inputs precomputed): the time compaction would take with zero overhead.
 """
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from exitbench.benchmarks.fast import FastForward, buckets_for
+from exitbench.benchmarks.fast import FastForward, FastModule, buckets_for
 from exitbench.methods.base import Carry, MultiExitNet, Policy, _split_head_output
 from exitbench.registry import Registry
 
@@ -44,7 +46,10 @@ class LatencyVariant:
     prepare: Callable[[nn.Module, MultiExitNet, Policy, Sequence[Tensor]], list[Run]]
     exits: bool = False
     simulation: bool = False
-    fast: str | None = None  # the fast path's mode (compile | graphs) for the fast-path variants
+    fast: str | None = None  # the fast path's mode (compile | graphs): fast-* and the backbone run the same way
+    # its exits are the policy's per-sample decisions, so its predictions and exits should equal the offline
+    # trace's (batch-uniform's are not: the whole batch leaves together); `exitbench doctor` checks these
+    per_sample: bool = True
 
 
 LATENCY_VARIANTS: Registry[LatencyVariant] = Registry("latency variant", base=LatencyVariant,
@@ -121,13 +126,25 @@ def _ideal(backbone: nn.Module, net: MultiExitNet, policy: Policy, batches: Sequ
                 else:
                     inputs.append((x, carry))
                 x, _, carry = net.step(k, x, carry)
-        def run(inputs=inputs) -> None:
+        def run(inputs=inputs) -> Tensor | None:
+            out = None
             with torch.no_grad():
                 for k, (x_k, carry_k) in enumerate(inputs):
                     if len(x_k):
-                        net.step(k, x_k, carry_k)
+                        _, out, _ = net.step(k, x_k, carry_k)
+            return None if out is None else _split_head_output(out)[0]  # the request's end reads the last logits
         runs.append(run)
     return runs
+
+
+def _fast_backbone(mode: str) -> Callable[[nn.Module, MultiExitNet, Policy, Sequence[Tensor]], list[Run]]:
+    def prepare(backbone: nn.Module, net: MultiExitNet, policy: Policy, batches: Sequence[Tensor]) -> list[Run]:
+        fast = FastModule(backbone, mode)
+        with torch.no_grad():
+            for b in batches:  # compile or capture every shape these batches have, outside the timed region
+                fast(b)
+        return _each(fast, batches)
+    return prepare
 
 
 def _fast(mode: str) -> Callable[[nn.Module, MultiExitNet, Policy, Sequence[Tensor]], list[Run]]:
@@ -149,7 +166,8 @@ for _name, _variant, _help in (
                                exits=True),
      "per-sample exit without compaction: rows that left are carried along until all have left"),
     ("batch-uniform", LatencyVariant("batch-uniform", lambda bb, net, pol, bs:
-                                     _each(lambda x: batch_uniform_forward(net, x, pol), bs), exits=True),
+                                     _each(lambda x: batch_uniform_forward(net, x, pol), bs), exits=True,
+                                     per_sample=False),
      "the whole batch leaves at the first exit where every sample qualifies (earlyon's batched mode)"),
     ("full+select", LatencyVariant("full+select", lambda bb, net, pol, bs:
                                    _each(lambda x: full_select_forward(net, x, pol), bs), exits=True, simulation=True),
@@ -160,6 +178,10 @@ for _name, _variant, _help in (
      "compaction with each (stage, bucketed batch) run by torch.compile (evaluation.fast: compile)"),
     ("fast-graphs", LatencyVariant("fast-graphs", _fast("graphs"), exits=True, fast="graphs"),
      "compaction with each (stage, bucketed batch) replayed as a CUDA graph (evaluation.fast: graphs; CUDA)"),
+    ("backbone-compile", LatencyVariant("backbone-compile", _fast_backbone("compile"), fast="compile"),
+     "the backbone compiled per batch size: what fast-compile is compared with (timed with it)"),
+    ("backbone-graphs", LatencyVariant("backbone-graphs", _fast_backbone("graphs"), fast="graphs"),
+     "the backbone captured as a CUDA graph per batch size: what fast-graphs is compared with (timed with it)"),
 ):
     LATENCY_VARIANTS.register(_name, _variant, help=_help)
 

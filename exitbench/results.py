@@ -208,12 +208,28 @@ class LatencyRecord:
     realisation: float | None = None
     realisation_note: str | None = None
     exit_fractions: list[float] | None = None
-    same_as_compaction: bool | None = None  # its predictions equal per-sample exit's (batch-uniform: not always)
+    same_as_compaction: bool | None = None  # records stored before the counts below: predictions equal compaction's
     inputs: str | None = None  # what was timed: the test split, or same-shaped random tensors (exitbench time)
     predicted_ratio: float | None = None  # compaction: the per-stage profile's prediction at these exit fractions
     fast: str | None = None  # the fast path's variants: compile | graphs
     buckets: list[int] | None = None  # the fast path's bucket sizes (surviving batches pad up to the next)
-    against: str | None = None  # a static baseline's record: the backbone it was timed side by side with
+    # what latency_ratio is against: a static baseline's backbone, or the fast path's backbone-compile/-graphs
+    against: str | None = None
+    latency_ratio_eager: float | None = None  # the fast path against the eager backbone (latency_ratio: the fast one)
+    requested_batch_size: int | None = None  # the size asked for, when the split had fewer images (batch_size: timed)
+    host_read: str | None = None  # how each timed request ended ("predictions per request")
+    cudnn_benchmark: bool | None = None  # CUDA: cuDNN's shape autotuning in the timed region (off)
+    # the timed samples compared with the offline trace under the same policy, and how many differ
+    checked: int | None = None
+    differ_predictions: int | None = None
+    differ_exits: int | None = None
+
+    @property
+    def differ_share(self) -> float | None:
+        """The share of checked samples whose prediction or exit differ from the trace's (the larger)."""
+        if not self.checked:
+            return None
+        return max(self.differ_predictions or 0, self.differ_exits or 0) / self.checked
 
 
 @dataclass
@@ -320,6 +336,7 @@ class CellResult:
     operating_points: list[OperatingPoint] = field(default_factory=list)
     latency: list[LatencyRecord] = field(default_factory=list)
     latency_profile: dict | None = None  # per-stage and per-head times at a few batch sizes (accounting)
+    latency_notes: list[str] = field(default_factory=list)  # what the timing left out and why (a fast path OOM)
     risk_control: RiskControlResult | None = None
     temperature: TemperatureResult | None = None
     traces: dict | None = None

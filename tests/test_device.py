@@ -103,6 +103,42 @@ def test_results_record_their_device_and_dtype():
 
     env = env_fingerprint(torch.device("cpu"), 2, "float32")
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["threads"] == 2
+    # the precision flags that move fp32 logits on CUDA (TF32) are recorded everywhere
+    assert env["tf32_matmul"] == torch.backends.cuda.matmul.allow_tf32 and "tf32_cudnn" in env
+    assert env["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+
+
+def test_the_timed_region_changes_nothing_on_the_cpu():
+    from exitbench.benchmarks.latency import on_device
+
+    before = torch.backends.cudnn.benchmark
+    with on_device(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark == before
+    assert torch.backends.cudnn.benchmark == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_timed_region_is_on_the_cells_device_without_autotuning():
+    from exitbench.benchmarks.latency import on_device
+
+    last = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.backends.cudnn.benchmark = True
+    with on_device(last):
+        assert torch.cuda.current_device() == last.index and torch.backends.cudnn.benchmark is False
+    assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_goes_through_the_device_loader():
+    from exitbench.benchmarks import data
+
+    s = data.load_splits("digits", seed=0)
+    loader = data.make_loader(s.train, 64, True, device=torch.device("cuda"))
+    assert isinstance(loader, data.DeviceLoader)
+    x, y = next(iter(loader))
+    assert x.is_cuda and y.is_cuda and x.shape == (64, 3, 32, 32)
 
 
 @pytest.mark.gpu
@@ -116,6 +152,8 @@ def test_a_tiny_cell_runs_on_cuda(tmp_path):
     r = run_cell(cell, tmp_path / "out", tmp_path / "cache")
     assert r.ok and r.env["device"].startswith("cuda") and r.env["device_name"] and r.env["cuda"]
     assert {x.device for x in r.latency} == {"cuda:0"} and r.env["cudnn_benchmark"] is True
+    assert all(x.cudnn_benchmark is False for x in r.latency)  # no shape autotuning while timed
+    assert r.training["data_path"].startswith("device-resident")
 
 
 def test_the_gpu_protocol_warms_up_longer_and_repeats_more_within_a_time_bound():
@@ -167,3 +205,12 @@ def test_the_gpu_check_matrix_is_valid_offline():
 
     cells = expand(load_matrix("gpu_check"))
     assert len(cells) == 2 and all(c.evaluation.latency_batch_sizes == () for c in cells)  # the device's sizes
+
+
+def test_a_model_is_timed_in_another_dtype_as_a_copy():
+    model = torch.nn.Linear(4, 3)
+    w = model.weight.detach().clone()
+    assert dev.in_dtype(model, torch.device("cpu"), torch.float32) is model
+    low = dev.in_dtype(model, torch.device("cpu"), torch.bfloat16)
+    assert low is not model and low.weight.dtype == torch.bfloat16
+    assert model.weight.dtype == torch.float32 and torch.equal(model.weight, w)  # not rounded through bf16

@@ -277,3 +277,13 @@ def test_debian_files(tmp_path, monkeypatch):
     s = data.load_splits("fashion_mnist", root=tmp_path / "nothing-here", seed=0, train_subset=6000,
                          calibration_fraction=0.05)
     assert (len(s.train), len(s.calibration), len(s.test)) == (6000, 3000, 10000)
+
+
+def test_cli_refuses_a_train_subset_larger_than_the_split(tmp_path, capsys):
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("datasets: [{name: fashion_mnist, train_subset: 60000}]\nbackbones: [test_resnet]\n"
+                      "methods: [sdn]\n")
+    assert main(["run", str(matrix), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "datasets[0].train_subset: 60000 is more than" in err
+    assert not (tmp_path / "cache").exists()

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from exitbench.benchmarks.fast import FastForward, buckets_for, check_fast
+from exitbench.benchmarks.fast import FastForward, buckets_for, check_fast, triton_missing
 from exitbench.benchmarks.latency import measure_latency
 from exitbench.errors import UserError
 from exitbench.methods.policies import PatiencePolicy, ThresholdPolicy
@@ -58,13 +58,19 @@ def test_compile_gives_the_eager_predictions_and_exits():
 def test_the_fast_variant_is_timed_labelled_and_equal_to_compaction():
     net, x, policy = _setup()
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
+    logits, exits = net.forward_dynamic(x, policy)
     recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(44,), repeats=2, warmup=1,
-                           variants=("compaction", "fast-compile"))
+                           variants=("compaction", "fast-compile"), expected=(logits.argmax(-1), exits))
     by = {r["variant"]: r for r in recs}
     fast = by["fast-compile"]
     assert fast["fast"] == "compile" and fast["buckets"] == list(buckets_for(44)) and not fast["simulation"]
-    assert fast["same_as_compaction"] is True and fast["exit_fractions"] == by["compaction"]["exit_fractions"]
+    assert fast["differ_predictions"] == fast["differ_exits"] == 0 and fast["checked"] == 44
+    assert fast["exit_fractions"] == by["compaction"]["exit_fractions"]
     assert fast["latency_ratio"] > 0 and "fast" not in by["compaction"]
+    # set against the backbone run the same way (compiled), the eager ratio beside it
+    assert fast["against"] == "backbone-compile" and fast["latency_ratio_eager"] > 0
+    assert by["backbone-compile"]["fast"] == "compile" and "buckets" not in by["backbone-compile"]
+    assert "against" not in by["compaction"] and "latency_ratio_eager" not in by["compaction"]
 
 
 def test_what_cannot_run_is_a_one_line_error():
@@ -102,6 +108,9 @@ def test_the_fast_path_is_switched_on_by_evaluation_fast(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["graphs", "compile"])
 def test_the_fast_path_gives_the_eager_predictions_on_cuda(mode):
+    missing = triton_missing()
+    if mode == "compile" and missing:
+        pytest.skip(f"torch.compile on CUDA needs Triton's launcher build: {missing}")
     net, x, policy = _setup("cuda")
     fast = FastForward(net, mode, buckets_for(len(x)))
     _equal_to_eager(net, x, policy, fast)

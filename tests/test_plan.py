@@ -65,3 +65,18 @@ def test_plan_prints_the_matrix_size_and_an_estimate(tmp_path, capsys, monkeypat
 def test_the_throughput_is_measured_on_the_device():
     rate = plan.measure_throughput(torch.device("cpu"), seconds=0.2)
     assert 1e6 < rate < 1e15  # MAC/s of a real training step, whatever this machine is
+
+
+def test_rate_measured_times_each_network_of_the_matrix(tmp_path, capsys):
+    cells = expand(TINY)
+    rates = plan.measure_model_rates(cells, torch.device("cpu"), seconds=0.1)
+    assert len(rates) == len({(c.backbone, c.small_stem) for c in cells}) and all(r > 0 for r in rates.values())
+    plans = plan.plan_cells(cells, None, tmp_path / "cache", rates)
+    key = plan._model_key(cells[0])
+    train = plan._split_sizes(cells[0])[0]
+    assert plans[0].backbone_s == pytest.approx(3 * plans[0].macs * train * 2 / rates[key])
+    assert main(["plan", _write(tmp_path, TINY), "--rate", "measured"]) == 0
+    assert "each network's own training steps measured on cpu" in capsys.readouterr().out
+    for bad in ("fast", "0", "-1e9", "inf"):
+        assert main(["plan", _write(tmp_path, TINY), f"--rate={bad}"]) == 2
+        assert "--rate: expected a positive number of training MAC/s" in capsys.readouterr().err

@@ -88,6 +88,18 @@ def test_a_frozen_backbones_features_are_computed_once_and_give_the_same_traces(
     assert st.frozen_identity(replace(cell, regime="mixed"), ref, fitted) is None  # a trained backbone: its own
 
 
+def test_the_profile_is_taken_in_the_dtype_timed(staged, cell):
+    fitted = staged["fitted"]
+    bf16 = replace(cell, evaluation=replace(cell.evaluation, dtype="bfloat16"))
+    test_x = to_tensors(staged["splits"].test)[0]
+    before = {k: v.clone() for k, v in fitted.net.state_dict().items()}
+    prof, _ = st.account_latency(bf16, fitted.method, fitted.net, staged["points"], staged["traces"], test_x,
+                                 fitted.costs, [])
+    assert prof["dtype"] == "bfloat16" and staged["profile"]["dtype"] == "float32"
+    after = fitted.net.state_dict()  # a bfloat16 copy was profiled: the trained weights are not rounded
+    assert all(v.dtype == after[k].dtype and torch.equal(v, after[k]) for k, v in before.items())
+
+
 TIMED = ("seconds", "seconds_per_epoch", "finished", "env", "latency", "timed", "cached", "cache",
          "latency_profile", "predicted_latency")
 

@@ -57,8 +57,10 @@ def test_every_default_variant_is_timed_and_labelled(setup):
     net, x, policy = setup
     costs = [0.3, 0.5, 0.8, 1.1]
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])  # the plain backbone the net was cut from
+    expected = net.forward_dynamic(x, policy)
+    expected = (expected[0].argmax(-1), expected[1])
     recs = measure_latency(backbone, net, policy, x, costs, batch_sizes=(1, 16), repeats=2, warmup=1,
-                           max_samples_batch1=4, threads=1)
+                           max_samples_batch1=4, threads=1, expected=expected)
     by = {(r["variant"], r["batch_size"]): r for r in recs}
     assert set(by) == {(v, b) for v in DEFAULT_VARIANTS for b in (1, 16)}
     for (v, _), r in by.items():
@@ -66,7 +68,10 @@ def test_every_default_variant_is_timed_and_labelled(setup):
         assert r["simulation"] == spec.simulation and r["median_ms"] > 0
         assert ("latency_ratio" in r) == (v != "backbone")
         assert ("exit_fractions" in r) == spec.exits
-    assert by[("masking", 16)]["same_as_compaction"] and by[("full+select", 16)]["same_as_compaction"]
+    for v in ("compaction", "masking", "full+select"):  # the per-sample variants decide as the policy does
+        assert by[(v, 16)]["checked"] == 16 and by[(v, 16)]["differ_predictions"] == by[(v, 16)]["differ_exits"] == 0
+    assert by[("batch-uniform", 16)]["differ_exits"] > 0  # whole batches leave together: counted, not hidden
+    assert by[("backbone", 16)].get("checked") is None
     assert by[("masking", 16)]["exit_fractions"] == by[("compaction", 16)]["exit_fractions"]
     # the MACs ratio of compaction is its exit fractions times the strict costs
     frac = by[("compaction", 16)]["exit_fractions"]
@@ -79,3 +84,82 @@ def test_unknown_variants_are_refused_in_one_line(setup):
     net, x, policy = setup
     with pytest.raises(UserError, match="unknown latency variant 'compacton'; did you mean 'compaction'"):
         measure_latency(torch.nn.Identity(), net, policy, x, [1, 1, 1, 1], variants=("compacton",))
+
+
+# ------------------------------------------------------------------------- fair comparisons (docs/measurement.md)
+
+
+def test_every_timed_request_ends_with_its_predictions_read_on_the_host(setup, monkeypatch):
+    """No variant may run ahead into the next request: before this fix the backbone, full+select and the
+    per-stage ideal were timed without any read while compaction read at every exit."""
+    from exitbench.benchmarks import latency
+
+    net, x, policy = setup
+    read: dict[str, int] = {}
+    current = {"variant": None}
+    real_side_by_side = latency._side_by_side
+
+    def counting(out):
+        logits = out[0] if isinstance(out, tuple) else out
+        assert isinstance(logits, torch.Tensor) and logits.shape[-1] == 5, "a request returned no predictions"
+        read[current["variant"]] = read.get(current["variant"], 0) + 1
+
+    def side_by_side(runs, device, repeats, warmup, bound):
+        wrapped = {name: [(lambda r=r, n=name: (current.update(variant=n), r())[1]) for r in rs]
+                   for name, rs in runs.items()}
+        return real_side_by_side(wrapped, device, repeats, warmup, bound)
+
+    monkeypatch.setattr(latency, "host_read", counting)
+    monkeypatch.setattr(latency, "_side_by_side", side_by_side)
+    backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
+    measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(1, 16), repeats=3, warmup=1,
+                    max_samples_batch1=4)
+    per_variant = (1 + 3) * (4 + 1)  # passes x requests (4 at batch 1, 1 batch of 16)
+    assert read == {v: per_variant for v in DEFAULT_VARIANTS}
+
+
+def test_a_batch_size_larger_than_the_split_is_recorded_at_the_size_timed(setup):
+    from exitbench.benchmarks.latency import effective_batch_sizes
+
+    net, x, policy = setup
+    assert effective_batch_sizes((1, 32, 64, 1024), 48) == [1, 32, 48]
+    backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
+    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(1, 64, 1024), repeats=1,
+                           warmup=0, max_samples_batch1=2, variants=("compaction",))
+    sizes = {(r["variant"], r["batch_size"], r.get("requested_batch_size"), r["samples"]) for r in recs}
+    assert sizes == {("backbone", 1, None, 2), ("compaction", 1, None, 2), ("backbone", 48, 64, 48),
+                     ("compaction", 48, 64, 48)}  # 1024 is the same 48: timed once
+
+
+def test_differences_from_the_trace_are_counted_not_asserted(setup):
+    net, x, policy = setup
+    logits, exits = net.forward_dynamic(x, policy)
+    wrong_exits = exits.clone()
+    wrong_exits[:3] = (wrong_exits[:3] + 1) % net.num_exits  # three samples the "trace" says leave elsewhere
+    wrong_preds = logits.argmax(-1).clone()
+    wrong_preds[5] = (wrong_preds[5] + 1) % 5
+    backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
+    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(16,), repeats=1, warmup=0,
+                           variants=("compaction",), expected=(wrong_preds, wrong_exits))
+    rec = next(r for r in recs if r["variant"] == "compaction")
+    assert (rec["checked"], rec["differ_exits"], rec["differ_predictions"]) == (16, 3, 1)
+    from exitbench.results import LatencyRecord
+
+    assert LatencyRecord(**rec).differ_share == 3 / 16
+
+
+def test_a_fast_path_that_cannot_be_built_is_left_out_with_a_note(setup, monkeypatch):
+    from exitbench.benchmarks import fast, variants
+
+    net, x, policy = setup
+
+    def no_memory(self, x):
+        raise fast.FastPathUnavailable("out of memory capturing a CUDA graph: (simulated)")
+
+    monkeypatch.setattr(variants.FastModule, "__call__", no_memory)
+    notes: list[str] = []
+    backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
+    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(16,), repeats=1, warmup=0,
+                           variants=("compaction", "fast-compile"), notes=notes)
+    assert {r["variant"] for r in recs} == {"backbone", "compaction"}  # the fast path and its backbone dropped
+    assert notes == ["batch 16: compile fast path left out (out of memory capturing a CUDA graph: (simulated))"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from exitbench.benchmarks.backbones import create_backbone
+from exitbench.benchmarks.data import load_splits, to_tensors
 from exitbench.benchmarks.flops import cost_table, exit_head_macs
 from exitbench.benchmarks.latency import realisation
 from exitbench.benchmarks.traces import collect_trace, evaluate
@@ -47,18 +48,22 @@ def setup():
     exits = method.place_exits(bb)
     net = method.build(bb, exits, 10).eval()
     table = cost_table(bb, exits, exit_head_macs(net, exits))
-    x = torch.randn(256, 3, 32, 32)
+    # real images (the embedded digits' 540 test images, repeated up to the largest batch timed), so that the
+    # scores the thresholds cut are those of real inputs
+    digits = to_tensors(load_splits("digits", seed=0).test)[0]
+    images = digits.repeat(2, 1, 1, 1)[:1024]
+    x = images[:256]
     trace = collect_trace(net, x, torch.zeros(256, dtype=torch.long))
     s = trace.scores("confidence")
     # thresholds: half the batch leaves at exit 0, half of the rest at exit 1, nobody at exit 2
     t0 = float(s[0].quantile(0.5))
     rest = s[1][s[0] < t0]
     policy = ThresholdPolicy("confidence", (t0, float(rest.quantile(0.5)), float("inf")))
-    return bb, net, x, policy, trace, table
+    return bb, net, x, policy, trace, table, images
 
 
 def test_forward_dynamic_vs_backbone(benchmark, setup):
-    bb, net, x, policy, _, table = setup
+    bb, net, x, policy, _, table, _ = setup
     with torch.no_grad():
         base = _median_seconds(lambda: bb(x))
     benchmark.group = "dynamic forward, resnet18 32px batch 256"
@@ -72,7 +77,7 @@ def test_forward_dynamic_vs_backbone(benchmark, setup):
 
 
 def test_trace_sweep_vs_network_pass(benchmark, setup):
-    _, net, x, _, trace, table = setup
+    _, net, x, _, trace, table, _ = setup
     grid = quantile_grid(trace.scores("confidence"), n=100)
     with torch.no_grad():
         one_pass = _median_seconds(lambda: net.forward_all(x))
@@ -109,7 +114,7 @@ def test_compaction_vs_per_stage_ideal_and_no_exit_overhead(benchmark, setup):
     side in one run, with their IQR, stored in extra_info."""
     from exitbench.benchmarks.variants import LATENCY_VARIANTS
 
-    bb, net, x, policy, _, _ = setup
+    bb, net, x, policy, _, _, _ = setup
     never = ThresholdPolicy("confidence", (float("inf"),) * (net.num_exits - 1))
     with torch.no_grad():
         ideal = LATENCY_VARIANTS.get("per-stage-ideal").prepare(bb, net, policy, [x])[0]
@@ -149,27 +154,35 @@ def _paired_passes(runs: dict, device: torch.device, repeats: int) -> dict[str, 
 def _fast_targets(benchmark, setup, device: torch.device, batch: int, mode: str, repeats: int) -> dict:
     import copy
 
+    from exitbench.benchmarks.device import prepare
+    from exitbench.benchmarks.latency import on_device
     from exitbench.benchmarks.variants import LATENCY_VARIANTS
 
-    bb, net, x, policy, _, _ = setup
+    bb, net, _, policy, _, _, images = setup
     bb, net = copy.deepcopy(bb).to(device), copy.deepcopy(net).to(device)
-    images = x.to(device) if batch <= len(x) else torch.randn(batch, *x.shape[1:], device=device)
+    images = images.to(device)
     batches = list(torch.split(images[:64], 1)) if batch == 1 else [images[:batch]]
-    with torch.no_grad():
-        runs = {v: LATENCY_VARIANTS.get(v).prepare(bb, net, policy, batches)
-                for v in ("backbone", "compaction", "per-stage-ideal", f"fast-{mode}")}
+    prepare(device)  # the harness's device preparation, then its timed-region settings
+    with torch.no_grad(), on_device(device):
+        names = ("backbone", "compaction", "per-stage-ideal", f"fast-{mode}", f"backbone-{mode}")
+        runs = {v: LATENCY_VARIANTS.get(v).prepare(bb, net, policy, batches) for v in names}
+        exits = torch.cat([r()[1] for r in runs["compaction"]]).cpu()
         times = benchmark.pedantic(_paired_passes, args=(runs, device, repeats), rounds=1, iterations=1)
     eff, eff_iqr = _ratio(times, "per-stage-ideal", "compaction")
     gain, gain_iqr = _ratio(times, "compaction", f"fast-{mode}")
     vs_ideal, vs_ideal_iqr = _ratio(times, f"fast-{mode}", "per-stage-ideal")
+    vs_fast_bb, vs_fast_bb_iqr = _ratio(times, f"fast-{mode}", f"backbone-{mode}")
     info = {"device": str(device), "batch": batch, "fast": mode, "repeats": repeats,
+            "exit_fractions": (torch.bincount(exits, minlength=net.num_exits).double() / len(exits)).tolist(),
             "compaction_efficiency_vs_ideal": eff, "efficiency_iqr": eff_iqr,
             "fast_speedup_vs_compaction": gain, "speedup_iqr": gain_iqr,
-            "fast_vs_ideal": vs_ideal, "fast_vs_ideal_iqr": vs_ideal_iqr}
+            "fast_vs_ideal": vs_ideal, "fast_vs_ideal_iqr": vs_ideal_iqr,
+            "fast_vs_fast_backbone": vs_fast_bb, "fast_vs_fast_backbone_iqr": vs_fast_bb_iqr}
     benchmark.extra_info.update(info)
     print(f"\n{device} batch {batch}: compaction efficiency (ideal / compaction) {eff:.3f} (IQR {eff_iqr:.3f}); "
           f"fast-{mode} speed-up over compaction {gain:.3f} (IQR {gain_iqr:.3f}); fast / ideal {vs_ideal:.3f} "
-          f"(IQR {vs_ideal_iqr:.3f})")
+          f"(IQR {vs_ideal_iqr:.3f}); fast / fast backbone {vs_fast_bb:.3f} (IQR {vs_fast_bb_iqr:.3f}); exit fractions "
+          f"{[round(f, 3) for f in info['exit_fractions']]}")
     return info
 
 
