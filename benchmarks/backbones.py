@@ -487,6 +487,15 @@ def _read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return state, meta
 
 
+def check_weights_file(path: str | os.PathLike, where: str) -> None:
+    """Refuse, when a matrix is read, a weights file that is missing or cannot be read as a state_dict
+    (a one-line UserError naming ``where``); whether its keys fit the backbone is checked when it is built."""
+    try:
+        _read_state_dict(path)
+    except UserError as e:
+        raise UserError(f"{where}: {str(e).removeprefix('weights: ')}") from None
+
+
 def _load_checked(module: nn.Module, state: dict[str, Tensor], path: Any, what: str) -> None:
     """``module.load_state_dict(state)`` with a one-line UserError that says what does not fit."""
     own = module.state_dict()

@@ -23,9 +23,11 @@ and the fix.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import yaml
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
 from exitbench.benchmarks.fast import check_fast_mode
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
-from exitbench.methods.base import REGIMES, Budget, UserError, did_you_mean, get_method
+from exitbench.methods.base import OPTIMIZERS, REGIMES, Budget, UserError, did_you_mean, get_method
 from exitbench.methods.rules import RISKS, SELECTION_RULES
 from exitbench.results import STATIC
 
@@ -89,16 +91,21 @@ class RiskControl:
     trials: int = 100
     n_cal: int = 0  # 0: a quarter of the pooled held-out data, up to 1000
 
-    def check(self, where: str = "risk_control") -> None:
+    def check(self, where: str = "risk_control", labels: dict[str, str] | None = None) -> None:
+        """Every value checked; ``labels`` names a field's source when it is not ``where.field`` (a CLI option)."""
+        at = lambda key: (labels or {}).get(key, f"{where}.{key}")  # noqa: E731
         for key, valid in (("rules", SELECTION_RULES), ("risks", RISKS.names())):
             for name in getattr(self, key):
                 if name not in valid:
-                    raise UserError(f"{where}.{key}: unknown {key[:-1]} {name!r}; {did_you_mean(name, list(valid))}")
-        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (*self.eps, self.delta))
-        if not numbers or not all(0 < e < 1 for e in self.eps) or not 0 < self.delta < 1:
-            raise UserError(f"{where}: eps values and delta must lie strictly between 0 and 1")
-        if self.trials < 1 or self.n_cal < 0:
-            raise UserError(f"{where}: trials must be >= 1 and n_cal >= 0 (0 = as many as the data allows)")
+                    raise UserError(f"{at(key)}: unknown {key[:-1]} {name!r}; {did_you_mean(name, list(valid))}")
+        if not self.eps:
+            raise UserError(f"{at('eps')}: empty list; give at least one risk level, e.g. [0.05]")
+        for e in self.eps:  # again here: the --rc-* options replace values after the matrix was read
+            check_value(e, "float", at("eps"), "eps")
+        for k, kind in (("delta", "float"), ("trials", "int"), ("n_cal", "int")):
+            check_value(getattr(self, k), kind, at(k), k)
+        if self.n_cal == 1:
+            raise UserError(f"{at('n_cal')}: 1 sample cannot calibrate; use 0 (as many as the data allows) or >= 2")
 
 
 @dataclass(frozen=True)
@@ -247,7 +254,79 @@ def _as_list(x: Any, where: str) -> list:
     return x if isinstance(x, list) else [x]
 
 
+def _entries(x: Any, where: str) -> list:
+    """A matrix list that makes cells (datasets, backbones, methods, seeds): never empty, since an empty
+    one would make a run of zero cells (and rewrite an existing results directory's manifest)."""
+    items = _as_list(x, where)
+    if not items:
+        raise UserError(f"{where}: empty list, which gives no cells; give at least one entry")
+    return items
+
+
+# The range of every numeric setting of the matrix's sections (backbone_training, evaluation, risk_control),
+# by field name: checked when the matrix is read, so that nothing meaningless reaches a cell.
+RANGES: dict[str, tuple[Any, str]] = {
+    "epochs": (lambda v: v >= 1, ">= 1 (a backbone must be trained)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_seconds": (lambda v: v > 0, "> 0 seconds, or null for no limit"),
+    "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grid_size": (lambda v: v >= 2, ">= 2"),
+    "latency_batch_sizes": (lambda v: v >= 1, ">= 1"),
+    "latency_repeats": (lambda v: v >= 1, ">= 1"),
+    "threads": (lambda v: v >= 1, ">= 1"),
+    "accuracy_drop": (lambda v: 0 <= v < 1, "in [0, 1) (0.01 = one point of accuracy)"),
+    "budgets": (lambda v: v > 0, "> 0 (relative strict MACs, e.g. 0.5)"),
+    "latency_budgets": (lambda v: v > 0, "> 0 (x the backbone's latency, e.g. 0.5)"),
+    "eps": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    "delta": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    "trials": (lambda v: v >= 1, ">= 1"),
+    "n_cal": (lambda v: v >= 0, ">= 0 (0 = as many as the data allows)"),
+}
+
+
+def _kind(annotation: str) -> str:
+    """What a section field holds, from its annotation: bool, int, float or str (items, for a tuple)."""
+    for kind in ("bool", "int", "float", "str"):
+        if kind in annotation:
+            return kind
+    return "any"
+
+
+def check_value(v: Any, kind: str, where: str, name: str = "") -> Any:
+    """One setting's value of ``kind`` (bool, int, float, str), checked against ``RANGES[name]``; a one-line
+    UserError naming ``where`` otherwise. Integers must be whole (1.0 is 1, 1.5 is an error) and numbers
+    finite; a number written as text gets a hint (YAML reads 1e-3 as a string)."""
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise UserError(f"{where}: expected true or false, got {v!r}")
+        return v
+    if kind == "str":
+        if not isinstance(v, str):
+            raise UserError(f"{where}: expected a name, got {v!r}")
+        return v
+    if kind not in ("int", "float"):
+        return v
+    if isinstance(v, str):
+        try:
+            hint = f"; YAML reads {v} as text: write it as {float(v)!r}"
+        except ValueError:
+            hint = ""
+        raise UserError(f"{where}: expected a number, got {v!r}{hint}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UserError(f"{where}: expected a finite number, got {v!r}")
+    if kind == "int":
+        if not float(v).is_integer():
+            raise UserError(f"{where}: expected a whole number, got {v!r}")
+        v = int(v)
+    if name in RANGES and not RANGES[name][0](v):
+        raise UserError(f"{where}: must be {RANGES[name][1]}, got {v!r}")
+    return v
+
+
 def _dataclass_from(cls: type, d: Any, where: str) -> Any:
+    """A section (backbone_training, evaluation, risk_control) from its mapping, every value checked."""
     if d is None:
         return cls()
     if not isinstance(d, dict):
@@ -256,16 +335,14 @@ def _dataclass_from(cls: type, d: Any, where: str) -> Any:
     _check_keys(d, set(fields), where)
     out = {}
     for k, v in d.items():
-        default = fields[k].default
-        if isinstance(default, tuple):
-            v = tuple(_as_list(v, f"{where}.{k}"))
-        elif isinstance(default, bool) and not isinstance(v, bool):
-            raise UserError(f"{where}.{k}: expected true or false, got {v!r}")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise UserError(f"{where}.{k}: expected a number, got {v!r}")
-            v = type(default)(v)
-        out[k] = v
+        ann, default = str(fields[k].type), fields[k].default
+        if ann.startswith("tuple"):
+            out[k] = tuple(check_value(x, _kind(ann), f"{where}.{k}[{j}]", k)
+                           for j, x in enumerate(_as_list(v, f"{where}.{k}")))
+        elif v is None and default is None:
+            out[k] = None
+        else:
+            out[k] = check_value(v, _kind(ann), f"{where}.{k}", k)
     return cls(**out)
 
 
@@ -277,8 +354,9 @@ def load_matrix(path: str | Path | None) -> dict:
         p = MATRICES_DIR / f"{p}.yaml"
     if not p.exists():
         builtin = sorted(x.stem for x in MATRICES_DIR.glob("*.yaml"))
-        raise UserError(f"matrix: file {str(p)!r} not found; "
-                        f"give a YAML path or a built-in matrix ({', '.join(builtin)})")
+        close = difflib.get_close_matches(str(p), builtin, n=1, cutoff=0.7) if not p.suffix else []
+        raise UserError(f"matrix: file {str(p)!r} not found; " + (f"did you mean the built-in {close[0]!r}? " if close
+                        else "") + f"give a YAML path or a built-in matrix ({', '.join(builtin)})")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -295,20 +373,24 @@ def load_matrix(path: str | Path | None) -> dict:
 def expand(matrix: dict) -> list[Cell]:
     """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
     # kept out of import time (`exitbench --help` should be instant)
-    from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, check_split, dataset_info, list_datasets
+    from exitbench.benchmarks.data import (
+        CALIBRATION_FRACTION,
+        DATASETS,
+        TEST_FRACTION,
+        check_split,
+        dataset_info,
+        list_datasets,
+        split_sizes,
+    )
 
     _check_keys(matrix, _TOP, "")
     training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")
-    if training.epochs < 1 or training.batch_size < 1 or not training.lr > 0:
-        raise UserError(f"backbone_training: epochs and batch_size must be >= 1 and lr > 0 (got epochs="
-                        f"{training.epochs}, batch_size={training.batch_size}, lr={training.lr:g}); harness-trained "
-                        "backbones must be trained")
+    if training.optimizer not in OPTIMIZERS:
+        raise UserError(f"backbone_training.optimizer: unknown optimizer {training.optimizer!r}; "
+                        f"{did_you_mean(training.optimizer, list(OPTIMIZERS))}")
+    if len(training.betas) != 2:
+        raise UserError(f"backbone_training.betas: expected two numbers like [0.9, 0.999], got {list(training.betas)}")
     evaluation = _dataclass_from(Evaluation, matrix.get("evaluation"), "evaluation")
-    if any(b < 1 for b in evaluation.latency_batch_sizes):
-        raise UserError("evaluation.latency_batch_sizes: batch sizes must be positive integers")
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in evaluation.budgets):
-        raise UserError(f"evaluation.budgets: MACs budgets must be positive numbers (relative strict MACs, e.g. 0.5), "
-                        f"got {list(evaluation.budgets)}")
     for v in evaluation.latency_variants:
         if LATENCY_VARIANTS.get(v).fast:  # an unknown name: one line with the nearest ones
             raise UserError(f"evaluation.latency_variants: {v!r} is the fast path; set evaluation.fast: "
@@ -323,9 +405,6 @@ def expand(matrix: dict) -> list[Cell]:
     if training.precision not in PRECISIONS:
         raise UserError(f"backbone_training.precision: unknown precision {training.precision!r}; use "
                         f"{', '.join(PRECISIONS)}")
-    for k, low in (("threads", 1), ("latency_repeats", 1), ("grid_size", 2)):
-        if getattr(evaluation, k) < low:
-            raise UserError(f"evaluation.{k}: must be >= {low}, got {getattr(evaluation, k)}")
     # a `risk_control` block turns the protocol on (with its defaults for what it leaves out)
     rc = matrix.get("risk_control")
     risk_control = (RiskControl(enabled=False) if rc is None or rc is False
@@ -333,13 +412,18 @@ def expand(matrix: dict) -> list[Cell]:
     risk_control.check()
 
     datasets = []
-    for i, d in enumerate(_as_list(matrix.get("datasets", ["digits"]), "datasets")):
+    for i, d in enumerate(_entries(matrix.get("datasets", ["digits"]), "datasets")):
         d = _as_entry(d, f"datasets[{i}]")
         if d["name"] not in list_datasets():
             raise UserError(f"datasets[{i}].name: unknown dataset {d['name']!r}; "
                             f"{did_you_mean(d['name'], list_datasets())}")
+        own = {k: v for k, v in d.items() if k not in _DATASET}
+        options = sorted(_DATASET | set(DATASETS.get(d["name"]).options))
+        for k in own:  # a misspelt split option is not a dataset option: suggest from both
+            if k not in options:
+                raise UserError(f"datasets[{i}].{k}: unknown option for {d['name']}; {did_you_mean(str(k), options)}")
         try:  # dataset-specific options (e.g. synthetic's n, num_classes) are checked by the dataset
-            info = dataset_info(d["name"], **{k: v for k, v in d.items() if k not in _DATASET})
+            info = dataset_info(d["name"], **own)
         except UserError as e:
             raise UserError(f"datasets[{i}]: {e}") from None
         for key in ("download", "augment"):
@@ -347,12 +431,19 @@ def expand(matrix: dict) -> list[Cell]:
                 raise UserError(f"datasets[{i}].{key}: expected true or false, got {d[key]!r}")
         if not isinstance(d.get("root", ""), str):
             raise UserError(f"datasets[{i}].root: expected a folder path, got {d['root']!r}")
-        check_split(d["name"], info, d.get("calibration_fraction", CALIBRATION_FRACTION),
-                    d.get("test_fraction", TEST_FRACTION), d.get("train_subset"), where=f"datasets[{i}]")
+        fractions = d.get("calibration_fraction", CALIBRATION_FRACTION), d.get("test_fraction", TEST_FRACTION)
+        check_split(d["name"], info, *fractions, d.get("train_subset"), where=f"datasets[{i}]")
+        _, cal, test = split_sizes(info, *fractions)
+        if risk_control.enabled and risk_control.n_cal > cal + test:
+            raise UserError(f"risk_control.n_cal: {risk_control.n_cal} is more than the {cal + test} held-out samples "
+                            f"of datasets[{i}] ({d['name']}: calibration + test) it is drawn from; use at most "
+                            f"{cal + test}, or 0 for as many as the data allows")
         datasets.append(d)
+    _no_repeats([_hash(d) for d in datasets], "datasets")
 
     backbones = [_model_entry(b, f"backbones[{i}]", _BACKBONE)
-                 for i, b in enumerate(_as_list(matrix.get("backbones"), "backbones"))]
+                 for i, b in enumerate(_entries(matrix.get("backbones"), "backbones"))]
+    _no_repeats([(b["name"], b["weights"], b["small_stem"]) for b in backbones], "backbones")
     baselines = _baselines(matrix.get("baselines") or [], backbones)
 
     shared_exits = matrix.get("exits") or {}
@@ -361,7 +452,7 @@ def expand(matrix: dict) -> list[Cell]:
     _check_keys(shared_exits, _EXITS, "exits")
 
     methods = []
-    for i, m in enumerate(_as_list(matrix.get("methods"), "methods")):
+    for i, m in enumerate(_entries(matrix.get("methods"), "methods")):
         m = _as_entry(m, f"methods[{i}]")
         _check_keys(m, _METHOD, f"methods[{i}]")
         if m["name"] == STATIC:
@@ -397,9 +488,13 @@ def expand(matrix: dict) -> list[Cell]:
                 raise UserError(f"methods[{i}].hparams: {e}") from None
             methods.append((m["name"], resolved, regime, tuple(keys), f"methods[{i}]"))
 
-    seeds = _as_list(matrix.get("seeds", [0]), "seeds")
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise UserError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    _no_repeats([(name, _hash(hp), regime) for name, hp, regime, _, _ in methods], "methods",
+                [where for *_, where in methods])
+    seeds = _entries(matrix.get("seeds", [0]), "seeds")
+    for j, s in enumerate(seeds):  # numpy and scikit-learn take seeds in [0, 2**32)
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32:
+            raise UserError(f"seeds[{j}]: expected a whole number from 0 to {2**32 - 1}, got {s!r}")
+    _no_repeats(seeds, "seeds")
 
     cells = [
         Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
@@ -418,6 +513,18 @@ def expand(matrix: dict) -> list[Cell]:
     ]
 
 
+def _no_repeats(keys: list, where: str, names: list[str] | None = None) -> None:
+    """Refuse an entry listed twice (the same cells twice, counted twice): name both places."""
+    seen: dict = {}
+    for j, k in enumerate(keys):
+        if k in seen:
+            first, again = (names or [f"{where}[{x}]" for x in range(len(keys))])[seen[k]], \
+                (names or [f"{where}[{x}]" for x in range(len(keys))])[j]
+            what = "the same setting as" if names else "the same entry as"
+            raise UserError(f"{again}: {what} {first}, which would run the same cells twice; remove one")
+        seen[k] = j
+
+
 def _model_entry(b: Any, where: str, allowed: set[str]) -> dict:
     """A checked ``backbones``/``baselines`` entry: a timm model name, its weights and its stem."""
     from exitbench.benchmarks.models import timm  # timm with exitbench's models registered
@@ -428,9 +535,10 @@ def _model_entry(b: Any, where: str, allowed: set[str]) -> dict:
         raise UserError(f"{where}.name: unknown timm model {b['name']!r}; "
                         f"{did_you_mean(b['name'], timm.list_models())}")
     weights = str(b.get("weights", "train"))
-    if weights not in ("train", "pretrained") and not Path(weights).exists():
-        raise UserError(f"{where}.weights: file {weights!r} not found; "
-                        "use train, pretrained or the path of a .safetensors/.pth file")
+    if weights not in ("train", "pretrained"):
+        from exitbench.benchmarks.backbones import check_weights_file
+
+        check_weights_file(weights, f"{where}.weights")
     stem = b.get("small_stem", "auto")
     if stem not in ("auto", True, False):
         raise UserError(f"{where}.small_stem: expected auto, true or false, got {stem!r}")

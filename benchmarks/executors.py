@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from exitbench.benchmarks.config import Cell
-from exitbench.errors import UserError, did_you_mean
+from exitbench.errors import UserError, did_you_mean, raise_terminated
 
 EXECUTORS = ("local", "local:N", "slurm")
 
@@ -182,7 +182,7 @@ def run_local_workers(cells: list[Cell], out_dir: Path, cache_dir: Path, workers
     jobs = executor.map_array(_task, per_worker, [out_dir] * len(parts), [cache_dir] * len(parts),
                               [kw] * len(parts))
     # the workers are processes of their own: stopping the parent (Ctrl-C, kill) must stop them too
-    before = signal.signal(signal.SIGTERM, _interrupt)
+    before = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         counts: dict[str, int] = {}
         for job in jobs:
@@ -195,10 +195,6 @@ def run_local_workers(cells: list[Cell], out_dir: Path, cache_dir: Path, workers
         raise
     finally:
         signal.signal(signal.SIGTERM, before)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def submit_slurm(cells: list[Cell], out_dir: Path, cache_dir: Path, options: dict[str, Any], chunk: int,

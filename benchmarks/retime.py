@@ -11,6 +11,7 @@ record says which (``inputs``), because exits depend on the inputs.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from exitbench.benchmarks.latency import num_threads
 from exitbench.errors import UserError
 from exitbench.methods.base import get_method
 from exitbench.results import CellResult
-from exitbench.store import latest_run, read_json
+from exitbench.store import latest_run, read_json, safetensors_problem
 
 RANDOM_SAMPLES = 256
 
@@ -60,6 +61,10 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     if not result.weights or not weights.is_file():
         raise UserError(f"{where}: no saved weights ({weights}); re-time only results written with weights "
                         "(rerun `exitbench run` on this directory first)")
+    damaged = safetensors_problem(weights)
+    if damaged:
+        raise UserError(f"{where}: its saved weights {weights} are damaged ({damaged}); rerun `exitbench run` on this "
+                        "directory to recompute the cell, then re-time it")
     if cell.static:
         method = None
     else:
@@ -109,9 +114,15 @@ def retime(results_dir: Path, device_spec: str, **kw) -> tuple[list[Path], list[
     device = resolve_device(device_spec)  # a device that is not there: one line, nothing written
     if kw.get("fast"):
         check_fast(kw["fast"], device, "--fast")
-    done, skipped = [], []
+    done, skipped, readable = [], [], 0
     for p in paths:
-        r = CellResult.from_dict(read_json(p), p)
+        try:
+            r = CellResult.from_dict(read_json(p), p)
+        except (OSError, ValueError) as e:  # a file that is no result (UserError is a ValueError): named, skipped
+            print(f"exitbench: warning: skipping {p}: not a readable cell result ({str(e).splitlines()[0][:120]})",
+                  file=sys.stderr)
+            continue
+        readable += 1
         if not r.ok:
             continue
         r.path = str(p)
@@ -121,4 +132,7 @@ def retime(results_dir: Path, device_spec: str, **kw) -> tuple[list[Path], list[
             continue
         st.write_result(p, new)
         done.append(p)
+    if not readable:
+        raise UserError(f"{results_dir}: no readable cell results in {results_dir / 'cells'}; give the --out of an "
+                        "`exitbench run`")
     return done, skipped

@@ -7,6 +7,7 @@ those whose evaluation-only settings changed, and retries errors; results are wr
 
 from __future__ import annotations
 
+import errno
 import time
 import traceback
 from dataclasses import replace
@@ -24,7 +25,7 @@ from exitbench.benchmarks.latency import num_threads
 from exitbench.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
 from exitbench.methods.base import StagedBackbone, UserError, get_method
 from exitbench.results import SCHEMA_VERSION, CellResult
-from exitbench.store import read_json, remove_orphans, write_manifest
+from exitbench.store import read_json, remove_orphans, safetensors_problem, write_manifest
 
 
 def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None,
@@ -67,9 +68,10 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
     """Re-run the stages downstream of a changed analysis key of a finished cell, from its stored traces
     and weights (nothing is trained); returns the new result and the names of the stages re-run."""
     start = time.perf_counter()
-    keys, old = cell.analysis_keys(), previous.analysis or {}
+    keys, old = wanted_keys(cell, previous), previous.analysis or {}
     redo = [k for k in ("points", "latency", "risk_control") if keys[k] != old.get(k)]
-    if ("points" in redo or _moved(previous, cell)) and "latency" not in redo:
+    keep_timing = not cell.evaluation.latency and bool(previous.latency)  # --no-latency keeps what was measured
+    if ("points" in redo or _moved(previous, cell)) and "latency" not in redo and not keep_timing:
         redo.insert(1 if "points" in redo else 0, "latency")  # timed at the headline point, on this device
     if cell.static:
         return _reanalyse_static(cell, previous, out_dir, redo, start, download, memo), redo
@@ -97,7 +99,8 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
 def _reanalysed(previous: CellResult, cell: Cell, redo: list[str], start: float, **changes) -> CellResult:
     """``previous`` with the re-computed ``changes`` (``latency`` among them) and the bookkeeping every
     re-analysis records: the cell's current config and analysis keys, where it was timed, what was re-run."""
-    return replace(previous, **changes, config={**previous.config, **cell.to_dict()}, analysis=cell.analysis_keys(),
+    return replace(previous, **changes, reanalysis_error=None, config={**previous.config, **cell.to_dict()},
+                   analysis=wanted_keys(cell, previous),
                    env_analysis=env_fingerprint(_device_of(changes["latency"], cell), cell.evaluation.threads,
                                                 cell.evaluation.dtype),
                    reanalysed={"stages": redo, "seconds": st.elapsed(start), "finished": st.now()})
@@ -134,9 +137,25 @@ def reusable(previous: CellResult | None, cell: Cell, out_dir: Path) -> str:
     """'reuse', 'reanalyse' or 'run' for a cell given its stored result (its state for ``exitbench plan``)."""
     if previous is None or not previous.ok:
         return "run"
-    if not all(p.exists() for p in st.artifact_paths(out_dir, cell).values()):
-        return "run"  # its traces/weights are gone: recompute from scratch
-    return "reuse" if previous.analysis == cell.analysis_keys() and not _moved(previous, cell) else "reanalyse"
+    if broken_artifacts(out_dir, cell):
+        return "run"  # its traces/weights are gone or damaged: recompute from scratch
+    return "reuse" if previous.analysis == wanted_keys(cell, previous) and not _moved(previous, cell) else "reanalyse"
+
+
+def broken_artifacts(out_dir: Path, cell: Cell) -> dict[str, str]:
+    """The cell's stored traces and weights that are missing, truncated or garbled, with what is wrong
+    (safetensors headers checked, not only existence)."""
+    problems = {name: safetensors_problem(p) for name, p in st.artifact_paths(out_dir, cell).items()}
+    return {name: why for name, why in problems.items() if why}
+
+
+def wanted_keys(cell: Cell, previous: CellResult) -> dict[str, str]:
+    """The analysis keys a stored result should have for ``cell``. With latency off (``--no-latency``: do
+    not time now), the stored timing is kept, and so is its key: nothing measured is thrown away."""
+    keys = cell.analysis_keys()
+    if not cell.evaluation.latency and previous.latency and previous.analysis:
+        keys["latency"] = previous.analysis.get("latency", keys["latency"])
+    return keys
 
 
 def _moved(previous: CellResult, cell: Cell) -> bool:
@@ -195,9 +214,11 @@ def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: b
         claim = try_claim(claim_path(claims_dir, cell), stale_after)
         if claim is None:
             held_elsewhere.append(cell)
-            tqdm.write(f"later {cell.slug()}: another runner ({holder(claim_path(claims_dir, cell))}) has it")
+            tqdm.write(f"later {cell.slug()}: another live runner ({holder(claim_path(claims_dir, cell))}) has it")
             continue
         with claim:
+            if claim.taken_from:
+                tqdm.write(f"took over {cell.slug()} from {claim.taken_from}")
             _run_claimed(cell, path, out_dir, cache_dir, download, memo, counts, stale_after)
     for cell in held_elsewhere:  # wait until its runner finishes it, or take it over if that runner died
         path = cell_path(out_dir, cell)
@@ -208,7 +229,8 @@ def run_matrix(cells: list[Cell], out_dir: Path, cache_dir: Path, *, download: b
             tqdm.write(f"done elsewhere {cell.slug()}")
             continue
         with claim:
-            tqdm.write(f"took over {cell.slug()} (its runner stopped heartbeating)")
+            if claim.taken_from:
+                tqdm.write(f"took over {cell.slug()} from {claim.taken_from}")
             _run_claimed(cell, path, out_dir, cache_dir, download, memo, counts, stale_after)
     return counts
 
@@ -232,20 +254,48 @@ def _run_claimed(cell: Cell, path: Path, out_dir: Path, cache_dir: Path, downloa
         counts["reused"] += 1
         tqdm.write(f"reused {cell.slug()}")
         return
-    try:
+    if previous is not None and previous.ok and todo == "run":
+        tqdm.write(f"recomputing {cell.slug()}: its stored "
+                   + "; ".join(f"{k} {why}" for k, why in broken_artifacts(out_dir, cell).items()))
+    try:  # writing belongs here too: a result that cannot be written (NaN, say) is this cell's error only
         if todo == "reanalyse":
             result, redone = reanalyse(cell, previous, out_dir, download=download, memo=memo)
+            st.write_result(path, result)
             tqdm.write(f"re-analysed {cell.slug()} ({', '.join(redone)}) in {result.reanalysed['seconds']:.1f} s"
                        ", nothing trained")
+            counts["reanalysed"] += 1
         else:
             result = run_cell(cell, out_dir, cache_dir, download=download, memo=memo, stale_after=stale_after)
+            st.write_result(path, result)
+            tqdm.write(f"ok {cell.slug()} in {result.seconds:.0f} s")
+            counts["ok"] += 1
     except KeyboardInterrupt:
         raise
+    except OSError as e:
+        if e.errno in DISK_FULL:  # nothing more can be written: stop the run (what is written is whole)
+            raise
+        _failed(cell, e, path, previous if previous is not None and previous.ok else None, counts)
     except Exception as e:  # recorded in the cell's JSON; the other cells still run
-        result = _error(cell, e)
-        tqdm.write(f"error in {cell.slug()}: {result.error}")
-    st.write_result(path, result)
-    counts["reanalysed" if todo == "reanalyse" and result.ok else result.status] += 1
+        _failed(cell, e, path, previous if previous is not None and previous.ok else None, counts)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _failed(cell: Cell, e: Exception, path: Path, previous: CellResult | None, counts: dict[str, int]) -> None:
+    """Record a failure: an error record, or, when the cell had a good result (a re-analysis, or a recompute
+    after its artifacts were found damaged, failed), that result kept with the failure beside it
+    (``reanalysis_error``): nothing already computed is lost, and the next rerun tries again."""
+    error = _error(cell, e)
+    if previous is not None:
+        kept = replace(previous, reanalysis_error={"error": error.error, "traceback": error.traceback,
+                                                   "finished": st.now()})
+        st.write_result(path, kept)
+        tqdm.write(f"error updating {cell.slug()}: {error.error}; its previous result is kept")
+    else:
+        st.write_result(path, error)
+        tqdm.write(f"error in {cell.slug()}: {error.error}")
+    counts["error"] += 1
 
 
 def preflight(cells: list[Cell], *, download: bool = False, data_optional: bool = False) -> list[str]:

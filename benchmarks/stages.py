@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from exitbench.benchmarks import accounting
 from exitbench.benchmarks import backbones as bb
@@ -53,7 +54,7 @@ from exitbench.results import (
     ThresholdSweep,
     setting_id,
 )
-from exitbench.store import read_json, write_atomic, write_json_atomic
+from exitbench.store import read_json, safetensors_problem, write_atomic, write_json_atomic
 
 BACKBONE_RECIPE_VERSION = "1"  # bump when train_backbone changes in a way that changes weights
 SPLITS = ("calibration", "test")
@@ -154,12 +155,28 @@ def _weights(cell: Cell, splits: Splits, cache_dir: Path, device: torch.device, 
     stats_path = path.with_suffix(".json")
     # several runners may need this backbone at once: the first to claim it trains it, the others wait for
     # the cached weights (no two processes train or write one weights file)
-    claim = wait_for(path.with_name(path.name + ".lock"), lambda: path.exists() and stats_path.exists(), stale_after)
+    claim = wait_for(path.with_name(path.name + ".lock"), lambda: _cache_problem(path, stats_path) is None,
+                     stale_after)
     if claim is None:
         bb.load_weights(backbone, path)
         return backbone.to(device), {"weights": "train", "cache": str(path), "cached": True, **read_json(stats_path)}
     with claim:
+        if path.exists() or stats_path.exists():  # a damaged entry (a full disk, a copy cut short): rebuilt
+            tqdm.write(f"rebuilding the cached backbone {path.name}: {_cache_problem(path, stats_path)}")
         return _train_and_cache(cell, splits, backbone, path, stats_path, device)
+
+
+def _cache_problem(path: Path, stats_path: Path) -> str | None:
+    """What is wrong with a cache entry (its weights file, then its stats), or None when it can be used."""
+    why = safetensors_problem(path)
+    if why:
+        return f"weights {why}"
+    try:
+        return None if isinstance(read_json(stats_path), dict) else "stats are not a mapping"
+    except FileNotFoundError:
+        return "stats missing"
+    except (OSError, ValueError) as e:
+        return f"stats unreadable ({type(e).__name__})"
 
 
 def _train_and_cache(cell: Cell, splits: Splits, backbone: StagedBackbone, path: Path, stats_path: Path,

@@ -18,9 +18,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from exitbench.benchmarks.device import check_precision
-from exitbench.methods.base import Budget, ExitOutputs, UserError
+from exitbench.methods.base import OPTIMIZERS, Budget, ExitOutputs, UserError
 
 LossFn = Callable[[Any, Tensor, nn.Module], Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the cell fails with this message, the run goes on."""
 
 
 def make_optimizer(params: list[nn.Parameter], budget: Budget) -> torch.optim.Optimizer:
@@ -31,7 +35,7 @@ def make_optimizer(params: list[nn.Parameter], budget: Budget) -> torch.optim.Op
         return torch.optim.AdamW(params, lr=budget.lr, betas=budget.betas, weight_decay=budget.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=budget.lr, momentum=0.9, nesterov=True, weight_decay=budget.weight_decay)
-    raise UserError(f"optimizer: unknown optimizer {budget.optimizer!r}; use adam, adamw or sgd")
+    raise UserError(f"optimizer: unknown optimizer {budget.optimizer!r}; use {', '.join(OPTIMIZERS)}")
 
 
 def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: dict[str, DataLoader],
@@ -78,6 +82,9 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
             total += loss.detach().float() * len(y)
             count += len(y)
         losses.append(total.item() / max(count, 1))
+        if not math.isfinite(losses[-1]):  # nothing sensible can follow: stop the cell, not the run
+            raise TrainingDiverged(f"training diverged at epoch {len(losses)} of {budget.epochs}: the mean loss is "
+                                   f"{losses[-1]} (lr {budget.lr:g}, {budget.optimizer}); lower the learning rate")
         if budget.max_seconds is not None and time.perf_counter() - start > budget.max_seconds:
             stopped_early = len(losses) < budget.epochs
             break

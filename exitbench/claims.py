@@ -4,11 +4,12 @@ cell once. Torch-free.
 Before a runner computes a cell (or trains a cached backbone) it *claims* it: it creates the lock file
 ``NAME.lock`` with ``O_CREAT | O_EXCL``, which exactly one process can do, and writes who it is (host,
 pid, a random token) into it. While it works, a heartbeat thread touches the file every
-``stale_after / 4`` seconds. Another runner that finds the lock skips the cell -- unless the lock's
-heartbeat is older than ``stale_after`` seconds (its runner died: ``kill -9``, a lost node, a preempted
-job), in which case it takes the claim over. Taking over is serialised by a second exclusive file,
-``NAME.lock.break``, so two runners that both see a stale lock cannot both take it. Releasing removes the
-lock only if it still holds this claim's token.
+``stale_after / 4`` seconds. Another runner that finds the lock skips the cell -- unless its runner is
+gone: a holder on this host whose process no longer exists (``kill -9``, a requeued job on the same node)
+is taken over at once; one on another host when its heartbeat is older than ``stale_after`` seconds (a
+lost node, a preempted job elsewhere), since its process cannot be checked from here. Taking over is
+serialised by a second exclusive file, ``NAME.lock.break``, so two runners that both see a stale lock
+cannot both take it. Releasing removes the lock only if it still holds this claim's token.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ DEFAULT_STALE_AFTER = 600.0  # seconds without a heartbeat after which a claim c
 
 
 class Claim:
-    """A held claim on ``path`` (a ``.lock`` file); its heartbeat runs until :meth:`release`."""
+    """A held claim on ``path`` (a ``.lock`` file); its heartbeat runs until :meth:`release`.
+    ``taken_from``: when the claim was taken over, whose it was and why (for the log)."""
 
-    def __init__(self, path: Path, token: str, stale_after: float):
-        self.path, self.token = path, token
+    def __init__(self, path: Path, token: str, stale_after: float, taken_from: str | None = None):
+        self.path, self.token, self.taken_from = path, token, taken_from
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, args=(max(0.05, stale_after / 4),), daemon=True)
         self._beat.start()
@@ -86,9 +88,24 @@ def _age(path: Path) -> float | None:
 
 
 def held_live(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
-    """Whether a runner holds the lock ``path`` and has heartbeated within ``stale_after`` seconds."""
+    """Whether a runner holds the lock ``path``: it has heartbeated within ``stale_after`` seconds and, when
+    it is on this host, its process is alive."""
     age = _age(Path(path))
-    return age is not None and age <= stale_after
+    return age is not None and age <= stale_after and not dead_here(path)
+
+
+def dead_here(path: str | Path) -> bool:
+    """Whether the lock's holder ran on this host and its process is gone (its PID no longer exists)."""
+    o = _owner(Path(path))
+    if o.get("host") != socket.gethostname() or not isinstance(o.get("pid"), int) or o["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(o["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's process): alive
+        return False
+    return False
 
 
 def try_claim(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:
@@ -99,14 +116,16 @@ def try_claim(path: str | Path, stale_after: float = DEFAULT_STALE_AFTER) -> Cla
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    token = _create(p)
+    token, taken_from = _create(p), None
     if token is None:
         if held_live(p, stale_after):
             return None
+        why = "its process is gone" if dead_here(p) else f"no heartbeat for {stale_after:g} s"
+        taken_from = f"{holder(p)}: {why}"
         token = _take_over(p, stale_after)
         if token is None:
             return None
-    return Claim(p, token, stale_after)
+    return Claim(p, token, stale_after, taken_from)
 
 
 def _take_over(p: Path, stale_after: float) -> str | None:

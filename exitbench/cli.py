@@ -7,14 +7,16 @@ end as one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from exitbench.errors import UserError
+from exitbench.errors import Terminated, UserError, raise_terminated
 
 DEFAULT_OUT = "exitbench_results"
 # `exitbench doctor` fails when a per-sample variant's predictions or exits differ from the offline trace in
@@ -45,21 +47,17 @@ def _cells(args: argparse.Namespace, matrix: dict | None = None, data_optional: 
 
 def _check_out(out: Path) -> None:
     """--out must be a writable directory (or creatable): checked before anything trains."""
+    from exitbench.store import check_writable_dir
+
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file, not a directory; give a directory for the results")
-    try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        probe = out / "cells" / f".write-check.{os.getpid()}.tmp"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--out: cannot write to {out} ({e.strerror or e}); choose a writable directory") from None
+    check_writable_dir(out / "cells", "--out")
 
 
 def _check_claims(claims: Path, timeout: float | None) -> None:
     """The claims directory must be writable (a lock file is created there before each cell)."""
-    if timeout is not None and not timeout > 0:
-        raise UserError(f"--claim-timeout: must be a positive number of seconds, got {timeout:g}")
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise UserError(f"--claim-timeout: must be a positive, finite number of seconds, got {timeout:g}")
     try:
         claims.mkdir(parents=True, exist_ok=True)
         probe = claims / f".write-check.{os.getpid()}.lock"
@@ -85,14 +83,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.store import read_json, write_manifest
 
     t0 = time.perf_counter()
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads: must be a positive number of CPU threads, got {args.threads}")
+    _positive(args.threads, "--threads", "CPU threads")
     executor = parse_executor(args.executor)  # executor mistakes: one line, before anything is built
     if executor.kind == "slurm":
         slurm = slurm_options(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem, args.slurm_opt,
                               args.slurm_chunk, args.slurm_parallel)
         check_slurm()
-    elif any(v for v in (args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem, args.slurm_opt)):
+    elif (any(v is not None for v in (args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem,
+                                       args.slurm_opt, args.slurm_parallel)) or args.slurm_chunk != 1):
         raise UserError("--slurm-*: these options are for --executor slurm; add it, or drop them")
     matrix = load_matrix(args.matrix)
     if args.smoke:  # smoke results are not results: their own directory and matrix name
@@ -151,11 +149,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts["error"] else 0
 
 
-def _csv(text: str, kind: type = str) -> tuple:
+def _csv(text: str, option: str, kind: type = str) -> tuple:
+    """A comma-separated option's values; a one-line error naming ``option`` when one is not a ``kind``."""
+    what = {int: "whole numbers", float: "numbers"}.get(kind, "names")
     try:
-        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+        values = tuple(kind(x.strip()) for x in text.split(","))
+    except ValueError:  # an empty item ("0.1,,0.2") lands here too: a typo, not a shorter list
+        raise UserError(f"{option}: expected comma-separated {what}, got {text!r}") from None
+    if any(not x.strip() for x in text.split(",")):
+        raise UserError(f"{option}: expected comma-separated {what}, got {text!r}")
+    return values
+
+
+def _positive(value: int | None, option: str, what: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{option}: must be a positive number of {what}, got {value}")
 
 
 def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
@@ -164,8 +172,10 @@ def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
 
     if args.no_risk_control:
         return [replace(c, risk_control=RiskControl(enabled=False)) for c in cells]
-    given = {"rules": args.rc_rules and _csv(args.rc_rules), "risks": args.rc_risks and _csv(args.rc_risks),
-             "eps": args.rc_eps and _csv(args.rc_eps, float), "delta": args.rc_delta, "trials": args.rc_trials}
+    given = {"rules": args.rc_rules and _csv(args.rc_rules, "--rc-rules"),
+             "risks": args.rc_risks and _csv(args.rc_risks, "--rc-risks"),
+             "eps": args.rc_eps and _csv(args.rc_eps, "--rc-eps", float), "delta": args.rc_delta,
+             "trials": args.rc_trials}
     given = {k: v for k, v in given.items() if v is not None and v != ""}
     if not given:
         return cells
@@ -173,7 +183,7 @@ def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
     for c in cells:
         base = c.risk_control if c.risk_control.enabled else RiskControl()
         rc = replace(base, enabled=True, **given)
-        rc.check("--rc options")
+        rc.check("--rc options", {k: f"--rc-{k}" for k in given})
         out.append(replace(c, risk_control=rc))
     return out
 
@@ -308,7 +318,12 @@ def cmd_time(args: argparse.Namespace) -> int:
     out = Path(args.results)
     if not out.is_dir():
         raise UserError(f"{out}: no such results directory; give the --out of an `exitbench run`")
-    done, skipped = retime(out, args.device, batch_sizes=_csv(args.batch_sizes, int) if args.batch_sizes else (),
+    batch_sizes = _csv(args.batch_sizes, "--batch-sizes", int) if args.batch_sizes is not None else ()
+    if any(b < 1 for b in batch_sizes):
+        raise UserError(f"--batch-sizes: batch sizes must be >= 1, got {args.batch_sizes!r}")
+    _positive(args.repeats, "--repeats", "timing repeats")
+    _positive(args.threads, "--threads", "CPU threads")
+    done, skipped = retime(out, args.device, batch_sizes=batch_sizes,
                            repeats=args.repeats, threads=args.threads, fast=args.fast)
     write_summary(out)
     print(f"exitbench: re-timed {len(done)} cells of {out} on {args.device} in {time.perf_counter() - t0:.0f} s"
@@ -374,7 +389,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from exitbench.methods.base import get_method
 
     cls = get_method(args.method)
-    backbones = tuple(_csv(args.backbones)) if args.backbones else BACKBONES
+    backbones = tuple(_csv(args.backbones, "--backbones")) if args.backbones else BACKBONES
     report = run_checks(cls, backbones)
     for check, backbone, msg in report:
         print(f"  {'FAIL' if msg else 'ok  '} {check:<8} {backbone:<18} {msg or ''}".rstrip())
@@ -495,8 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A file system that refuses a write: one line naming the file, not a traceback (nothing finished is lost)
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    before = signal.signal(signal.SIGTERM, raise_terminated)  # kill / a scheduler: unwound like Ctrl-C
     try:
         return args.func(args)
     except UserError as e:
@@ -505,9 +526,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        print(f"exitbench: error: cannot write {e.filename or 'a file'}: {_WRITE_ERRORS[e.errno]}; free space or "
+              "choose another --out (finished cells are saved and a rerun resumes)", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("exitbench: stopped by SIGTERM; claims released, finished cells saved, a rerun resumes (exit 143)",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("exitbench: interrupted; finished cells are saved and a rerun resumes", file=sys.stderr)
+        print("exitbench: interrupted; claims released, finished cells saved, a rerun resumes (exit 130)",
+              file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,16 @@ class UserError(ValueError):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill`` and schedulers send), raised like Ctrl-C's KeyboardInterrupt so that the same
+    unwinding releases every claim and keeps every finished result; see :func:`raise_terminated`."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: ``signal.signal(signal.SIGTERM, raise_terminated)``."""
+    raise Terminated
+
+
 def did_you_mean(name: str, valid: Sequence[str]) -> str:
     """A hint naming the valid names closest to ``name`` (or all of them when few)."""
     close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)

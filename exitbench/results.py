@@ -8,7 +8,8 @@ promises (``promise``). ``schema_version`` is checked on read: a newer one is re
 refused with what to do (results of schema 2 and older are recomputed by ``exitbench run``).
 
 JSON cannot hold +inf, which is a real threshold ("never leave at this exit"); it is written as the
-string ``"inf"`` and read back as a float.
+string ``"inf"`` and read back as a float. Every other non-finite float a result holds is written the same
+way (``"-inf"``, ``"nan"``), so that a result is always valid JSON.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ POINT_KINDS: dict[str, str] = {
 
 
 def _enc(x: float) -> float | str:
-    return "inf" if x == math.inf else x
+    return x if math.isfinite(x) else str(x)  # "inf", "-inf" or "nan": JSON has no such numbers
 
 
 def _dec(x: Any) -> Any:
-    return math.inf if x == "inf" else x
+    return float(x) if x in ("inf", "-inf", "nan") else x
 
 
 def _build(cls: type, d: dict, **nested: Any) -> Any:
@@ -344,6 +345,7 @@ class CellResult:
     seconds: float | None = None
     finished: str | None = None
     reanalysed: dict | None = None
+    reanalysis_error: dict | None = None  # the last re-analysis failed (error, traceback, finished): result kept
     env_analysis: dict | None = None
     error: str | None = None
     traceback: str | None = None

@@ -29,6 +29,24 @@ def _host() -> str:
     return socket.gethostname().replace(".", "-") or "host"  # no dots: the name is split on them
 
 
+def check_writable_dir(folder: str | Path, option: str) -> None:
+    """``folder`` is (or can be made) a directory this process can write to; else a one-line UserError
+    naming ``option``. Called before any work, so that a bad output path costs nothing."""
+    from exitbench.errors import UserError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option}: {folder} is a file, not a directory; give a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tmp_path(folder / ".write-check")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{option}: cannot write to {folder} ({e.strerror or e}); choose a writable "
+                        "directory") from None
+
+
 def tmp_path(path: str | Path) -> Path:
     """The temporary sibling a writer fills before the rename: ``.NAME.HOST.PID.tmp``."""
     p = Path(path)
@@ -100,6 +118,32 @@ def remove_orphans(folder: str | Path) -> list[Path]:
     return removed
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with the safetensors file ``path`` (missing, truncated, garbled), or None when it is whole:
+    the 8-byte header length, the JSON header, and the tensors' byte ranges that must end exactly at the end of
+    the file. Cheap (reads the header only): run whenever a stored artifact is about to be trusted."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= size - 8:
+                return f"{size} bytes, too short for its header"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return "no tensor table in its header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if max(ends, default=0) != size - 8 - n:
+        return f"truncated or padded ({size} bytes, its header describes {8 + n + max(ends, default=0)})"
+    return None
+
+
 def write_manifest(results_dir: str | Path, matrix: str, cells: list[str], schema_version: int) -> None:
     """Record which cells (file stems under cells/) the latest matrix run of ``results_dir`` covers;
     reports and compare use these and list any other cells found as not part of the latest run."""
@@ -109,12 +153,21 @@ def write_manifest(results_dir: str | Path, matrix: str, cells: list[str], schem
 
 
 def read_manifest(results_dir: str | Path) -> dict | None:
-    """The manifest of ``results_dir``, or None when there is none (results from before manifests)."""
+    """The manifest of ``results_dir``, or None when there is none (results from before manifests); a
+    manifest that cannot be read is a one-line UserError (guessing which cells it listed would mislead)."""
+    from exitbench.errors import UserError
+
+    path = Path(results_dir) / MANIFEST
     try:
-        m = read_json(Path(results_dir) / MANIFEST)
-    except (OSError, json.JSONDecodeError):
+        m = read_json(path)
+    except FileNotFoundError:
         return None
-    return m if isinstance(m, dict) and isinstance(m.get("cells"), list) else None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        m = e
+    if not (isinstance(m, dict) and isinstance(m.get("cells"), list)):
+        raise UserError(f"{path}: not an exitbench manifest ({type(m).__name__}); delete it to cover every cell "
+                        "found, or rerun `exitbench run` with this --out to rewrite it")
+    return m
 
 
 def latest_run(results_dir: str | Path, paths: list[Path]) -> tuple[list[Path], list[Path]]:

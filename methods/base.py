@@ -9,6 +9,7 @@ builds heads and defines the training loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -340,6 +341,9 @@ class Budget:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast in the shared training loop (fp16 on CUDA only)
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")  # what Budget.optimizer may name (benchmarks.training.make_optimizer)
+
+
 REGIMES = ("disjoint", "mixed", "joint")  # training regimes, see Method.regimes
 
 Trainer = Callable[..., dict]
@@ -372,6 +376,7 @@ class HParam:
     low: float | None = None
     high: float | None = None
     positive: bool = False
+    list_ok: bool = False  # a text default that also takes a list (placement: a name, or block names/fractions)
 
     def check(self, name: str, value: Any, method: str) -> Any:
         """The value, checked (an integral float for an int default becomes an int); a one-line
@@ -394,6 +399,11 @@ class HParam:
                 hint = f"YAML reads {value} as text: write it with a dot, e.g. {float(value)!r}"
             except ValueError:
                 pass
+        if number and not math.isfinite(value):
+            raise UserError(f"{where}: expected a finite number")
+        listed = self.list_ok and isinstance(value, (list, tuple))
+        if isinstance(d, str) and not isinstance(value, str) and not listed:
+            raise UserError(f"{where}: expected {'a name or a list' if self.list_ok else 'a name'} ({hint})")
         if isinstance(d, int) and not (number and float(value).is_integer()):
             raise UserError(f"{where}: expected an integer ({hint})")
         if isinstance(d, float) and not number:
@@ -433,7 +443,8 @@ COMMON_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
 # The hyper-parameters every method with placed exits and the shared loop declares the same way; a method
 # file writes ``"n_exits": N_EXITS`` rather than repeating the declaration (and may declare its own instead).
 N_EXITS = HParam(3, "number of early exits")
-PLACEMENT = HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions")
+PLACEMENT = HParam("fine", "fine | pareto | linear | gold_ratio | list of block names or cost fractions",
+                   list_ok=True)
 PRECISION = HParam("fp32", "training precision: fp32, bf16 or fp16 (autocast; fp16 needs CUDA)",
                    ("fp32", "bf16", "fp16"))
 
@@ -469,6 +480,10 @@ class Method:
         for k, spec in self.hparams.items():
             if k in hparams or spec.choices is not None:
                 self.hp[k] = spec.check(k, self.hp[k], self.name)
+        placement = hparams.get("placement")
+        if isinstance(placement, (list, tuple)) and "n_exits" in hparams and len(placement) != self.hp["n_exits"]:
+            raise UserError(f"method {self.name}: placement lists {len(placement)} exits but n_exits is "
+                            f"{self.hp['n_exits']}; make them agree, or leave n_exits out")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hp.items())})"
@@ -543,7 +558,8 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint", "HParam", "Method",
+    "ENTRY_POINT_GROUP", "OPTIMIZERS", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint", "HParam",
+    "Method",
     "MultiExitNet", "Policy", "REGIMES", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
     "list_methods", "merge_phases", "N_EXITS", "PLACEMENT", "PRECISION", "place_exits", "register_method",
 ]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exitbench.reports import load
-from exitbench.store import write_text_atomic
+from exitbench.store import check_writable_dir, write_text_atomic
 
 Getter = Callable[[dict], float | None]
 
@@ -249,6 +249,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         if args.k <= 0:
             raise load.ReportError(f"--k must be positive, not {args.k:g}")
+        if args.out:
+            check_writable_dir(Path(args.out).parent, "--out")
         a, b = load.load_cells(args.a, args.all), load.load_cells(args.b, args.all)
     except load.UserError as e:
         print(f"exitbench: error: {e}", file=sys.stderr)

@@ -32,7 +32,7 @@ from exitbench.results import (
     setting_label,
     setting_labels,
 )
-from exitbench.store import latest_run, read_json
+from exitbench.store import latest_run, read_json, read_manifest
 
 
 class ReportError(UserError):
@@ -82,6 +82,16 @@ def load_cells(results_dir: str | Path, all_cells: bool = False) -> list[CellRes
     for r in out:
         r.label = labels.get(label_key(r)) or setting(r)
     return out
+
+
+def missing_cells(results_dir: str | Path, loaded: list[CellResult]) -> tuple[int, list[str]]:
+    """(how many cells the latest run listed, those of them without a readable result): what a report made
+    while a run is under way, or after some cells failed to write, does not show. (0, []) without a manifest."""
+    m = read_manifest(results_dir)
+    if m is None:
+        return 0, []
+    have = {Path(r.path).stem for r in loaded if r.path}
+    return len(m["cells"]), [c for c in m["cells"] if c not in have]
 
 
 # ---------------------------------------------------------------------------------------------- keys

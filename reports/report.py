@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exitbench.reports import figures, load, risk_summary, significance, static, sweeps, tables
-from exitbench.store import write_atomic, write_text_atomic
+from exitbench.store import check_writable_dir, write_atomic, write_text_atomic
 
 
 @dataclass
@@ -44,7 +44,8 @@ def _failures(results: list[load.CellResult]) -> list[str]:
 
 def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False,
           log=None, all_cells: bool = False) -> dict[str, list[Path] | Path]:
-    """Write the whole report for ``results_dir`` into ``out_dir``; returns the paths written."""
+    """Write the whole report for ``results_dir`` into ``out_dir``; returns the paths written, and under
+    ``missing`` the latest run's cells that have no result (the report says it is partial)."""
     results = load.load_cells(results_dir, all_cells)
     out = Path(out_dir)
     fig_dir, tab_dir = out / "figures", out / "tables"
@@ -57,6 +58,14 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
                         f"{sum(r.status == 'error' for r in results)} errors; {n_set} method settings"
                         + (f", {n_static} static baselines" if statics else "") + ". "
                         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."))
+    listed, missing = load.missing_cells(results_dir, results)
+    if missing:  # a partial view says so, and which cells it lacks
+        shown = ", ".join(f"`{c}`" for c in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20
+                                                             else "")
+        blocks.append(("p", f"**Partial: this report covers {listed - len(missing)} of the {listed} cells of the "
+                            f"latest run**; {len(missing)} have no result yet (still running, not run, or "
+                            f"unreadable): {shown}."))
+    written["missing"] = missing
     blocks.append(("p", f"Environment: {load.env_note(results)}."))
 
     def figure(fig, stem: str, caption: str) -> None:
@@ -274,6 +283,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else Path(args.results) / "report"
     try:
+        check_writable_dir(out, "--out")  # before the figures are drawn
         written = build(args.results, out, paper_view=args.paper_view, all_cells=getattr(args, "all", False))
     except load.UserError as e:
         print(f"exitbench: error: {e}", file=sys.stderr)
@@ -283,4 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"{sum(p.suffix == '.tex' for p in written['tables'])} LaTeX tables) in {time.perf_counter() - t0:.1f} s")
     for p in written["report"]:
         print(f"  {p}")
+    if written["missing"]:
+        print(f"exitbench: partial: {len(written['missing'])} cells of the latest run have no result yet; the report "
+              "says which")
     return 0

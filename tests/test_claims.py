@@ -58,6 +58,23 @@ def test_the_heartbeat_keeps_a_claim_fresh(tmp_path):
         assert try_claim(lock, stale_after=0.4) is None
 
 
+def test_a_claim_whose_process_is_gone_on_this_host_is_taken_at_once(tmp_path):
+    lock = tmp_path / "a.lock"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = try_claim(lock)  # a fresh heartbeat, written as if by that (now finished) process
+    dead._stop.set()
+    owner = json.loads(lock.read_text())
+    lock.write_text(json.dumps({**owner, "pid": int(gone.stdout)}))
+    taker = try_claim(lock)  # the default stale_after (600 s) does not matter: its process is gone
+    assert taker is not None and "its process is gone" in taker.taken_from and str(int(gone.stdout)) in taker.taken_from
+    assert try_claim(lock) is None  # this process is alive: its claim is not taken
+    taker.release()
+    other_host = try_claim(lock)
+    other_host._stop.set()
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "host": "elsewhere", "pid": int(gone.stdout)}))
+    assert try_claim(lock) is None  # another host's process cannot be checked: its heartbeat decides
+
+
 def test_waiting_returns_when_the_work_is_done_elsewhere(tmp_path):
     lock, done = tmp_path / "bb.lock", tmp_path / "bb.done"
     other = try_claim(lock)
@@ -95,19 +112,37 @@ def test_two_runners_compute_each_cell_once(tmp_path):
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs kill -9")
 def test_a_killed_runner_is_taken_over(tmp_path, capsys):
     matrix, out = _write(tmp_path, FOUR), tmp_path / "out"
-    a = _runner(out, matrix, "--claim-timeout", "2")
-    deadline = time.time() + 300
-    while not list((out / "claims").glob("*.lock")) and time.time() < deadline:  # a has claimed a cell
-        time.sleep(0.05)
+    a = _runner(out, matrix)
+    _wait_for_a_claim(out)
     a.send_signal(signal.SIGKILL)
     a.wait()
     assert list((out / "claims").glob("*.lock"))  # its claim is left behind
-    assert main(["run", matrix, "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet", "--no-latency",
-                 "--claim-timeout", "2"]) == 0
+    # the default --claim-timeout (600 s): its process is gone on this host, so the claim is taken at once
+    assert main(["run", matrix, "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet", "--no-latency"]) == 0
     results = _results(out)
     assert len(results) == 4 and all(r["status"] == "ok" for r in results)
-    assert "took over" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "took over" in log and "its process is gone" in log and f":{a.pid}" in log
     assert not list((out / "claims").glob("*.lock"))
+
+
+def test_sigterm_releases_the_claims_in_one_line(tmp_path, capsys):
+    matrix, out = _write(tmp_path, FOUR), tmp_path / "out"
+    a = _runner(out, matrix)
+    _wait_for_a_claim(out)
+    a.send_signal(signal.SIGTERM)
+    log = a.communicate(timeout=120)[0]
+    assert a.returncode == 143 and "Traceback" not in log, log
+    assert log.strip().splitlines()[-1].startswith("exitbench: stopped by SIGTERM; claims released")
+    assert not list((out / "claims").glob("*.lock")) and not list((tmp_path / "cache").glob("*.lock"))
+    assert main(["run", matrix, "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet", "--no-latency"]) == 0
+    assert len(_results(out)) == 4 and "took over" not in capsys.readouterr().out  # nothing left to take over
+
+
+def _wait_for_a_claim(out: Path) -> None:
+    deadline = time.time() + 300
+    while not list((out / "claims").glob("*.lock")) and time.time() < deadline:  # it has claimed a cell
+        time.sleep(0.05)
 
 
 def test_a_claims_directory_that_cannot_be_written_is_refused(tmp_path, capsys):
@@ -117,5 +152,5 @@ def test_a_claims_directory_that_cannot_be_written_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("exitbench: error: --claims: cannot create lock files in") and "\n" not in err
     assert main(["run", _write(tmp_path, TINY), "--out", str(tmp_path / "out"), "--claim-timeout", "0"]) == 2
-    assert "--claim-timeout: must be a positive number of seconds" in capsys.readouterr().err
+    assert "--claim-timeout: must be a positive, finite number of seconds" in capsys.readouterr().err
     assert not list((tmp_path / "out" / "cells").glob("*.json"))

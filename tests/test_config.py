@@ -33,12 +33,12 @@ def test_grid_expands_and_records_the_swept_keys():
     ({"methods": [{"name": "ztw", "regime": "mixed"}]}, "methods[0].regime: ztw trains in disjoint, not 'mixed'"),
     ({"methods": [{"name": "sdn", "regime": "joined"}]}, "not 'joined'; did you mean 'joint'"),
     ({"exits": {"n_exit": 2}, "methods": ["pteenet"]}, "exits.n_exit: unknown key; did you mean 'n_exits'"),
-    ({"methods": ["pteenet"], "seeds": ["a"]}, "seeds: expected a non-empty list of integers"),
+    ({"methods": ["pteenet"], "seeds": ["a"]}, "seeds[0]: expected a whole number from 0 to"),
     ({"methods": ["pteenet"], "evaluation": {"grid_size": "many"}}, "evaluation.grid_size: expected a number"),
     ({"methods": ["pteenet"], "backbone_training": {"epoch": 2}}, "did you mean 'epochs'"),
     ({"methods": [{"name": "pteenet", "grid": {"lam": [1], "bogus": [1]}}]}, "unknown hyper-parameter 'bogus'"),
     ({"backbones": ["test_resnet"], "datasets": [{"name": "synthetic", "nn": 3}], "methods": ["pteenet"]},
-     "datasets[0]: dataset.nn: unknown option"),
+     "datasets[0].nn: unknown option for synthetic; did you mean 'n'?"),
 ])
 def test_errors_name_the_field(matrix, message):
     with pytest.raises(UserError) as e:
