@@ -7,7 +7,6 @@ those whose evaluation-only settings changed, and retries errors; results are wr
 
 from __future__ import annotations
 
-import errno
 import time
 import traceback
 from dataclasses import replace
@@ -25,7 +24,7 @@ from exitbench.benchmarks.latency import num_threads
 from exitbench.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
 from exitbench.methods.base import StagedBackbone, UserError, get_method
 from exitbench.results import SCHEMA_VERSION, CellResult
-from exitbench.store import read_json, remove_orphans, safetensors_problem, write_manifest
+from exitbench.store import DISK_FULL, read_json, remove_orphans, safetensors_problem, write_manifest
 
 
 def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None,
@@ -271,15 +270,10 @@ def _run_claimed(cell: Cell, path: Path, out_dir: Path, cache_dir: Path, downloa
             counts["ok"] += 1
     except KeyboardInterrupt:
         raise
-    except OSError as e:
-        if e.errno in DISK_FULL:  # nothing more can be written: stop the run (what is written is whole)
+    except Exception as e:  # recorded in the cell's JSON; the other cells still run
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # nothing more can be written: stop the run
             raise
         _failed(cell, e, path, previous if previous is not None and previous.ok else None, counts)
-    except Exception as e:  # recorded in the cell's JSON; the other cells still run
-        _failed(cell, e, path, previous if previous is not None and previous.ok else None, counts)
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _failed(cell: Cell, e: Exception, path: Path, previous: CellResult | None, counts: dict[str, int]) -> None:

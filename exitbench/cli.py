@@ -7,7 +7,6 @@ end as one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 import signal
@@ -17,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from exitbench.errors import Terminated, UserError, raise_terminated
+from exitbench.store import DISK_FULL
 
 DEFAULT_OUT = "exitbench_results"
 # `exitbench doctor` fails when a per-sample variant's predictions or exits differ from the offline trace in
@@ -510,9 +510,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# A file system that refuses a write: one line naming the file, not a traceback (nothing finished is lost)
-_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only file system"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,9 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:
-        if e.errno not in _WRITE_ERRORS:
+        if e.errno not in DISK_FULL:  # a full disk: one line naming the file, not a traceback
             raise
-        print(f"exitbench: error: cannot write {e.filename or 'a file'}: {_WRITE_ERRORS[e.errno]}; free space or "
+        print(f"exitbench: error: cannot write {e.filename or 'a file'}: {DISK_FULL[e.errno]}; free space or "
               "choose another --out (finished cells are saved and a rerun resumes)", file=sys.stderr)
         return 2
     except Terminated:

@@ -10,6 +10,7 @@ after a day: its PIDs cannot be checked from here).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+# errnos after which nothing more can be written: the run stops with one line instead of failing every cell
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system"}
 
 
 ORPHAN_AGE_OTHER_HOST = 86400.0  # seconds after which another host's temporary file counts as abandoned
