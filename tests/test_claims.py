@@ -75,6 +75,72 @@ def test_a_claim_whose_process_is_gone_on_this_host_is_taken_at_once(tmp_path):
     assert try_claim(lock) is None  # another host's process cannot be checked: its heartbeat decides
 
 
+def test_a_reused_pid_does_not_keep_a_dead_claim_alive(tmp_path):
+    lock = tmp_path / "a.lock"
+    dead = try_claim(lock)
+    dead._stop.set()
+    # as if written by an earlier process that had this PID (a requeued task in a fresh PID namespace)
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "token": "old", "started": 1}))
+    taker = try_claim(lock)
+    assert taker is not None and "its PID is now another process's" in taker.taken_from
+    taker.release()
+
+
+def _slurm_env(monkeypatch, job: str, task: str, restart: int) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", job)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+
+
+def test_a_requeued_task_takes_its_own_earlier_claim_at_once(tmp_path, monkeypatch):
+    lock = tmp_path / "a.lock"
+    _slurm_env(monkeypatch, "7", "3", 0)
+    first = try_claim(lock)
+    first._stop.set()
+    assert json.loads(lock.read_text())["slurm"] == {"job": "7_3", "restart": 0}
+    assert holder(lock).endswith("(slurm 7_3)")
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "host": "node-a"}))  # it ran on another node
+    assert try_claim(lock) is None  # the same life of the task: its claim stands
+    _slurm_env(monkeypatch, "7", "3", 1)  # requeued: the fresh heartbeat does not matter
+    again = try_claim(lock)
+    assert again is not None and "this Slurm task (7_3) before its requeue" in again.taken_from
+    again.release()
+
+
+@pytest.mark.parametrize(("answer", "taken"), [("RUNNING", False), ("PENDING", True), ("", True)])
+def test_a_claim_whose_slurm_job_is_not_running_is_taken_at_once(tmp_path, monkeypatch, answer, taken):
+    from exitbench import claims
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho '{answer}'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(claims, "_squeue_memo", {})
+    lock = tmp_path / "a.lock"
+    _slurm_env(monkeypatch, "7", "1", 0)
+    other = try_claim(lock)
+    other._stop.set()
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "host": "node-b"}))
+    _slurm_env(monkeypatch, "7", "2", 0)  # another task of the array finds it
+    got = try_claim(lock)
+    assert (got is not None) == taken
+    if taken:
+        assert f"its Slurm job 7_1 is {'pending' if answer else 'no longer queued'}" in got.taken_from
+        got.release()
+
+
+def test_release_all_frees_every_claim_of_this_process(tmp_path):
+    from exitbench.claims import release_all
+
+    release_all()  # what earlier tests left held
+    a, b = try_claim(tmp_path / "a.lock"), try_claim(tmp_path / "b.lock")
+    assert release_all() == 2 and not (tmp_path / "a.lock").exists() and not (tmp_path / "b.lock").exists()
+    a.release()  # the owner's own release afterwards is harmless
+    assert release_all() == 0 and not b.held()
+
+
 def test_waiting_returns_when_the_work_is_done_elsewhere(tmp_path):
     lock, done = tmp_path / "bb.lock", tmp_path / "bb.done"
     other = try_claim(lock)
