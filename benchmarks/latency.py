@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from exitbench.benchmarks import lease
 from exitbench.benchmarks.fast import FastPathUnavailable, buckets_for
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS, LatencyVariant, Run
 from exitbench.methods.base import MultiExitNet, Policy
@@ -88,19 +89,20 @@ def _pass(runs: list[Run], device: torch.device) -> float:
 
 @contextmanager
 def on_device(device: torch.device) -> Iterator[None]:
-    """The timed region's device settings: on CUDA the cell's device is the current one (events, graphs and
-    compiled kernels are made there, so ``cuda:1`` works) and cuDNN's shape autotuning is off (restored
-    after); elsewhere nothing changes."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        with torch.cuda.device(device):
+    """The timed region's device settings: the device held exclusively (no other runner's cell works on it
+    meanwhile, ``lease.timing``); on CUDA the cell's device is the current one (events, graphs and compiled
+    kernels are made there, so ``cuda:1`` works) and cuDNN's shape autotuning is off (restored after)."""
+    with lease.timing(device):
+        if device.type != "cuda":
             yield
-    finally:
-        torch.backends.cudnn.benchmark = before
+            return
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            with torch.cuda.device(device):
+                yield
+        finally:
+            torch.backends.cudnn.benchmark = before
 
 
 # The GPU protocol: kernels are asynchronous and clocks ramp up, so far more warm-up and repeats than on the
