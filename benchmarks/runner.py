@@ -7,6 +7,7 @@ those whose evaluation-only settings changed, and retries errors; results are wr
 
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from dataclasses import replace
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from exitbench.benchmarks import lease, static
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks import static
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import DataMissing, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
@@ -33,13 +34,13 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
     ``stale_after``: how long a claim on a backbone being trained may go without a heartbeat."""
     start = time.perf_counter()
     device = resolve_device(cell.evaluation.device, "evaluation.device")
-    with num_threads(cell.evaluation.threads):
+    with num_threads(cell.evaluation.threads), lease.working(device):  # timing takes the device to itself
         prepare(device)
         splits = st.prepare_data(cell, download, memo)
         ref = st.prepare_backbone(cell, splits, cache_dir, device, stale_after=stale_after, memo=memo)
         if cell.static:  # a plain model from `baselines`: no method to fit, nothing to exit
             return static.run(cell, splits, ref, out_dir, to_tensors(splits.test)[0], st.elapsed(start))
-        fitted = st.fit_method(cell, splits, ref.backbone, device)
+        fitted = st.fit_method(cell, splits, ref.backbone, device, st.partial_dir(out_dir, cell))
         traces = st.record_traces(fitted.net, splits, st.frozen_identity(cell, ref, fitted), memo)
         st.save_artifacts(out_dir, cell, traces, fitted.net)  # the raw traces: scaling is an analysis
         traces, temps = st.scale_traces(cell, traces)
@@ -274,6 +275,8 @@ def _run_claimed(cell: Cell, path: Path, out_dir: Path, cache_dir: Path, downloa
         if isinstance(e, OSError) and e.errno in DISK_FULL:  # nothing more can be written: stop the run
             raise
         _failed(cell, e, path, previous if previous is not None and previous.ok else None, counts)
+    # its outcome is stored: the epoch checkpoints are not needed any more (an interrupted cell keeps them)
+    shutil.rmtree(st.partial_dir(out_dir, cell), ignore_errors=True)
 
 
 def _failed(cell: Cell, e: Exception, path: Path, previous: CellResult | None, counts: dict[str, int]) -> None:

@@ -14,7 +14,9 @@ import copy
 import hashlib
 import json
 import math
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, exit
 from exitbench.benchmarks.latency import default_batch_sizes, effective_batch_sizes, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, stage_features
-from exitbench.benchmarks.training import method_trainer, predict_logits, train_backbone
+from exitbench.benchmarks.training import method_trainer, predict_logits, resumable, train_backbone
 from exitbench.claims import DEFAULT_STALE_AFTER, wait_for
 from exitbench.methods import calibration, temperature
 from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError, get_method
@@ -184,9 +186,12 @@ def _train_and_cache(cell: Cell, splits: Splits, backbone: StagedBackbone, path:
     budget = cell.backbone_training
     backbone.to(device)
     loader = make_loader(splits.train, budget.batch_size, True, cell.seed, device=device)
-    stats = {**train_backbone(backbone, {"train": loader}, budget), "device": str(device)}
+    partial = path.with_name(path.stem + ".partial")  # epoch checkpoints: a preempted training resumes
+    with resumable(partial):
+        stats = {**train_backbone(backbone, {"train": loader}, budget), "device": str(device)}
     bb.save_weights(backbone, path)  # atomic: a crash never leaves a half-written cache entry
     write_json_atomic(stats_path, stats)
+    shutil.rmtree(partial, ignore_errors=True)
     return backbone, {"weights": "train", "cache": str(path), "cached": False, **stats}
 
 
@@ -224,9 +229,11 @@ def place(cell: Cell, method: Method, backbone: StagedBackbone) -> list:
         raise UserError(f"{cell.where}.hparams (on {cell.backbone}): {e}") from None
 
 
-def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: torch.device | None = None) -> Fitted:
+def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: torch.device | None = None,
+               partial: Path | None = None) -> Fitted:
     """Place the exits, build the multi-exit net (on a copy of the backbone when the method trains it),
-    cost its exits, and train it on train (calibration only for early stopping); eval mode on return."""
+    cost its exits, and train it on train (calibration only for early stopping); eval mode on return.
+    ``partial``: the folder of its epoch checkpoints (:func:`partial_dir`), to resume a preempted training."""
     method = get_method(cell.method)(**cell.hparams)
     exits = place(cell, method, backbone)
     torch.manual_seed(cell.seed)  # same head initialisation for the same cell
@@ -242,7 +249,8 @@ def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: tor
     net.to(device or torch.device("cpu"))  # the reference backbone's modules go along where they are shared
     loaders = {"train": make_loader(splits.train, budget.batch_size, True, cell.seed, device=device),
                "calibration": make_loader(splits.calibration, budget.batch_size, False, cell.seed, device=device)}
-    training = method.fit(net, loaders, budget, method_trainer)
+    with resumable(partial) if partial else nullcontext():
+        training = method.fit(net, loaders, budget, method_trainer)
     training["budget"] = {**training.get("budget", {}), "regime": cell.regime}  # what the budget bought, and how
     net.eval()
     return Fitted(method, net, exits, h_macs, costs, training)
@@ -264,6 +272,11 @@ def rebuild(cell: Cell, splits: Splits, method: Method, weights: Path, device: t
 
 
 # ---------------------------------------------------------------------------------- 4. record traces
+
+def partial_dir(out_dir: Path, cell: Cell) -> Path:
+    """Where a cell's training keeps its epoch checkpoints until the cell's result is written."""
+    return out_dir / "partial" / cell.slug()
+
 
 def artifact_paths(out_dir: Path, cell: Cell) -> dict[str, Path]:
     """Where a cell's traces and trained weights live under the results directory."""

@@ -2,15 +2,25 @@
 
 Every method trains through :func:`fit` (``Method.fit``'s default) unless its procedure differs, so
 budgets (epochs, optimizer, learning rate, batch size, wall time) mean the same thing for all of them.
+
+Inside :func:`resumable`, ``fit`` saves an epoch checkpoint (model, optimiser, schedule, loss scaler, the
+loss's own state, torch's and the loader's random generators) after every epoch whose saving costs at most
+``CHECKPOINT_OVERHEAD`` of the training time since the last one (every epoch for small models; about every
+ten save-times for large ones), and resumes from it when the same call runs again: a preempted task loses
+the epochs since then, and the resumed run ends with the weights an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +29,77 @@ from torch.utils.data import DataLoader
 
 from exitbench.benchmarks.device import check_precision
 from exitbench.methods.base import OPTIMIZERS, Budget, ExitOutputs, UserError
+from exitbench.store import write_atomic
 
 LossFn = Callable[[Any, Tensor, nn.Module], Tensor]
+CHECKPOINT_OVERHEAD = 0.1  # the most of the training time that epoch checkpoints may take
+_checkpoints: ContextVar[list | None] = ContextVar("checkpoints", default=None)  # [folder, next fit call]
+
+
+@contextmanager
+def resumable(folder: Path) -> Iterator[None]:
+    """``fit`` calls inside checkpoint into ``folder`` (``fit-<i>.pt`` for the i-th call) and resume from it;
+    the caller removes the folder once the work is stored."""
+    token = _checkpoints.set([Path(folder), 0])
+    try:
+        yield
+    finally:
+        _checkpoints.reset(token)
+
+
+def _checkpoint_path() -> Path | None:
+    c = _checkpoints.get()
+    if c is None:
+        return None
+    c[1] += 1
+    return c[0] / f"fit-{c[1] - 1}.pt"
+
+
+def _signature(model: nn.Module, budget: Budget, params: list[nn.Parameter]) -> str:
+    """What a checkpoint must match to be resumed: the model's tensors' names and shapes, the trained
+    parameters' shapes and the budget (another method's or another budget's checkpoint is never loaded)."""
+    what = [sorted((k, list(v.shape)) for k, v in model.state_dict().items()), [list(p.shape) for p in params],
+            repr(asdict(budget))]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, parts: dict[str, Any], losses: list[float], seconds: float, sig: str,
+                     generator: torch.Generator | None, device: torch.device) -> None:
+    state = {name: obj.state_dict() for name, obj in parts.items() if hasattr(obj, "state_dict")}
+    state |= {"losses": losses, "seconds": seconds, "signature": sig, "rng": torch.get_rng_state(),
+              "saved_at": time.time()}
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _resume(path: Path, parts: dict[str, Any], sig: str, generator: torch.Generator | None,
+            device: torch.device) -> tuple[list[float], float] | None:
+    """Load the checkpoint at ``path`` into ``parts``; its losses and seconds, or None to start afresh."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("signature") != sig:
+            return None
+        for name, obj in parts.items():
+            if name in state:
+                obj.load_state_dict(state[name])
+        torch.set_rng_state(state["rng"])
+        if generator is not None and "generator" in state:
+            generator.set_state(state["generator"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        # the times (Unix seconds) let a log reader measure what a preemption cost (docs/slurm.md)
+        print(f"exitbench: resumed training at epoch {len(state['losses'])} at {time.time():.1f} from a checkpoint "
+              f"saved at {float(state['saved_at']):.1f}", flush=True)
+        return list(state["losses"]), float(state["seconds"])
+    except Exception as e:  # a damaged checkpoint costs its epochs, never the cell
+        print(f"exitbench: ignoring the training checkpoint {path} ({type(e).__name__}: {e})", flush=True)
+        return None
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,10 +136,19 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
     steps = budget.epochs * len(loaders["train"])
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
              if schedule == "cosine" else None)
-    losses: list[float] = []
-    start = time.perf_counter()
+    # everything whose state the next epoch depends on, for the epoch checkpoint
+    parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "loss_fn": loss_fn}
+    parts = {k: v for k, v in parts.items() if v is not None and hasattr(v, "load_state_dict")}
+    generator = getattr(loaders["train"], "generator", None)
+    ckpt = _checkpoint_path()
+    sig = _signature(model, budget, params) if ckpt else ""
+    resumed = _resume(ckpt, parts, sig, generator, device) if ckpt else None
+    losses, before = resumed or ([], 0.0)
+    resumed_at = len(losses) if resumed else None
+    start = time.perf_counter() - before
+    saved, save_cost = time.perf_counter(), 0.0
     stopped_early = False
-    for _ in range(budget.epochs):
+    for _ in range(len(losses), budget.epochs):
         model.train()
         # the epoch's loss is summed on the device and read once at its end: a read per step would make
         # the host wait for every step on a GPU
@@ -88,6 +176,11 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
         if budget.max_seconds is not None and time.perf_counter() - start > budget.max_seconds:
             stopped_early = len(losses) < budget.epochs
             break
+        if ckpt and len(losses) < budget.epochs and time.perf_counter() - saved >= save_cost / CHECKPOINT_OVERHEAD:
+            t = time.perf_counter()
+            _save_checkpoint(ckpt, parts, losses, t - start, sig, generator, device)
+            saved = time.perf_counter()
+            save_cost = saved - t
     model.eval()
     seconds = time.perf_counter() - start
     return {
@@ -98,6 +191,7 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
         "seconds": seconds,
         "seconds_per_epoch": seconds / max(len(losses), 1),
         "loss_per_epoch": losses,
+        **({"resumed_at_epoch": resumed_at} if resumed else {}),
     }
 
 

@@ -171,6 +171,13 @@ class BilevelLoss:
             return self.method.loss(outputs, target, net)
         return self.method.gate_phase_loss(outputs, target, net)
 
+    def state_dict(self) -> dict:
+        """The phase bookkeeping, saved with the harness's epoch checkpoints (a resumed run flips alike)."""
+        return {"calls": self.calls, "phase": self.phase, "batches": dict(self.batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls, self.phase, self.batches = int(state["calls"]), str(state["phase"]), dict(state["batches"])
+
 
 @register_method
 class JEIDNN(Method):

@@ -4,6 +4,7 @@ code): the same samples, the same crops and flips as the per-sample path, reprod
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -101,3 +102,54 @@ def test_training_through_the_device_loader_learns():
     assert stats["loss_per_epoch"][-1] < stats["loss_per_epoch"][0]
     x, y = split.tensors()
     assert (model(x).argmax(-1) == y).float().mean() > 0.9
+
+
+class _Interrupt(BaseException):
+    """What a preemption looks like to the loop: it stops mid-epoch and never returns."""
+
+
+def _resumable_run(tmp_path, monkeypatch, stop_after_steps: int | None) -> tuple[dict, dict]:
+    """A cosine-scheduled training with dropout (torch's RNG) and a shuffled, augmented loader (its own
+    generator), checkpointing every epoch; stopped after ``stop_after_steps`` steps, then run again."""
+    monkeypatch.setattr(training, "CHECKPOINT_OVERHEAD", 1e9)  # a save after every epoch, however slow
+    steps = {"n": 0}
+
+    def loss(out, y, model):
+        steps["n"] += 1
+        if stop_after_steps is not None and steps["n"] > stop_after_steps:
+            raise _Interrupt
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def attempt() -> tuple[torch.nn.Module, dict]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(3 * 8 * 8, 4))
+        loader = data.make_loader(_split(augment=True), 16, True, seed=0)  # 6 steps an epoch
+        with training.resumable(tmp_path / "partial"):
+            stats = training.fit(model, loss, list(model.parameters()), {"train": loader},
+                                 Budget(epochs=4, lr=0.01, batch_size=16), schedule="cosine")
+        return model, stats
+
+    if stop_after_steps is not None:
+        with contextlib.suppress(_Interrupt):
+            attempt()
+        stop_after_steps = None  # the requeued run is not interrupted
+    model, stats = attempt()
+    return model.state_dict(), stats
+
+
+def test_an_interrupted_training_resumes_from_its_epoch_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    whole, whole_stats = _resumable_run(tmp_path / "a", monkeypatch, None)
+    resumed, stats = _resumable_run(tmp_path / "b", monkeypatch, 15)  # stopped in the third epoch
+    assert stats["resumed_at_epoch"] == 2 and "resumed_at_epoch" not in whole_stats
+    assert stats["loss_per_epoch"] == whole_stats["loss_per_epoch"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_checkpoint_of_another_training_is_not_loaded(tmp_path, monkeypatch):
+    _resumable_run(tmp_path, monkeypatch, 15)  # leaves fit-0.pt at epoch 2
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))  # another model
+    loader = data.make_loader(_split(), 16, True, seed=0)
+    with training.resumable(tmp_path / "partial"):
+        stats = training.fit(model, lambda o, y, m: torch.nn.functional.cross_entropy(o, y), list(model.parameters()),
+                             {"train": loader}, Budget(epochs=2, lr=0.01, batch_size=16))
+    assert len(stats["loss_per_epoch"]) == 2 and "resumed_at_epoch" not in stats
