@@ -6,22 +6,17 @@ not depend on which one ran it; claims (``exitbench.claims``) make the shares sa
 requeued and to run beside another ``exitbench run`` on the same ``--out``.
 
 - ``local:N``: submitit's ``LocalExecutor`` starts N processes, each with a share of the cells (the cells
-  of one backbone together); on a
-  machine with G GPUs worker i runs on ``cuda:(i mod G)``, on CPU each gets ``threads // N`` threads
-  (at least one). The parent waits for all of them.
-- ``slurm``: submitit's ``SlurmExecutor`` submits one job array, a task per cell (``--slurm-chunk`` cells
-  per task), with the partition, time, GPUs, memory and any extra ``#SBATCH`` option given. Each task's log
-  is under ``OUT/slurm/``. A task that is preempted or runs out of time is requeued by submitit (the task
-  is ``Checkpointable``); cells it had finished are reused, the cell it was on is taken over once its
-  claim goes stale. The parent exits after submitting; ``exitbench plan MATRIX --out OUT`` shows progress.
+  of one backbone together); on a machine with G GPUs worker i runs on ``cuda:(i mod G)``, on CPU each gets
+  ``threads // N`` threads (at least one). The parent waits for all of them. Workers that share a device
+  (N > G, or the CPU) never time beside each other's work: timing holds the device exclusively
+  (``benchmarks.lease``).
+- ``slurm``: one job array through submitit (``benchmarks.slurm``).
 """
 
 from __future__ import annotations
 
-import re
-import shutil
 import signal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +28,10 @@ EXECUTORS = ("local", "local:N", "slurm")
 
 @dataclass(frozen=True)
 class ExecutorSpec:
-    """A parsed ``--executor``: its kind, the number of local workers, and the Slurm options."""
+    """A parsed ``--executor``: its kind and the number of local workers."""
 
     kind: str
     workers: int = 1
-    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_executor(spec: str) -> ExecutorSpec:
@@ -54,91 +48,12 @@ def parse_executor(spec: str) -> ExecutorSpec:
     raise UserError(f"--executor: unknown executor {spec!r}; {did_you_mean(kind, list(EXECUTORS))}")
 
 
-def parse_slurm_time(text: str) -> int:
-    """Minutes from Slurm's time formats (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM[:SS]``) or
-    ``90m`` / ``4h`` / ``2d``."""
-    t = text.strip()
-    m = re.fullmatch(r"(\d+)\s*([mhd])", t)
-    if m:
-        return int(m.group(1)) * {"m": 1, "h": 60, "d": 1440}[m.group(2)]
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", t)
-    if m:
-        days, a, b, c = (int(g) if g else None for g in m.groups())
-        if days is not None:  # D-HH[:MM[:SS]]
-            minutes = days * 1440 + a * 60 + (b or 0) + ((c or 0) + 59) // 60
-        elif b is None:  # MM
-            minutes = a
-        elif c is None:  # MM:SS
-            minutes = a + (b + 59) // 60
-        else:  # HH:MM:SS
-            minutes = a * 60 + b + (c + 59) // 60
-        if minutes > 0:
-            return minutes
-    raise UserError(f"--slurm-time: cannot read {text!r} as a time limit; give minutes (90), HH:MM:SS "
-                    "(04:00:00), D-HH:MM (1-12:00) or 90m / 4h / 2d")
-
-
-def slurm_options(partition: str | None, time: str | None, gpus: int | None, mem: str | None,
-                  extra: list[str] | None, chunk: int, parallel: int | None) -> dict[str, Any]:
-    """The submitit ``SlurmExecutor`` parameters, by its own names, for the ``--slurm-*`` options (checked:
-    one-line errors). ``time`` is in minutes."""
-    opts: dict[str, Any] = {"time": parse_slurm_time(time) if time else 240}
-    if partition:
-        opts["partition"] = partition
-    if gpus is not None:
-        if gpus < 0:
-            raise UserError(f"--slurm-gpus: must be 0 or more GPUs per task, got {gpus}")
-        opts["gpus_per_node"] = gpus
-    if mem:
-        if not re.fullmatch(r"\d+[KMGT]?", mem.strip().upper()):
-            raise UserError(f"--slurm-mem: {mem!r} is not a Slurm memory size; give e.g. 32G or 16000M")
-        opts["mem"] = mem.strip().upper()
-    additional = {}
-    for kv in extra or []:
-        k, sep, v = kv.partition("=")
-        if not sep or not k.strip():
-            raise UserError(f"--slurm-opt: {kv!r} is not KEY=VALUE; e.g. --slurm-opt account=myproj")
-        additional[k.strip().removeprefix("--")] = v.strip()
-    if additional:
-        opts["additional_parameters"] = additional
-    if chunk < 1:
-        raise UserError(f"--slurm-chunk: must be at least 1 cell per task, got {chunk}")
-    if parallel is not None:
-        if parallel < 1:
-            raise UserError(f"--slurm-parallel: must be at least 1 task at a time, got {parallel}")
-        opts["array_parallelism"] = parallel
-    return opts
-
-
-def check_slurm() -> None:
-    """submitit importable and ``sbatch`` on PATH, or a one-line error saying what to install."""
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
-        raise UserError("--executor slurm: submitit is not installed (a dependency of exitbench); "
-                        "pip install submitit") from None
-    if shutil.which("sbatch") is None:
-        raise UserError("--executor slurm: sbatch is not on PATH; run on a Slurm login node, or use "
-                        "--executor local:N on this machine")
-
-
-def _task(cells: list[Cell], out_dir: Path, cache_dir: Path, kw: dict[str, Any]) -> dict[str, int]:
-    """One worker: run_matrix on its share (the parent wrote the manifest and writes the summary)."""
+def run_share(cells: list[Cell], out_dir: Path, cache_dir: Path, kw: dict[str, Any]) -> dict[str, int]:
+    """One worker (a local process or a Slurm task): run_matrix on its share (the parent wrote the manifest
+    and writes the summary)."""
     from exitbench.benchmarks.runner import run_matrix
 
     return run_matrix(cells, out_dir, cache_dir, progress=False, manifest=False, **kw)
-
-
-def _checkpointable():
-    import submitit
-
-    class MatrixTask(submitit.helpers.Checkpointable):
-        """A share of the matrix; on preemption or timeout submitit requeues it with the same arguments."""
-
-        def __call__(self, cells, out_dir, cache_dir, kw):
-            return _task(cells, out_dir, cache_dir, kw)
-
-    return MatrixTask()
 
 
 def _gpus() -> int:
@@ -179,7 +94,7 @@ def run_local_workers(cells: list[Cell], out_dir: Path, cache_dir: Path, workers
         per_worker.append(share)
     executor = submitit.LocalExecutor(folder=out_dir / "logs" / "local")
     executor.update_parameters(timeout_min=60 * 24 * 7)  # local workers are not killed for time
-    jobs = executor.map_array(_task, per_worker, [out_dir] * len(parts), [cache_dir] * len(parts),
+    jobs = executor.map_array(run_share, per_worker, [out_dir] * len(parts), [cache_dir] * len(parts),
                               [kw] * len(parts))
     # the workers are processes of their own: stopping the parent (Ctrl-C, kill) must stop them too
     before = signal.signal(signal.SIGTERM, raise_terminated)
@@ -195,17 +110,3 @@ def run_local_workers(cells: list[Cell], out_dir: Path, cache_dir: Path, workers
         raise
     finally:
         signal.signal(signal.SIGTERM, before)
-
-
-def submit_slurm(cells: list[Cell], out_dir: Path, cache_dir: Path, options: dict[str, Any], chunk: int,
-                 kw: dict[str, Any]) -> list[str]:
-    """``slurm``: one job array, a task per ``chunk`` cells; returns the job ids (the parent does not wait)."""
-    import submitit
-
-    check_slurm()
-    parts = [cells[i:i + chunk] for i in range(0, len(cells), chunk)]
-    executor = submitit.SlurmExecutor(folder=out_dir / "slurm" / "%j")
-    executor.update_parameters(job_name=f"exitbench-{out_dir.name}", **options)
-    task = _checkpointable()
-    jobs = executor.map_array(task, parts, [out_dir] * len(parts), [cache_dir] * len(parts), [kw] * len(parts))
-    return [j.job_id for j in jobs]

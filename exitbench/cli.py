@@ -70,14 +70,9 @@ def _check_claims(claims: Path, timeout: float | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.config import load_matrix
-    from exitbench.benchmarks.executors import (
-        check_slurm,
-        parse_executor,
-        run_local_workers,
-        slurm_options,
-        submit_slurm,
-    )
+    from exitbench.benchmarks.executors import parse_executor, run_local_workers
     from exitbench.benchmarks.runner import cell_path, existing, run_matrix
+    from exitbench.benchmarks.slurm import check_cluster, check_slurm, slurm_options, submit_slurm, wait_slurm
     from exitbench.reports.summary import write_summary
     from exitbench.results import SCHEMA_VERSION, check_schema
     from exitbench.store import read_json, write_manifest
@@ -92,6 +87,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif (any(v is not None for v in (args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem,
                                        args.slurm_opt, args.slurm_parallel)) or args.slurm_chunk != 1):
         raise UserError("--slurm-*: these options are for --executor slurm; add it, or drop them")
+    elif args.wait:
+        raise UserError("--wait: waits for a Slurm job array; it is for --executor slurm (the local executors "
+                        "always wait)")
     matrix = load_matrix(args.matrix)
     if args.smoke:  # smoke results are not results: their own directory and matrix name
         matrix = {**matrix, "name": f"{matrix['name']}-smoke"}
@@ -99,6 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_out(out)  # before the matrix is expanded and backbones are built for the preflight
     claims = Path(args.claims) if args.claims else out / "claims"
     _check_claims(claims, args.claim_timeout)
+    cache = Path(args.cache) if args.cache else default_cache()
+    if executor.kind == "slurm":  # before the preflight builds anything: the cluster and what its nodes reach
+        check_cluster(slurm, {"--out": out, "--cache": cache, **({"--claims": claims} if args.claims else {})})
     matrix, cells = _cells(args, matrix)
     overrides = {"threads": args.threads} if args.threads else {}
     if args.no_latency:
@@ -126,27 +127,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = sum(existing(cell_path(out, c)) is not None for c in cells)
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
-    cache = Path(args.cache) if args.cache else default_cache()
     kw = {"download": args.download, "matrix": matrix["name"], "claims_dir": claims,
           **({"stale_after": args.claim_timeout} if args.claim_timeout else {})}
     if executor.kind == "slurm" or executor.workers > 1:  # the workers run shares; the manifest covers them all
         write_manifest(out, matrix["name"], [c.slug() for c in cells], SCHEMA_VERSION)
+    failed_tasks: list[str] = []
     if executor.kind == "slurm":
+        submitted = time.time()
         ids = submit_slurm(cells, out, cache, slurm, args.slurm_chunk, kw)
         print(f"exitbench: submitted {len(ids)} Slurm tasks (job array {ids[0].split('_')[0]}); logs in "
-              f"{out / 'slurm'}; progress: exitbench plan {args.matrix or 'quick'} --out {out}")
-        return 0
-    if executor.workers > 1:
+              f"{out / 'slurm'}" + ("" if args.wait else f"; progress: exitbench plan {args.matrix or 'quick'} "
+                                                         f"--out {out}, or rerun with --wait"), flush=True)
+        if not args.wait:
+            return 0
+        shares = [[cell_path(out, c) for c in cells[i:i + args.slurm_chunk]]
+                  for i in range(0, len(cells), args.slurm_chunk)]
+        failed_tasks = wait_slurm(ids, shares, out, submitted, progress=not args.quiet)
+        stored = [existing(cell_path(out, c)) for c in cells]
+        counts = {"ok": sum(r is not None and r.ok for r in stored),
+                  "error": sum(r is not None and not r.ok for r in stored), "missing": sum(r is None for r in stored)}
+    elif executor.workers > 1:
         counts = run_local_workers(cells, out, cache, executor.workers, kw)
     else:
         counts = run_matrix(cells, out, cache, progress=not args.quiet, **kw)
     paths = write_summary(out)
-    print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reanalysed']} re-analysed, "
-          f"{counts['reused']} reused" + (f", {counts['elsewhere']} left to other runners" if counts["elsewhere"]
-                                          else "") + f" in {time.perf_counter() - t0:.0f} s")
+    if executor.kind == "slurm":
+        print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['missing']} without a result "
+              f"in {time.perf_counter() - t0:.0f} s")
+        for line in failed_tasks:
+            print(f"exitbench: {line}", file=sys.stderr)
+    else:
+        print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reanalysed']} re-analysed, "
+              f"{counts['reused']} reused" + (f", {counts['elsewhere']} left to other runners" if counts["elsewhere"]
+                                              else "") + f" in {time.perf_counter() - t0:.0f} s")
     for p in [out / "cells", *paths]:
         print(f"  {p}")
-    return 1 if counts["error"] else 0
+    if args.report:
+        from exitbench.reports.report import build
+
+        written = build(out, out / "report")
+        print(f"  {written['report'][0]}")
+    return 1 if counts["error"] or failed_tasks or counts.get("missing") else 0
 
 
 def _csv(text: str, option: str, kind: type = str) -> tuple:
@@ -429,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "e.g. account=myproj, qos=high")
     slu.add_argument("--slurm-chunk", type=int, default=1, help="cells per array task (default 1: a log per cell)")
     slu.add_argument("--slurm-parallel", type=int, help="at most this many tasks at once (Slurm's %%N)")
+    slu.add_argument("--wait", action="store_true", help="wait for the job array with a progress bar, then write "
+                                                         "the summary (default: exit once submitted)")
+    run.add_argument("--report", action="store_true", help="also write the report (exitbench report) into OUT/report "
+                                                          "when the run ends")
     run.add_argument("--claims", help="where runners sharing this --out lock the cells they compute (default: "
                                       "OUT/claims; must be reachable by every runner)")
     run.add_argument("--claim-timeout", type=float, help="seconds without a heartbeat after which another runner's "

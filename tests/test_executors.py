@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from exitbench.benchmarks.executors import ExecutorSpec, parse_executor, parse_slurm_time, slurm_options
+from exitbench.benchmarks.executors import ExecutorSpec, parse_executor
+from exitbench.benchmarks.slurm import parse_slurm_time, slurm_options
 from exitbench.cli import main
 from exitbench.errors import UserError
 from tests.test_claims import FOUR
@@ -42,17 +43,27 @@ def test_bad_slurm_options_are_one_line_errors():
         slurm_options(None, None, None, None, ["account"], 1, None)
     with pytest.raises(UserError, match=r"^--slurm-chunk: must be at least 1"):
         slurm_options(None, None, None, None, None, 0, None)
+    for zero in ("0", "00:00:00", "0m"):
+        with pytest.raises(UserError, match=r"^--slurm-time: '.*' is no time at all"):
+            slurm_options(None, zero, None, None, None, 1, None)
+    with pytest.raises(UserError, match=r"^--slurm-gpus: 2 GPUs per task would leave all but one idle"):
+        slurm_options(None, None, 2, None, None, 4, None)
     opts = slurm_options("gpu", "2h", 1, "32g", ["--account=proj", "qos=high"], 1, 8)
-    assert opts == {"time": 120, "partition": "gpu", "gpus_per_node": 1, "mem": "32G",
+    assert opts == {"time": 120, "signal_delay_s": 90, "partition": "gpu", "gpus_per_node": 1, "mem": "32G",
                     "additional_parameters": {"account": "proj", "qos": "high"}, "array_parallelism": 8}
+    assert slurm_options(None, "1", None, None, None, 1, None)["signal_delay_s"] == 20  # a short task: signal late
 
 
 def _fake_slurm(tmp_path: Path, monkeypatch) -> Path:
-    """``sbatch`` that records the script it is given and answers like Slurm; ``srun`` that does nothing."""
+    """``sbatch`` that records the script it is given and answers like Slurm; ``srun`` that does nothing; a
+    controller that answers, with partitions ``gpu`` and ``debug`` on this host."""
     bin_dir, record = tmp_path / "bin", tmp_path / "submitted.sh"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {record}\necho "Submitted batch job 4242"\n')
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1" = ping ] && echo "Slurmctld(primary) at fake is UP" '
+                                      '|| echo "$3"\n')
+    (bin_dir / "sinfo").write_text('#!/bin/sh\ncase "$*" in *%R*) echo gpu; echo debug;; *) hostname;; esac\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -70,6 +81,32 @@ def test_slurm_without_sbatch_or_with_stray_options_refuses_before_anything_runs
     assert main(["run", _write(tmp_path, TINY), "--out", str(out), "--executor", "lokal"]) == 2
     assert "did you mean 'local'" in capsys.readouterr().err
     assert not out.exists() or not list((out / "cells").glob("*.json"))
+
+
+def test_a_cluster_that_cannot_run_the_array_is_refused_before_anything_is_submitted(tmp_path, capsys, monkeypatch):
+    record = _fake_slurm(tmp_path, monkeypatch)
+    bin_dir, out = record.parent / "bin", tmp_path / "out"
+    matrix = _write(tmp_path, TINY)
+
+    def refused(extra: list[str], message: str) -> None:
+        assert main(["run", matrix, "--out", str(out), "--cache", str(tmp_path / "cache"), "--executor", "slurm",
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err, err
+        assert not record.exists() and not (out / "slurm").exists()  # nothing submitted
+
+    refused(["--slurm-partition", "gpus"], "--slurm-partition: no partition 'gpus' on this cluster; did you mean 'gpu'")
+    refused(["--slurm-time", "0"], "--slurm-time: '0' is no time at all")
+    (bin_dir / "sinfo").write_text('#!/bin/sh\ncase "$*" in *%R*) echo debug;; *) echo "node[1-2]";; esac\n')
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1" = ping ] && echo "Slurmctld(primary) at c is UP" '
+                                      '|| { echo node1; echo node2; }\n')
+    refused([], f"--out: {out} is on this host's own disk, which the nodes (node1, node2) cannot write")
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "slurm_load_ctl_conf error: Unable to contact slurm '
+                                      'controller (connect failure)" >&2; exit 1\n')
+    refused([], "--executor slurm: no Slurm controller answers (scontrol ping: slurm_load_ctl_conf error: Unable "
+                "to contact slurm controller (connect failure))")
+    assert main(["run", matrix, "--out", str(out), "--wait"]) == 2
+    assert "--wait: waits for a Slurm job array; it is for --executor slurm" in capsys.readouterr().err
 
 
 def test_slurm_submits_one_array_with_the_options_and_its_tasks_compute_the_cells(tmp_path, capsys, monkeypatch):
