@@ -7,7 +7,7 @@ per physical device (``flock``, released by the kernel when a process dies): a c
 (:func:`timing`), which waits until every other runner's cell on that device has finished or reached its
 own timing. A waiting timer goes first: runners that want to start working queue behind it (a turnstile
 lock), so timing is never starved. Under Slurm each task has its GPUs to itself (the scheduler allocates
-them), so these locks only matter between processes that see the same device.
+them), so these locks only matter between processes that see the same device. See docs/slurm.md.
 """
 
 from __future__ import annotations

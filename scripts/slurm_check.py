@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,12 +71,13 @@ def main() -> int:
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--max-lost", type=float, default=30.0, help="seconds a preemption may cost beyond Slurm's delay")
     ap.add_argument("--epochs", type=int, default=16, help="the cell's training epochs (about 5 s each on one core)")
+    ap.add_argument("--dir", default=".", help="where to work: a folder the nodes can write (kept when it fails)")
     args = ap.parse_args()
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
     if ping.returncode != 0 or " is UP" not in ping.stdout:
         print("slurm_check: no Slurm controller answers; start one with scripts/slurm_local.sh up", file=sys.stderr)
         return 3
-    root = Path(tempfile.mkdtemp(prefix="exitbench-slurm-check-", dir=Path.cwd()))  # shared with the nodes
+    root = Path(tempfile.mkdtemp(prefix="exitbench-slurm-check-", dir=args.dir))  # shared with the nodes
     cache = root / "cache"
     for case, lam in (("requeue", 0.5), ("timeout", 1.0)):
         (root / f"{case}.yaml").write_text(MATRIX.format(case=case, epochs=args.epochs, lam=lam))
@@ -117,6 +119,10 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"slurm_check: {'passed' if ok else 'FAILED'} (local references {local_s:.0f} s, Slurm runs {slurm_s:.0f} s)")
+    if ok:
+        shutil.rmtree(root)
+    else:
+        print(f"slurm_check: its runs and logs are kept in {root}", file=sys.stderr)
     return 0 if ok else 1
 
 
