@@ -26,8 +26,9 @@ down() {
             kill -9 "$pid" 2>/dev/null || true
         fi
     done
-    # job steps slurmd started (a task still running when the cluster stops) go with it
-    pkill -f "slurmstepd: \[" 2>/dev/null || true
+    # job steps slurmd started (a task still running when the cluster stops) go with it, unless another
+    # cluster's slurmd runs here (their steps cannot be told apart)
+    pgrep -x slurmd >/dev/null || pkill -f "slurmstepd: \[" 2>/dev/null || true
     rm -rf "$dir"
 }
 
@@ -48,6 +49,9 @@ up() {
     host="$(hostname -s)"
     cpus="$(nproc)"
     mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"  # leave a tenth to the system
+    # two free ports in a row (Slurm's own 6817/6818 unless another cluster, e.g. a second checkout's CI, has them)
+    port="${EXITBENCH_SLURM_PORT:-6817}"
+    while [ -n "$(ss -Htln "sport = :$port or sport = :$((port + 1))" 2>/dev/null)" ]; do port=$((port + 2)); done
     dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
     chmod 400 "$dir/munge/munge.key"
     cat >"$dir/slurm.conf" <<EOF
@@ -73,8 +77,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
 ReturnToService=2
 DefMemPerCPU=$((mem_mb / cpus))
 KillWait=10
