@@ -14,11 +14,13 @@ such as trials) and return grid indices [...].
 
 Certified sets. The scanning rules (crc, ucb-*, ltt) test lambda from 1 down and stop at the first
 failure, so what they certify is the interval [lambda_hat, 1] by construction; with one shared lambda
-the expected MACs fall as lambda falls, so the cheapest certified lambda *is* lambda_hat. ``naive`` and
-``ucb-wsr-macs`` certify arbitrary subsets of the grid (not intervals); ``select(..., cost=...)`` then
-picks the cheapest member. ``ucb-wsr-macs`` buys that freedom with a union bound (WSR at delta / G on
-every lambda). A fixed-sequence scan (``ltt``, ``ucb-hb``) needs no monotonicity either, so the union
-bound is not what makes it valid; with one shared lambda the expected cost falls with lambda, the scan's
+the expected MACs fall as lambda falls, so the cheapest certified lambda *is* lambda_hat. ``naive``,
+``crc-raw`` and ``ucb-wsr-macs`` certify arbitrary subsets of the grid (not intervals): every lambda whose
+test passes, wherever it lies; ``select`` then picks the smallest member (the largest grid index, as the
+reference's ``naive_lam`` and ``crc_lam``) or, with ``cost=...``, the cheapest. ``ucb-wsr-macs`` buys
+that freedom with a union bound (WSR at delta / G on every lambda); ``naive`` and ``crc-raw`` do not pay
+for it and promise nothing. A fixed-sequence scan (``ltt``, ``ucb-hb``) needs no monotonicity either, so
+the union bound is not what makes it valid; with one shared lambda the expected cost falls with lambda, the scan's
 lambda_hat is already the cheapest it certifies, and ``ucb-wsr-macs`` is dominated: it can only win when
 the empirical risk curve has a bump the scan cannot pass (the union bound then still certifies lambdas
 below it). It earns its keep only on families whose cost is not ordered like the grid.
@@ -26,7 +28,9 @@ below it). It earns its keep only on families whose cost is not ordered like the
 CRC's guarantee needs each sample's loss to be monotone in lambda; gap losses are not (an early exit
 can be right where a later one is wrong). ``crc`` therefore applies the rule to the monotonised loss
 L~_i(lambda) = max over lambda' >= lambda of L_i(lambda') (a cumulative max from lambda = 1 down), which
-bounds the raw risk from above; ``crc-raw`` is the reference's rule on the raw loss, labelled as such.
+bounds the raw risk from above; ``crc-raw`` is the reference's rule (``crc_lam``) on the raw loss,
+labelled as such: the largest grid index anywhere on the grid whose bound holds, not a scan that stops at
+the first failure (the two differ only where the empirical risk curve is not monotone in lambda).
 """
 
 from __future__ import annotations
@@ -292,9 +296,11 @@ def pointwise_ok(rule: str, losses: Tensor | CalLosses, eps: float, delta: float
     r = get_risk(risk)
     cal = losses if isinstance(losses, CalLosses) else CalLosses.of(losses, risk)
     n, b = cal.n, r.bound
-    if rule == "naive":  # R_n <= eps
-        return cal.mean <= eps
-    if rule in ("crc", "crc-raw"):  # (n/(n+1)) R_n + B/(n+1) <= eps (CRC, Angelopoulos et al. 2024, Thm. 1)
+    if rule == "naive":  # R_n < eps: strict, as the reference's naive_lam (a risk exactly at eps fails)
+        return cal.mean < eps
+    # (n/(n+1)) R_n + B/(n+1) <= eps (CRC, Angelopoulos et al. 2024, Thm. 1); the reference's crc_lam tests the
+    # same inequality rearranged, R_n <= ((n+1) eps - B) / n, on the raw loss
+    if rule in ("crc", "crc-raw"):
         if rule == "crc" and cal.mono_mean is None:
             raise ValueError("crc needs the monotonised means (CalLosses.of, or from_means(mono_mean=...))")
         mean = cal.mean if rule == "crc-raw" else cal.mono_mean
@@ -325,7 +331,8 @@ def scan_from_top(ok: Tensor) -> Tensor:
 
 def certified_set(rule: str, losses: Tensor | CalLosses, eps: float, delta: float, risk: str) -> Tensor:
     """[..., G] bool: the grid values the rule certifies. For scanning rules the interval
-    [lambda_hat, 1] (a prefix of the descending grid); for ``naive`` / ``ucb-wsr-macs`` any subset.
+    [lambda_hat, 1] (a prefix of the descending grid); for ``naive`` / ``crc-raw`` / ``ucb-wsr-macs``
+    every value whose test passes (any subset).
 
     LTT is fixed-sequence testing (LTT, Prop. 2 with the order 1.00 -> 0.00): reject H_lambda while
     p <= delta; everything rejected before the first non-rejection is certified. The reference
@@ -340,9 +347,11 @@ def select(rule: str, losses: Tensor | CalLosses, eps: float, delta: float, risk
            cost: Tensor | None = None) -> Tensor:
     """Grid index [...] chosen by ``rule`` from calibration losses [..., G, n] (descending lambda).
 
-    Without ``cost``: the smallest certified lambda (for scanning rules, lambda_hat of the scan). With
-    ``cost`` [..., G] (e.g. expected strict MACs on calibration): the cheapest certified lambda, ties to
-    the larger lambda. Nothing certified -> index 0 (lambda = 1, the full model, risk 0).
+    Without ``cost``: the smallest certified lambda, i.e. the largest certified index (for scanning rules,
+    lambda_hat of the scan; for ``naive`` and ``crc-raw`` the largest index anywhere on the grid whose test
+    passes, as the reference's ``naive_lam`` / ``crc_lam``). With ``cost`` [..., G] (e.g. expected strict
+    MACs on calibration): the cheapest certified lambda, ties to the larger lambda. Nothing certified ->
+    index 0 (lambda = 1, the full model, risk 0).
     """
     cert = certified_set(rule, losses, eps, delta, risk).clone()
     cert[..., 0] = True

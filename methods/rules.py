@@ -35,7 +35,8 @@ class Rule:
 
     ``promise``: ``"expectation"`` (E[R] <= eps), ``"high-probability"`` (P(R > eps) <= delta) or
     ``"none"`` -- the promise the harness checks; ``guarantee`` says it with its assumptions. ``scans``:
-    the rule tests lambda from 1 down and certifies [lambda_hat, 1]; ``union_bound``: WSR at delta / G on
+    the rule tests lambda from 1 down, stops at the first failure and certifies [lambda_hat, 1] (without it,
+    every grid value whose test passes is certified: any subset); ``union_bound``: WSR at delta / G on
     every lambda, then the cheapest certified; ``per_exit``: per-exit thresholds (lambda * a_l, or a
     free vector); ``front``: Pareto testing (a cost-risk front found on one half, tested along it on the
     other); ``reference``: a protocol reference (oracle, random), not something a user can deploy.
@@ -53,12 +54,18 @@ class Rule:
 
 RULES: Registry[Rule] = Registry("rule", base=Rule, field="risk_control.rules")
 for _rule, _help in (
-    (Rule("naive", "none", "none"), "empirical risk <= eps on calibration; no guarantee"),
+    # Strict, as the reference's naive_lam (rc/risk_control.py): an empirical risk exactly at eps is not taken.
+    (Rule("naive", "none", "none"), "the smallest lambda on the grid with empirical risk < eps (strict, as the "
+     "reference's naive_lam); no guarantee"),
     (Rule("crc", "expectation", "E[R(lambda_hat)] <= eps; any loss (applied to the monotonised loss)", True),
      "conformal risk control on the monotonised loss"),
-    # Its expectation bound holds only for losses monotone in lambda, which gap losses are not: checked as a baseline.
+    # The reference's crc_lam (rc/risk_control.py): the largest grid index (smallest lambda) anywhere on the
+    # grid whose CRC bound holds on the raw loss -- no scan, so not ``scans``. Its expectation bound holds only
+    # for losses monotone in lambda, which gap losses are not: checked as a baseline.
     (Rule("crc-raw", "none", "E[R(lambda_hat)] <= eps only if every per-sample loss is monotone in lambda "
-          "(the reference rule)", True), "the reference's CRC on the raw loss"),
+          "(the reference's crc_lam)"),
+     "the reference's CRC (crc_lam) on the raw loss: the smallest lambda on the whole grid (not a scan) "
+     "whose bound holds"),
     (Rule("ucb-wsr", "high-probability", "P(R(lambda_hat) <= eps) >= 1 - delta; population risk monotone in lambda",
           True), "RCPS with the Waudby-Smith-Ramdas betting bound"),
     (Rule("ucb-hb", "high-probability", "P(R(lambda_hat) <= eps) >= 1 - delta; none beyond iid (fixed-sequence test)",

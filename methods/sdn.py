@@ -14,7 +14,8 @@ Choices recorded here:
 - Exits are placed by the shared cost rule (``placement``), not SDN's fixed 15/30/.../90 % of the
   FLOPs, so every method in a comparison uses the same exit points; ``placement: linear`` with
   ``n_exits: 6`` is close to SDN's own layout.
-- Heads pool adaptively to ``pool_size`` x ``pool_size`` (4 in the reference); see
+- Heads pool adaptively to ``pool_size`` x ``pool_size`` (4 in the reference; an integer >= 1, checked by
+  the shared ``HParam`` check with ``COMMON_RANGES``, as for ZTW and JEI-DNN, which reuse this spec); see
   ``exitbench.methods.heads.MixedPool`` for how this differs from the reference's fixed kernel.
 - Reference settings: Adam, lr 1e-3, 25 epochs with the lr divided by 10 after epoch 15, weight
   decay 1e-4 (ResNet, MobileNet) or 5e-4 (VGG, WideResNet), batch 128. The shared loop has no step
@@ -43,13 +44,10 @@ from exitbench.methods.base import (
     Method,
     MultiExitNet,
     StagedBackbone,
-    UserError,
-    register_method,
 )
 from exitbench.methods.heads import SDNHead
 
 
-@register_method
 class SDN(Method):
     """Mixed-pooling internal classifiers trained with per-exit cross-entropy on a frozen backbone."""
 
@@ -68,11 +66,6 @@ class SDN(Method):
         "precision": PRECISION,
         "weight_decay": HParam(1e-4, "Adam weight decay (reference: 1e-4 for ResNets, 5e-4 for VGG)"),
     }
-
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        if not (isinstance(self.hp["pool_size"], int) and self.hp["pool_size"] >= 1):
-            raise UserError(f"method {self.name}: pool_size must be a positive integer, got {self.hp['pool_size']!r}")
 
     def build(self, backbone: StagedBackbone, exits: Sequence[ExitPoint], num_classes: int) -> MultiExitNet:
         heads = [SDNHead(e, num_classes, int(self.hp["pool_size"])) for e in exits]

@@ -173,6 +173,66 @@ def test_naive_takes_any_lambda_crc_and_ucb_stop_at_the_first_failure():
     assert select("naive", losses, 0.05, 0.1, "gap-prediction", torch.tensor([1.0, 0.3, 0.2, 0.5, 0.1])) == 1
 
 
+def test_crc_raw_takes_the_largest_index_meeting_the_bound_as_the_reference():
+    # n = 9, B = 1 (gap-prediction), eps = 0.2: the CRC bound (9/10) R_n + 1/10 <= 0.2  <=>  R_n <= 1/9.
+    # Per-sample losses by hand (rows: lambda = grid index 0..4), signed and not monotone in lambda:
+    losses = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 0],  # R_n = 0:    0.1 <= 0.2, holds
+                           [0, 0, 0, 0, 0, 0, 0, 0, 0],  # R_n = 0:    holds
+                           [1, 1, 0, 0, 0, 0, 0, 0, 0],  # R_n = 2/9:  0.3 > 0.2, fails
+                           [1, -1, 0, 0, 0, 0, 0, 0, 0],  # R_n = 0:   holds again
+                           [1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)  # R_n = 3/9: 0.4, fails
+    assert pointwise_ok("crc-raw", losses, 0.2, 0.1, "gap-prediction").tolist() == [True, True, False, True, False]
+    # the reference's crc_lam: max of the indices where the bound holds, over the whole grid -> 3
+    # (stopping at the first failure, the old crc-raw, gave 1)
+    assert select("crc-raw", losses, 0.2, 0.1, "gap-prediction") == 3
+    assert certified_set("crc-raw", losses, 0.2, 0.1, "gap-prediction").tolist() == [True, True, False, True, False]
+    # crc on the monotonised loss: rows 3 and 4 of samples 0 and 1 are lifted to 1 (R~ = 2/9, 3/9) -> still 1
+    assert monotonise(losses).mean(-1).tolist() == pytest.approx([0, 0, 2 / 9, 2 / 9, 3 / 9])
+    assert select("crc", losses, 0.2, 0.1, "gap-prediction") == 1
+    # nothing meets the bound (B/(n+1) = 0.1 > eps = 0.05): index 0, lambda = 1, as crc_lam's fallback
+    assert select("crc-raw", losses, 0.05, 0.1, "gap-prediction") == 0
+
+
+def _reference_lam(rule: str, losses: torch.Tensor, eps: float, bound: float) -> int:
+    """A line-by-line port of the reference's naive_lam / crc_lam (metodj/RC-EENN, rc/risk_control.py)."""
+    n_cal = losses.shape[1]
+    risk = losses.mean(1)
+    if rule == "naive":
+        lams = (risk < eps).nonzero().flatten()
+    else:
+        ucb = (n_cal + 1) * eps / n_cal - bound / n_cal
+        lams = (risk <= ucb).nonzero().flatten()
+    return 0 if len(lams) == 0 else int(lams.max())
+
+
+@pytest.mark.parametrize("rule", ["naive", "crc-raw"])
+def test_naive_and_crc_raw_match_the_reference_selectors(rule):
+    # continuous signed losses with a bumpy risk curve (no exact ties), batched over trials
+    g = torch.Generator().manual_seed(5)
+    trials, n = 200, 40
+    drift = torch.linspace(-0.2, 0.4, len(LAMBDAS), dtype=torch.float64)[:, None]
+    losses = (torch.rand(trials, len(LAMBDAS), n, generator=g, dtype=torch.float64) * 2 - 1) * 0.5 + drift
+    losses[:, 0] = 0.0  # lambda = 1 never exits: no loss
+    for eps in (0.05, 0.1, 0.2):
+        got = select(rule, losses, eps, 0.1, "gap-prediction")
+        want = [_reference_lam(rule, losses[t], eps, 1.0) for t in range(trials)]
+        assert got.tolist() == want
+        # statistics only, as the protocol passes them
+        cal = CalLosses.from_means(losses.mean(-1), losses.clamp(min=0).mean(-1), n, "gap-prediction")
+        assert select(rule, cal, eps, 0.1, "gap-prediction").tolist() == want
+
+
+def test_naive_rejects_an_exact_tie_as_the_reference():
+    # n = 4, eps = 0.25 (exact in binary): row 1's empirical risk is exactly eps, row 2's just under
+    losses = torch.tensor([[0.0, 0.0, 0.0, 0.0],   # R_n = 0
+                           [1.0, 0.0, 0.0, 0.0],   # R_n = 1/4 = eps: a tie, not < eps -> not taken
+                           [1.0, 1.0, 0.0, 0.0]])  # R_n = 1/2
+    assert pointwise_ok("naive", losses, 0.25, 0.1, "gap-prediction").tolist() == [True, False, False]
+    assert select("naive", losses, 0.25, 0.1, "gap-prediction") == 0  # (R_n <= eps would take 1)
+    assert select("naive", losses, 0.25 + 1e-9, 0.1, "gap-prediction") == 1  # just above the tie: taken
+    assert _reference_lam("naive", losses, 0.25, 1.0) == 0
+
+
 def test_ltt_is_the_textbook_fixed_sequence_rule():
     # p-values: rows 0-2 all-zero losses (p = 0.99^1000, rejected), row 3 mean 0.5 (p = 1), row 4 zeros
     losses = _rows([0.0, 0.0, 0.0, 0.5, 0.0])

@@ -51,9 +51,18 @@ def test_build_freezes_the_backbone_in_eval_mode(tiny):
     assert {id(p) for p in net.trainable_parameters()} == {id(p) for h in net.heads[:-1] for p in h.parameters()}
 
 
-def test_bad_pool_size():
-    with pytest.raises(UserError, match="pool_size"):
-        get_method("sdn")(pool_size=0)
+@pytest.mark.parametrize("bad, why", [(0, "must be >= 1"), (-3, "must be >= 1"), (2.5, "expected an integer"),
+                                      (True, "expected an integer"), ("4", "expected an integer"),
+                                      (None, "expected an integer"), (float("inf"), "expected a finite number")])
+def test_bad_pool_size(bad, why):
+    # the shared HParam check (COMMON_RANGES: an integer >= 1) is the only guard; SDN has no check of its own
+    with pytest.raises(UserError, match=f"pool_size={bad!r}: {why}"):
+        get_method("sdn")(pool_size=bad)
+
+
+def test_integral_pool_size_becomes_an_int():
+    m = get_method("sdn")(pool_size=2.0)
+    assert m.hp["pool_size"] == 2 and type(m.hp["pool_size"]) is int
 
 
 def test_the_final_exit_joins_the_loss_when_the_regime_trains_the_backbone(tiny):
