@@ -37,7 +37,7 @@ import yaml
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
 from exitbench.benchmarks.fast import check_fast_mode
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
-from exitbench.methods.base import OPTIMIZERS, REGIMES, Budget, UserError, did_you_mean, get_method
+from exitbench.methods.base import OPTIMIZERS, REGIMES, Budget, Method, UserError, did_you_mean, get_method
 from exitbench.methods.rules import RISKS, SELECTION_RULES
 from exitbench.results import STATIC
 
@@ -136,6 +136,18 @@ class Cell:
     def static(self) -> bool:
         """A static baseline from the matrix's ``baselines`` (a plain model, no exits, no method)."""
         return self.method == STATIC
+
+    def build_method(self) -> Method:
+        """The method this cell runs, built from its hyper-parameters: the one place a cell's method is
+        made (fit, re-analysis, preflight, plan, retime). A name no installed method has raises UserError
+        saying which plugin to install."""
+        if self.static:
+            raise ValueError("a static baseline has no method to build")
+        try:
+            cls = get_method(self.method)
+        except UserError as e:
+            raise UserError(f"{e} (install the plugin that provides method {self.method!r})") from None
+        return cls(**self.hparams)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -483,7 +495,7 @@ def expand(matrix: dict) -> list[Cell]:
         for combo in itertools.product(*(_as_list(grid[k], f"methods[{i}].grid.{k}") for k in keys)):
             hp = {**fixed, **dict(zip(keys, combo))}
             try:
-                resolved = cls(**hp).hp  # rejects unknown keys and bad choices
+                resolved = cls.resolve(hp)  # rejects unknown keys and bad choices
             except UserError as e:
                 raise UserError(f"methods[{i}].hparams: {e}") from None
             methods.append((m["name"], resolved, regime, tuple(keys), f"methods[{i}]"))

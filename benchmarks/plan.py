@@ -35,7 +35,6 @@ from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, split
 from exitbench.benchmarks.latency import default_batch_sizes
 from exitbench.benchmarks.runner import cell_path, claim_path, existing, reusable
 from exitbench.claims import held_live, holder
-from exitbench.methods.base import get_method
 
 TRAIN_FACTOR = 3.0  # a training step's MACs per sample: forward + backward (about two forwards)
 
@@ -170,7 +169,7 @@ def plan_cells(cells: list[Cell], out_dir: Path | None, cache_dir: Path, through
             refs = [built.get((name, stem, cell.dataset, key[3])) for name, stem in cell.next_to]
             timed_macs = sum(macs + (r.macs if r is not None else macs) for r in refs)
         else:
-            method = get_method(cell.method)(**cell.hparams)
+            method = cell.build_method()
             epochs = int(method.hp.get("epochs", 1))
             factor = TRAIN_FACTOR if cell.regime != "disjoint" else 1.0
             method_s = factor * macs * train * epochs / rate

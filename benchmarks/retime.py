@@ -24,7 +24,6 @@ from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.latency import num_threads
 from exitbench.errors import UserError
-from exitbench.methods.base import get_method
 from exitbench.results import CellResult
 from exitbench.store import latest_run, read_json, safetensors_problem
 
@@ -69,9 +68,9 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
         method = None
     else:
         try:
-            method = get_method(cell.method)(**cell.hparams)
+            method = cell.build_method()
         except UserError as e:
-            raise UserError(f"{where}: {e} (install the plugin that provides method {cell.method!r})") from None
+            raise UserError(f"{where}: {e}") from None
         head = result.headline()
         if head is None or not head.feasible:
             return None

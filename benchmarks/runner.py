@@ -23,7 +23,7 @@ from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.latency import num_threads
 from exitbench.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
-from exitbench.methods.base import StagedBackbone, UserError, get_method
+from exitbench.methods.base import StagedBackbone, UserError
 from exitbench.results import SCHEMA_VERSION, CellResult
 from exitbench.store import DISK_FULL, read_json, remove_orphans, safetensors_problem, write_manifest
 
@@ -76,7 +76,7 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
     if cell.static:
         return _reanalyse_static(cell, previous, out_dir, redo, start, download, memo), redo
     with num_threads(cell.evaluation.threads):
-        method = get_method(cell.method)(**cell.hparams)
+        method = cell.build_method()
         traces, costs = st.load_traces(out_dir, cell), _StoredCosts(previous)
         traces, temps = st.scale_traces(cell, traces)  # deterministic: the same fit as when it ran
         sweep, points = previous.sweep, previous.operating_points
@@ -316,5 +316,5 @@ def preflight(cells: list[Cell], *, download: bool = False, data_optional: bool 
             built[key] = st.make_backbone(cell, splits, weights=False)
         if cell.static:
             continue  # a plain model: building it is the whole check
-        st.place(cell, get_method(cell.method)(**cell.hparams), built[key])
+        st.place(cell, cell.build_method(), built[key])
     return list(warnings.values())

@@ -38,7 +38,7 @@ from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, s
 from exitbench.benchmarks.training import method_trainer, predict_logits, resumable, train_backbone
 from exitbench.claims import DEFAULT_STALE_AFTER, wait_for
 from exitbench.methods import calibration, temperature
-from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError, get_method
+from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError
 from exitbench.methods.calibration import Choice
 from exitbench.methods.policies import make_policy
 from exitbench.results import (
@@ -234,7 +234,7 @@ def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: tor
     """Place the exits, build the multi-exit net (on a copy of the backbone when the method trains it),
     cost its exits, and train it on train (calibration only for early stopping); eval mode on return.
     ``partial``: the folder of its epoch checkpoints (:func:`partial_dir`), to resume a preempted training."""
-    method = get_method(cell.method)(**cell.hparams)
+    method = cell.build_method()
     exits = place(cell, method, backbone)
     torch.manual_seed(cell.seed)  # same head initialisation for the same cell
     start_from = backbone

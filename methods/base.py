@@ -471,19 +471,25 @@ class Method:
     hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init__(self, **hparams: Any):
-        unknown = [k for k in hparams if k not in self.hparams]
+        self.hp: dict[str, Any] = self.resolve(hparams)
+
+    @classmethod
+    def resolve(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Every hyper-parameter's value: ``hparams`` checked (unknown keys, choices, ranges) over the
+        declared defaults. Raises UserError naming the first bad one."""
+        unknown = [k for k in hparams if k not in cls.hparams]
         if unknown:
             k = unknown[0]
-            raise UserError(f"method {self.name}: unknown hyper-parameter {k!r}; {did_you_mean(k, list(self.hparams))}")
-        self.hp: dict[str, Any] = {k: v.default for k, v in self.hparams.items()}
-        self.hp.update(hparams)
-        for k, spec in self.hparams.items():
+            raise UserError(f"method {cls.name}: unknown hyper-parameter {k!r}; {did_you_mean(k, list(cls.hparams))}")
+        hp: dict[str, Any] = {k: v.default for k, v in cls.hparams.items()} | dict(hparams)
+        for k, spec in cls.hparams.items():
             if k in hparams or spec.choices is not None:
-                self.hp[k] = spec.check(k, self.hp[k], self.name)
+                hp[k] = spec.check(k, hp[k], cls.name)
         placement = hparams.get("placement")
-        if isinstance(placement, (list, tuple)) and "n_exits" in hparams and len(placement) != self.hp["n_exits"]:
-            raise UserError(f"method {self.name}: placement lists {len(placement)} exits but n_exits is "
-                            f"{self.hp['n_exits']}; make them agree, or leave n_exits out")
+        if isinstance(placement, (list, tuple)) and "n_exits" in hparams and len(placement) != hp["n_exits"]:
+            raise UserError(f"method {cls.name}: placement lists {len(placement)} exits but n_exits is "
+                            f"{hp['n_exits']}; make them agree, or leave n_exits out")
+        return hp
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hp.items())})"
@@ -530,21 +536,15 @@ def _check_method(name: str, cls: type[Method]) -> None:
 
 METHODS: Registry[type[Method]] = Registry("method", base=Method, classes=True, group=ENTRY_POINT_GROUP,
                                            check=_check_method)
-# The built-ins are registered lazily here as well, so a checkout that was never installed (no
-# entry-point metadata) still has them; an installed exitbench declares the same targets in pyproject.toml.
+# The built-ins, registered like every registry's built-ins: lazily, beside the registry (so listing them
+# imports no method file, and a checkout that was never installed has them too). Plugins come through the
+# entry-point group; in-process (a notebook, a test) a class is added with ``METHODS.register(cls.name, cls)``.
 BUILTIN_METHODS = {"pteenet": "exitbench.methods.pteenet:PTEENet",
                    "branchynet": "exitbench.methods.branchynet:BranchyNet",
                    "eenet": "exitbench.methods.eenet:EENet", "sdn": "exitbench.methods.sdn:SDN",
                    "ztw": "exitbench.methods.ztw:ZTW", "jeidnn": "exitbench.methods.jeidnn:JEIDNN"}
 for _name, _target in BUILTIN_METHODS.items():
     METHODS.register(_name, _target)
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available to ``get_method(cls.name)``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} needs a non-empty class attribute 'name'")
-    return METHODS.register(cls.name, cls)
 
 
 def list_methods() -> list[str]:
@@ -558,8 +558,8 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "OPTIMIZERS", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint", "HParam",
-    "Method",
+    "ENTRY_POINT_GROUP", "METHODS", "OPTIMIZERS", "PHI", "PLACEMENTS", "Budget", "Carry", "ExitOutputs", "ExitPoint",
+    "HParam", "Method",
     "MultiExitNet", "Policy", "REGIMES", "StagedBackbone", "Trainer", "UserError", "did_you_mean", "get_method",
-    "list_methods", "merge_phases", "N_EXITS", "PLACEMENT", "PRECISION", "place_exits", "register_method",
+    "list_methods", "merge_phases", "N_EXITS", "PLACEMENT", "PRECISION", "place_exits",
 ]

@@ -45,7 +45,6 @@ from exitbench.methods.base import (
     MultiExitNet,
     StagedBackbone,
     UserError,
-    register_method,
 )
 from exitbench.methods.heads import ConvBranch
 
@@ -59,7 +58,6 @@ def exit_weights(n_exits: int, scheme: str) -> list[float]:
     return [1.0] * (n_exits - 1) + [PAPER_FINAL_WEIGHT]
 
 
-@register_method
 class BranchyNet(Method):
     """Conv branches trained jointly with the backbone on a weighted sum of per-exit cross-entropies."""
 

@@ -38,7 +38,6 @@ from exitbench.methods.base import (
     Method,
     MultiExitNet,
     StagedBackbone,
-    register_method,
 )
 from exitbench.methods.heads import BNPoolBranch, ConvBranch
 from exitbench.methods.losses import cost_aware_loss
@@ -51,7 +50,6 @@ def eenet_head(kind: str, exit_point: ExitPoint, num_classes: int) -> nn.Module:
     return ConvBranch(exit_point, num_classes, depth=2 if kind == "conv2" else 0)
 
 
-@register_method
 class EENet(Method):
     """Joint training of backbone and confidence heads on EENet's cost-aware loss."""
 

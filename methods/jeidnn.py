@@ -72,7 +72,6 @@ from exitbench.methods.base import (
     MultiExitNet,
     StagedBackbone,
     merge_phases,
-    register_method,
 )
 from exitbench.methods.heads import SDNHead
 from exitbench.methods.sdn import SDN
@@ -179,7 +178,6 @@ class BilevelLoss:
         self.calls, self.phase, self.batches = int(state["calls"]), str(state["phase"]), dict(state["batches"])
 
 
-@register_method
 class JEIDNN(Method):
     """Uncertainty-metric gates and IMs trained bi-level on a frozen backbone; exit where the gate says so."""
 

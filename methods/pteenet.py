@@ -26,13 +26,11 @@ from exitbench.methods.base import (
     Method,
     MultiExitNet,
     StagedBackbone,
-    register_method,
 )
 from exitbench.methods.heads import ConvBranch
 from exitbench.methods.losses import cost_aware_loss
 
 
-@register_method
 class PTEENet(Method):
     """Post-trained conv branches with learned confidence on a frozen backbone."""
 

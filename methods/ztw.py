@@ -51,7 +51,6 @@ from exitbench.methods.base import (
     MultiExitNet,
     StagedBackbone,
     merge_phases,
-    register_method,
 )
 from exitbench.methods.heads import SDNHead
 from exitbench.methods.sdn import SDN
@@ -113,7 +112,6 @@ class ZTWNet(MultiExitNet):
         return out, (logits, stacked)
 
 
-@register_method
 class ZTW(Method):
     """Cascading ICs, then learned geometric ensembles, trained in two phases on a frozen backbone."""
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from exitbench.benchmarks.traces import collect_trace
 from exitbench.methods.base import (
+    METHODS,
     HParam,
     Method,
     MultiExitNet,
@@ -15,7 +16,6 @@ from exitbench.methods.base import (
     get_method,
     list_methods,
     place_exits,
-    register_method,
 )
 from exitbench.methods.heads import ConvBranch
 from exitbench.methods.policies import ThresholdPolicy, first_exit
@@ -120,7 +120,7 @@ def test_registry_finds_builtins_through_entry_points_and_suggests_names():
 
 
 def test_a_registered_plugin_is_listed_and_checks_its_hparams():
-    @register_method
+    @METHODS.register()
     class Toy(Method):
         name = "toy_plugin_for_test"
         hparams = {"n_exits": HParam(1), "mode": HParam("a", choices=("a", "b"))}

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from exitbench.cli import main
-from exitbench.methods.base import register_method
+from exitbench.methods.base import METHODS
 from exitbench.methods.pteenet import PTEENet
 from exitbench.store import tmp_path as tmp_path_of
 
@@ -121,7 +121,7 @@ def test_rerun_resumes_without_recomputing(quick_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
 
 
-@register_method
+@METHODS.register()
 class _Broken(PTEENet):
     name = "broken_for_test"
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone, register_method
+from exitbench.methods.base import ExitOutputs, ExitPoint, HParam, Method, MultiExitNet, StagedBackbone
 
 
 class PoolLinear(nn.Module):
@@ -35,7 +35,6 @@ class PoolLinear(nn.Module):
         return self.classifier(z)
 
 
-@register_method
 class PoolExits(Method):
     """Pooled linear exits trained with per-exit cross-entropy on a frozen backbone."""
 
