@@ -37,7 +37,6 @@ import pickle
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,11 @@ from torch import Tensor, nn
 from exitbench.benchmarks import flops
 from exitbench.benchmarks.generic_cut import cut_generic
 from exitbench.methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
+from exitbench.registry import Registry
 from exitbench.store import write_atomic
 
 # timm is imported inside the functions: importing it costs seconds, and `exitbench list` needs only
 # the constants below.
-
-FAMILIES = ("resnet", "densenet", "vgg", "efficientnet", "mobilenetv3", "vit")
 
 # The timm models the tests build and check block by block (tests/test_backbones.py, tests/test_flops.py).
 TESTED_BACKBONES = (
@@ -68,11 +66,6 @@ SMALL_INPUT_MAX_SIDE = 64
 VIT_SMALL_PATCH = 4
 _VIT_MODULES = ("vision_transformer", "deit")  # timm modules whose models are plain VisionTransformers
 _WEIGHTS_HINT = "or `weights: train` to train the backbone in the harness"
-
-
-def list_families() -> list[str]:
-    """Names of the backbone families that :func:`create_backbone` can cut into blocks."""
-    return list(FAMILIES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,44 +245,54 @@ def _cut_vit(m: nn.Module) -> Cut:
 
 
 @dataclass(frozen=True)
-class _Family:
+class BackboneFamily:
+    """A hand-written cut of one timm model class into blocks (a ``BACKBONE_FAMILIES`` entry).
+
+    ``timm_class`` (``"module:Class"``) is matched exactly: a subclass (e.g. a distilled ViT) may change the
+    forward, so it goes to the generic rule rather than being cut wrongly. ``cut(model)`` returns the blocks,
+    their names and the head; ``small_stem(model)`` adapts the stem to small images (None: the family has
+    none). A plugin adds a family through the entry-point group ``exitbench.backbone_families``."""
+
     name: str
-    small_stem: Callable[[nn.Module], None] | None  # None: the family has no small-image stem
+    timm_class: str
     cut: Callable[[nn.Module], Cut]
+    small_stem: Callable[[nn.Module], None] | None = None
     generic: bool = False  # cut by benchmarks.generic_cut's rule, not by a hand adapter
 
 
-@cache
-def _families() -> dict[type, _Family]:
-    """Adapters keyed on the exact timm class: a subclass (e.g. a distilled ViT) may change the
-    forward, so it is refused rather than cut wrongly."""
-    from timm.models.densenet import DenseNet
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.mobilenetv3 import MobileNetV3
-    from timm.models.resnet import ResNet
-    from timm.models.vgg import VGG
-    from timm.models.vision_transformer import VisionTransformer
-
-    return {
-        ResNet: _Family("resnet", _small_stem_resnet, _cut_resnet),
-        DenseNet: _Family("densenet", _small_stem_densenet, _cut_densenet),
-        VGG: _Family("vgg", _no_change, _cut_vgg),
-        EfficientNet: _Family("efficientnet", _small_stem_conv_stem, _cut_efficientnet),
-        MobileNetV3: _Family("mobilenetv3", _small_stem_conv_stem, _cut_mobilenetv3),
-        VisionTransformer: _Family("vit", _no_change, _cut_vit),  # small stem: creation kwargs
-    }
+BACKBONE_FAMILIES: Registry[BackboneFamily] = Registry("backbone family", base=BackboneFamily,
+                                                       group="exitbench.backbone_families", field="backbone")
+for _fam, _help in (
+    (BackboneFamily("resnet", "timm.models.resnet:ResNet", _cut_resnet, _small_stem_resnet),
+     "a block per residual block of layer1..4 (layer2.1)"),
+    (BackboneFamily("densenet", "timm.models.densenet:DenseNet", _cut_densenet, _small_stem_densenet),
+     "a block per dense layer (denseblock2.layer5)"),
+    (BackboneFamily("vgg", "timm.models.vgg:VGG", _cut_vgg, _no_change), "a block per conv group ending in a "
+     "max-pool (stage3)"),
+    (BackboneFamily("efficientnet", "timm.models.efficientnet:EfficientNet", _cut_efficientnet,
+                    _small_stem_conv_stem), "a block per block inside `blocks` (blocks.3.1)"),
+    (BackboneFamily("mobilenetv3", "timm.models.mobilenetv3:MobileNetV3", _cut_mobilenetv3, _small_stem_conv_stem),
+     "a block per block inside `blocks` (blocks.3.1)"),
+    (BackboneFamily("vit", "timm.models.vision_transformer:VisionTransformer", _cut_vit, _no_change),  # small
+     "a block per transformer block (blocks.7); small images: img_size and patch 4 at creation"),  # stem: kwargs
+):
+    BACKBONE_FAMILIES.register(_fam.name, _fam, help=_help)
 
 
-def _family_of(model: nn.Module, name: str) -> _Family:
-    """The hand adapter of the model's exact timm class, else the generic rule (``generic_cut``) named after
-    the model's timm module (``convnext``, ``swin_transformer``, ...)."""
-    fam = _families().get(type(model))
-    if fam is not None:
-        return fam
+def _family_of(model: nn.Module, name: str) -> BackboneFamily:
+    """The registered family of the model's exact timm class, else the generic rule (``generic_cut``) named
+    after the model's timm module (``convnext``, ``swin_transformer``, ...)."""
+    for fam_name in BACKBONE_FAMILIES.names():
+        fam = BACKBONE_FAMILIES.get(fam_name)
+        module, _, cls = fam.timm_class.partition(":")
+        if type(model).__module__ == module and type(model).__qualname__ == cls:
+            return fam
     if not type(model).__module__.startswith("timm."):
         raise UserError(f"backbone: {name!r} is a {type(model).__name__}, not a timm model; exitbench cuts timm "
                         "classifiers")
-    return _Family(type(model).__module__.rsplit(".", 1)[-1], None, lambda m: cut_generic(m, name), generic=True)
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    return BackboneFamily(module, f"{type(model).__module__}:{type(model).__qualname__}",
+                          lambda m: cut_generic(m, name), generic=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,5 +545,5 @@ def load_weights(backbone: StagedBackbone, path: str | os.PathLike) -> None:
     what = f"{backbone.name or 'the backbone'} ({backbone.num_classes} classes, input {backbone.input_size})"
     _load_checked(backbone, state, path, what)
 
-__all__ = ["FAMILIES", "TESTED_BACKBONES", "create_backbone", "create_timm_model", "list_families", "load_weights",
-           "resolve_small_stem", "save_weights", "stage_model"]
+__all__ = ["BACKBONE_FAMILIES", "BackboneFamily", "TESTED_BACKBONES", "create_backbone", "create_timm_model",
+           "load_weights", "resolve_small_stem", "save_weights", "stage_model"]

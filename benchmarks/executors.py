@@ -15,37 +15,113 @@ requeued and to run beside another ``exitbench run`` on the same ``--out``.
 
 from __future__ import annotations
 
+import argparse
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from exitbench.benchmarks.config import Cell
-from exitbench.errors import UserError, did_you_mean, raise_terminated
-
-EXECUTORS = ("local", "local:N", "slurm")
-
-
-@dataclass(frozen=True)
-class ExecutorSpec:
-    """A parsed ``--executor``: its kind and the number of local workers."""
-
-    kind: str
-    workers: int = 1
+from exitbench.errors import UserError, raise_terminated
+from exitbench.registry import Registry
 
 
-def parse_executor(spec: str) -> ExecutorSpec:
-    """``local``, ``local:N`` (N >= 1) or ``slurm``; anything else is a one-line error with the nearest name."""
-    kind, _, n = spec.partition(":")
-    if kind == "local" and not n:
-        return ExecutorSpec("local")
-    if kind == "local":
-        if not n.isdigit() or int(n) < 1:
-            raise UserError(f"--executor: {spec!r}: local:N needs a whole number of workers N >= 1, e.g. local:4")
-        return ExecutorSpec("local", int(n))
-    if spec == "slurm":
-        return ExecutorSpec("slurm")
-    raise UserError(f"--executor: unknown executor {spec!r}; {did_you_mean(kind, list(EXECUTORS))}")
+@dataclass
+class Finished:
+    """What a run of the matrix left: cells by outcome (``ok``, ``error``, and ``reanalysed``, ``reused``,
+    ``elsewhere`` from local runs, or ``missing`` from a waited job array) and one line per task that ended
+    without finishing its cells."""
+
+    counts: dict[str, int]
+    failed_tasks: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """The one-line tally ``exitbench run`` prints."""
+        c = self.counts
+        if "missing" in c:
+            return f"{c['ok']} ok, {c['error']} errors, {c['missing']} without a result"
+        return (f"{c['ok']} ok, {c['error']} errors, {c['reanalysed']} re-analysed, {c['reused']} reused"
+                + (f", {c['elsewhere']} left to other runners" if c.get("elsewhere") else ""))
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.counts.get("error") or self.counts.get("missing") or self.failed_tasks)
+
+
+class Executor:
+    """Where a matrix's cells run: an ``EXECUTORS`` entry, chosen with ``--executor NAME[:ARG]``.
+
+    The constructor reads ``ARG`` and the executor's own options from the command line's ``args`` (one-line
+    ``UserError`` for a bad one); :meth:`check` runs before anything is built (e.g. the cluster is there);
+    :meth:`run` runs the cells and returns what they left, or None when it only submitted them. A plugin
+    adds an executor through the entry-point group ``exitbench.executors``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, arg: str, args: argparse.Namespace):
+        if arg:
+            raise UserError(f"--executor: {self.name} takes no ':{arg}'; write --executor {self.name}")
+        _no_slurm_options(args)
+
+    @property
+    def shares_work(self) -> bool:
+        """Whether the cells run in several processes (then the parent writes the manifest first)."""
+        return False
+
+    def check(self, folders: dict[str, Path]) -> None:
+        """Refuse, before anything is built, what cannot work (``folders``: option -> the path it names)."""
+
+    def run(self, cells: list[Cell], out_dir: Path, cache_dir: Path, kw: dict[str, Any], *, progress: bool
+            ) -> Finished | None:
+        raise NotImplementedError
+
+
+def _no_slurm_options(args: argparse.Namespace) -> None:
+    if (any(getattr(args, k, None) is not None for k in ("slurm_partition", "slurm_time", "slurm_gpus", "slurm_mem",
+                                                         "slurm_opt", "slurm_parallel"))
+            or getattr(args, "slurm_chunk", 1) != 1):
+        raise UserError("--slurm-*: these options are for --executor slurm; add it, or drop them")
+    if getattr(args, "wait", False):
+        raise UserError("--wait: waits for a Slurm job array; it is for --executor slurm (the local executors "
+                        "always wait)")
+
+
+class Local(Executor):
+    """this process (`local`), or N submitit worker processes (`local:N`): one per GPU, or CPU threads split"""
+
+    name = "local"
+
+    def __init__(self, arg: str, args: argparse.Namespace):
+        if arg and (not arg.isdigit() or int(arg) < 1):
+            raise UserError(f"--executor: 'local:{arg}': local:N needs a whole number of workers N >= 1, e.g. local:4")
+        super().__init__("", args)
+        self.workers = int(arg or 1)
+
+    @property
+    def shares_work(self) -> bool:
+        return self.workers > 1
+
+    def run(self, cells: list[Cell], out_dir: Path, cache_dir: Path, kw: dict[str, Any], *, progress: bool
+            ) -> Finished:
+        if self.workers > 1:
+            return Finished(run_local_workers(cells, out_dir, cache_dir, self.workers, kw))
+        from exitbench.benchmarks.runner import run_matrix
+
+        return Finished(run_matrix(cells, out_dir, cache_dir, progress=progress, **kw))
+
+
+EXECUTORS: Registry[type[Executor]] = Registry("executor", base=Executor, classes=True, group="exitbench.executors",
+                                               field="--executor")
+EXECUTORS.register("local", Local)
+EXECUTORS.register("slurm", "exitbench.benchmarks.slurm:Slurm",
+                   help="one Slurm job array through submitit (--slurm-*); --wait to wait for it")
+
+
+def get_executor(spec: str, args: argparse.Namespace) -> Executor:
+    """The executor ``--executor spec`` names (``NAME`` or ``NAME:ARG``), built from the command line's
+    ``args``; a one-line error with the nearest names for an unknown one."""
+    name, _, arg = spec.partition(":")
+    return EXECUTORS.get(name)(arg, args)
 
 
 def run_share(cells: list[Cell], out_dir: Path, cache_dir: Path, kw: dict[str, Any]) -> dict[str, int]:

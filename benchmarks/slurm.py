@@ -11,6 +11,7 @@ before submitit requeues it; a cell's training resumes from its last epoch check
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.executors import Executor, Finished
 from exitbench.errors import UserError, did_you_mean
 
 DEFAULT_MINUTES = 240
@@ -170,6 +172,46 @@ def _node_local(folder: Path) -> bool:
     if fstype in SHARED_FS or fstype.startswith("fuse."):
         return False
     return fstype == "tmpfs" or any(path.is_relative_to(p) for p in NODE_LOCAL)
+
+
+class Slurm(Executor):
+    """one Slurm job array through submitit (--slurm-*); --wait to wait for it"""
+
+    name = "slurm"
+
+    def __init__(self, arg: str, args: argparse.Namespace):
+        if arg:
+            raise UserError(f"--executor: slurm takes no ':{arg}'; give its options as --slurm-*")
+        self.options = slurm_options(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem,
+                                     args.slurm_opt, args.slurm_chunk, args.slurm_parallel)
+        self.chunk, self.wait, self.matrix = args.slurm_chunk, args.wait, args.matrix or "quick"
+        check_slurm()
+
+    @property
+    def shares_work(self) -> bool:
+        return True
+
+    def check(self, folders: dict[str, Path]) -> None:
+        check_cluster(self.options, folders)
+
+    def run(self, cells: list[Cell], out_dir: Path, cache_dir: Path, kw: dict[str, Any], *, progress: bool
+            ) -> Finished | None:
+        from exitbench.benchmarks.runner import cell_path, existing
+
+        submitted = time.time()
+        ids = submit_slurm(cells, out_dir, cache_dir, self.options, self.chunk, kw)
+        print(f"exitbench: submitted {len(ids)} Slurm tasks (job array {ids[0].split('_')[0]}); logs in "
+              f"{out_dir / 'slurm'}" + ("" if self.wait else f"; progress: exitbench plan {self.matrix} "
+                                                               f"--out {out_dir}, or rerun with --wait"), flush=True)
+        if not self.wait:
+            return None
+        paths = [cell_path(out_dir, c) for c in cells]
+        failed = wait_slurm(ids, [paths[i:i + self.chunk] for i in range(0, len(paths), self.chunk)], out_dir,
+                            submitted, progress=progress)
+        stored = [existing(p) for p in paths]
+        return Finished({"ok": sum(r is not None and r.ok for r in stored),
+                         "error": sum(r is not None and not r.ok for r in stored),
+                         "missing": sum(r is None for r in stored)}, failed)
 
 
 def _checkpointable():

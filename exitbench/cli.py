@@ -70,26 +70,14 @@ def _check_claims(claims: Path, timeout: float | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.config import load_matrix
-    from exitbench.benchmarks.executors import parse_executor, run_local_workers
-    from exitbench.benchmarks.runner import cell_path, existing, run_matrix
-    from exitbench.benchmarks.slurm import check_cluster, check_slurm, slurm_options, submit_slurm, wait_slurm
+    from exitbench.benchmarks.executors import get_executor
     from exitbench.reports.summary import write_summary
-    from exitbench.results import SCHEMA_VERSION, check_schema
-    from exitbench.store import read_json, write_manifest
+    from exitbench.results import SCHEMA_VERSION
+    from exitbench.store import write_manifest
 
     t0 = time.perf_counter()
     _positive(args.threads, "--threads", "CPU threads")
-    executor = parse_executor(args.executor)  # executor mistakes: one line, before anything is built
-    if executor.kind == "slurm":
-        slurm = slurm_options(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem, args.slurm_opt,
-                              args.slurm_chunk, args.slurm_parallel)
-        check_slurm()
-    elif (any(v is not None for v in (args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem,
-                                       args.slurm_opt, args.slurm_parallel)) or args.slurm_chunk != 1):
-        raise UserError("--slurm-*: these options are for --executor slurm; add it, or drop them")
-    elif args.wait:
-        raise UserError("--wait: waits for a Slurm job array; it is for --executor slurm (the local executors "
-                        "always wait)")
+    executor = get_executor(args.executor, args)  # executor mistakes: one line, before anything is built
     matrix = load_matrix(args.matrix)
     if args.smoke:  # smoke results are not results: their own directory and matrix name
         matrix = {**matrix, "name": f"{matrix['name']}-smoke"}
@@ -98,68 +86,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     claims = Path(args.claims) if args.claims else out / "claims"
     _check_claims(claims, args.claim_timeout)
     cache = Path(args.cache) if args.cache else default_cache()
-    if executor.kind == "slurm":  # before the preflight builds anything: the cluster and what its nodes reach
-        check_cluster(slurm, {"--out": out, "--cache": cache, **({"--claims": claims} if args.claims else {})})
+    # before the preflight builds anything: e.g. the cluster, and what its nodes can reach
+    executor.check({"--out": out, "--cache": cache, **({"--claims": claims} if args.claims else {})})
     matrix, cells = _cells(args, matrix)
-    overrides = {"threads": args.threads} if args.threads else {}
-    if args.no_latency:
-        overrides["latency"] = False
-    if args.device:
-        overrides["device"] = args.device
-    if args.fast:
-        overrides["fast"] = args.fast
-    if overrides:  # evaluation only: finished cells are re-analysed, not retrained
-        cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
-    cells = _risk_overrides(args, cells)
-    from exitbench.benchmarks.device import resolve_device
-    from exitbench.benchmarks.fast import check_fast
-
-    for spec, fast in sorted({(c.evaluation.device, c.evaluation.fast) for c in cells}):  # one line, nothing run
-        device = resolve_device(spec, "--device" if args.device else "evaluation.device")
-        check_fast(fast, device, "--fast" if args.fast else "evaluation.fast")
-    for p in (cell_path(out, c) for c in cells):  # never overwrite what a newer exitbench wrote
-        try:
-            stored = read_json(p)
-        except (OSError, ValueError):
-            continue
-        if isinstance(stored, dict):
-            check_schema(stored, p, older_ok=True)  # older ones are recomputed
-    done = sum(existing(cell_path(out, c)) is not None for c in cells)
+    cells = _run_overrides(args, cells)
+    done = _check_stored(out, cells)
     print(f"exitbench: {len(cells)} cells from matrix {matrix['name']!r} -> {out}"
           + (f" ({done} already have results)" if done else ""))
     kw = {"download": args.download, "matrix": matrix["name"], "claims_dir": claims,
           **({"stale_after": args.claim_timeout} if args.claim_timeout else {})}
-    if executor.kind == "slurm" or executor.workers > 1:  # the workers run shares; the manifest covers them all
+    if executor.shares_work:  # the workers run shares; the manifest covers them all
         write_manifest(out, matrix["name"], [c.slug() for c in cells], SCHEMA_VERSION)
-    failed_tasks: list[str] = []
-    if executor.kind == "slurm":
-        submitted = time.time()
-        ids = submit_slurm(cells, out, cache, slurm, args.slurm_chunk, kw)
-        print(f"exitbench: submitted {len(ids)} Slurm tasks (job array {ids[0].split('_')[0]}); logs in "
-              f"{out / 'slurm'}" + ("" if args.wait else f"; progress: exitbench plan {args.matrix or 'quick'} "
-                                                         f"--out {out}, or rerun with --wait"), flush=True)
-        if not args.wait:
-            return 0
-        shares = [[cell_path(out, c) for c in cells[i:i + args.slurm_chunk]]
-                  for i in range(0, len(cells), args.slurm_chunk)]
-        failed_tasks = wait_slurm(ids, shares, out, submitted, progress=not args.quiet)
-        stored = [existing(cell_path(out, c)) for c in cells]
-        counts = {"ok": sum(r is not None and r.ok for r in stored),
-                  "error": sum(r is not None and not r.ok for r in stored), "missing": sum(r is None for r in stored)}
-    elif executor.workers > 1:
-        counts = run_local_workers(cells, out, cache, executor.workers, kw)
-    else:
-        counts = run_matrix(cells, out, cache, progress=not args.quiet, **kw)
+    finished = executor.run(cells, out, cache, kw, progress=not args.quiet)
+    if finished is None:  # submitted, not waited for
+        return 0
     paths = write_summary(out)
-    if executor.kind == "slurm":
-        print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['missing']} without a result "
-              f"in {time.perf_counter() - t0:.0f} s")
-        for line in failed_tasks:
-            print(f"exitbench: {line}", file=sys.stderr)
-    else:
-        print(f"exitbench: {counts['ok']} ok, {counts['error']} errors, {counts['reanalysed']} re-analysed, "
-              f"{counts['reused']} reused" + (f", {counts['elsewhere']} left to other runners" if counts["elsewhere"]
-                                              else "") + f" in {time.perf_counter() - t0:.0f} s")
+    print(f"exitbench: {finished.line()} in {time.perf_counter() - t0:.0f} s")
+    for line in finished.failed_tasks:
+        print(f"exitbench: {line}", file=sys.stderr)
     for p in [out / "cells", *paths]:
         print(f"  {p}")
     if args.report:
@@ -167,7 +111,46 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         written = build(out, out / "report")
         print(f"  {written['report'][0]}")
-    return 1 if counts["error"] or failed_tasks or counts.get("missing") else 0
+    return 1 if finished.failed else 0
+
+
+def _run_overrides(args: argparse.Namespace, cells: list) -> list:
+    """The command line's evaluation and risk-control overrides applied to the cells, checked (devices and
+    fast modes) before anything runs. Evaluation only: finished cells are re-analysed, not retrained."""
+    from exitbench.benchmarks.device import resolve_device
+    from exitbench.benchmarks.fast import check_fast
+
+    overrides = {"threads": args.threads} if args.threads else {}
+    if args.no_latency:
+        overrides["latency"] = False
+    if args.device:
+        overrides["device"] = args.device
+    if args.fast:
+        overrides["fast"] = args.fast
+    if overrides:
+        cells = [replace(c, evaluation=replace(c.evaluation, **overrides)) for c in cells]
+    cells = _risk_overrides(args, cells)
+    for spec, fast in sorted({(c.evaluation.device, c.evaluation.fast) for c in cells}):  # one line, nothing run
+        device = resolve_device(spec, "--device" if args.device else "evaluation.device")
+        check_fast(fast, device, "--fast" if args.fast else "evaluation.fast")
+    return cells
+
+
+def _check_stored(out: Path, cells: list) -> int:
+    """Never overwrite what a newer exitbench wrote (older results are recomputed); returns how many cells
+    already have results."""
+    from exitbench.benchmarks.runner import cell_path, existing
+    from exitbench.results import check_schema
+    from exitbench.store import read_json
+
+    for p in (cell_path(out, c) for c in cells):
+        try:
+            stored = read_json(p)
+        except (OSError, ValueError):
+            continue
+        if isinstance(stored, dict):
+            check_schema(stored, p, older_ok=True)
+    return sum(existing(cell_path(out, c)) is not None for c in cells)
 
 
 def _csv(text: str, option: str, kind: type = str) -> tuple:
@@ -289,7 +272,8 @@ def _hours(seconds: float) -> str:
 
 # The modules that define the product's registries; importing them fills exitbench.registry.REGISTRIES.
 REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.methods.rules",
-                    "exitbench.benchmarks.data", "exitbench.benchmarks.variants")
+                    "exitbench.benchmarks.data", "exitbench.benchmarks.variants", "exitbench.benchmarks.backbones",
+                    "exitbench.benchmarks.executors")
 
 
 def load_registries() -> dict:
@@ -305,7 +289,7 @@ def load_registries() -> dict:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from exitbench.benchmarks.backbones import TESTED_BACKBONES, list_families
+    from exitbench.benchmarks.backbones import TESTED_BACKBONES
     from exitbench.methods.base import get_method
 
     for kind, reg in load_registries().items():
@@ -321,11 +305,11 @@ def cmd_list(args: argparse.Namespace) -> int:
                     default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
                     print(f"      {k} = {default!r}: {spec.help}")
             continue
-        print(f"{kind}s:")
+        print(f"{kind[:-1] + 'ies' if kind.endswith('y') else kind + 's'}:")
         for name, text in reg.describe():
             print(f"  {name:<24} {text}")
-    print("backbone families cut by hand (any timm model of these): " + ", ".join(list_families())
-          + "; any other timm model built as stem -> stages -> blocks -> head is cut by the generic rule")
+        if kind == "backbone family":
+            print("  (any other timm model built as stem -> stages -> blocks -> head: the generic rule)")
     print("backbones covered by the tests:\n  " + ", ".join(TESTED_BACKBONES))
     return 0
 

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 
 from exitbench.benchmarks import backbones
 from exitbench.benchmarks.backbones import (
+    BACKBONE_FAMILIES,
     TESTED_BACKBONES,
     create_backbone,
     create_timm_model,
-    list_families,
     load_weights,
     resolve_small_stem,
     save_weights,
@@ -146,7 +146,7 @@ def test_no_profiler_hooks_left_behind():
 def test_families_and_tested_names():
     from exitbench.benchmarks.models import timm as registered
 
-    assert set(list_families()) == {"resnet", "densenet", "vgg", "efficientnet", "mobilenetv3", "vit"}
+    assert set(BACKBONE_FAMILIES.names()) == {"resnet", "densenet", "vgg", "efficientnet", "mobilenetv3", "vit"}
     assert all(registered.is_model(n) for n in TESTED_BACKBONES)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exitbench.benchmarks.executors import ExecutorSpec, parse_executor
+from exitbench.benchmarks.executors import EXECUTORS, Executor, Finished, Local, get_executor
 from exitbench.benchmarks.slurm import parse_slurm_time, slurm_options
 from exitbench.cli import main
 from exitbench.errors import UserError
@@ -18,14 +18,41 @@ from tests.test_claims import FOUR
 from tests.test_runner import TINY, _write
 
 
+def _args(**kw):
+    from exitbench.cli import build_parser
+
+    return build_parser().parse_args(["run", *[f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]])
+
+
 def test_executor_names():
-    assert parse_executor("local") == ExecutorSpec("local")
-    assert parse_executor("local:3") == ExecutorSpec("local", 3)
-    assert parse_executor("slurm").kind == "slurm"
+    assert isinstance(get_executor("local", _args()), Local) and get_executor("local", _args()).workers == 1
+    assert get_executor("local:3", _args()).workers == 3 and get_executor("local:3", _args()).shares_work
     with pytest.raises(UserError, match=r"^--executor: 'local:0': local:N needs a whole number of workers N >= 1"):
-        parse_executor("local:0")
-    with pytest.raises(UserError, match=r"unknown executor 'slurn'; did you mean 'slurm'"):
-        parse_executor("slurn")
+        get_executor("local:0", _args())
+    with pytest.raises(UserError, match=r"^--executor: unknown executor 'slurn'; did you mean 'slurm'"):
+        get_executor("slurn", _args())
+    with pytest.raises(UserError, match=r"^--slurm-\*: these options are for --executor slurm"):
+        get_executor("local", _args(slurm_time="4h"))
+
+
+def test_an_executor_is_a_registry_entry_a_plugin_can_add(tmp_path, monkeypatch, capsys):
+    class Serial(Executor):
+        """runs the cells one by one in this process, in reverse order"""
+
+        name = "serial_for_test"
+
+        def run(self, cells, out_dir, cache_dir, kw, *, progress):
+            from exitbench.benchmarks.runner import run_matrix
+
+            return Finished(run_matrix(cells[::-1], out_dir, cache_dir, progress=False, **kw))
+
+    monkeypatch.setattr(EXECUTORS, "_entries", dict(EXECUTORS._entries))
+    EXECUTORS.register("serial_for_test", Serial)
+    assert "serial_for_test" in [n for n, _ in EXECUTORS.describe()]
+    m = _write(tmp_path, TINY)
+    assert main(["run", str(m), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+                 "--executor", "serial_for_test", "--no-latency", "--quiet"]) == 0
+    assert "ok, 0 errors" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("text", "minutes"), [("90", 90), ("30:30", 31), ("04:00:00", 240), ("1-12:00", 2160),
