@@ -70,7 +70,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--max-lost", type=float, default=30.0, help="seconds a preemption may cost beyond Slurm's delay")
-    ap.add_argument("--epochs", type=int, default=16, help="the cell's training epochs (about 5 s each on one core)")
+    ap.add_argument("--epochs", type=int, default=16, help="the requeued cell's training epochs (about 4 s each on "
+                    "one core)")
+    # longer than --slurm-time 2 minutes even on an idle machine, so that Slurm's signal always comes first
+    ap.add_argument("--timeout-epochs", type=int, default=32, help="the timed-out cell's training epochs")
     ap.add_argument("--dir", default=".", help="where to work: a folder the nodes can write (kept when it fails)")
     args = ap.parse_args()
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
@@ -79,8 +82,8 @@ def main() -> int:
         return 3
     root = Path(tempfile.mkdtemp(prefix="exitbench-slurm-check-", dir=args.dir))  # shared with the nodes
     cache = root / "cache"
-    for case, lam in (("requeue", 0.5), ("timeout", 1.0)):
-        (root / f"{case}.yaml").write_text(MATRIX.format(case=case, epochs=args.epochs, lam=lam))
+    for case, lam, epochs in (("requeue", 0.5, args.epochs), ("timeout", 1.0, args.timeout_epochs)):
+        (root / f"{case}.yaml").write_text(MATRIX.format(case=case, epochs=epochs, lam=lam))
     common = ["--cache", str(cache), "--no-latency", "--quiet"]
     t0 = time.time()
     refs = [exitbench("run", str(root / f"{c}.yaml"), "--out", str(root / f"local-{c}"), *common)
@@ -115,6 +118,9 @@ def main() -> int:
         report["cases"][case] = {"preemptions": rows, "same_metrics_as_local": same, "exit_code": codes[case],
                                  "log": times["log"]}
         print(f"slurm_check: {case}: {len(rows)} preemption(s) {rows}; metrics equal to the local run: {same}")
+        if not rows:
+            print(f"slurm_check: {case}: the cell finished before it was preempted; give it more epochs "
+                  f"(--epochs / --timeout-epochs)", file=sys.stderr)
         ok &= same and bool(rows) and all(r["lost_s"] <= args.max_lost for r in rows)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
