@@ -12,6 +12,10 @@ import html
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from exitbench.reports import load
 
@@ -297,19 +301,33 @@ def _devices(results: list[load.CellResult]) -> str:
     return ", ".join(devs)
 
 
+RISK_KEYS = ("rule", "risk", "eps", "delta")
+RISK_VALUES = ("test_risk_mean", "test_risk_std", "violation_freq", "mean_exit_index", "rel_macs_strict_mean",
+               "lambda_mean")
+
+
 def risk_aggregate(rows: list[dict]) -> dict[tuple, dict]:
-    """Risk rows averaged over seeds, keyed (rule, risk, eps, delta)."""
-    acc: dict[tuple, list[dict]] = {}
-    for x in rows:
-        acc.setdefault((x.get("rule"), x.get("risk"), x.get("eps"), x.get("delta")), []).append(x)
-    out = {}
-    for k, xs in acc.items():
-        agg = {"n_seeds": len(xs), "trials": xs[0].get("trials"), "promise": xs[0].get("promise")}
-        for f in ("test_risk_mean", "test_risk_std", "violation_freq", "mean_exit_index",
-                  "rel_macs_strict_mean", "lambda_mean"):
-            agg[f] = load.mean_std(x.get(f) for x in xs)[0]
-        out[k] = agg
-    return out
+    """Risk rows averaged over seeds (the finite values of each field), keyed (rule, risk, eps, delta) in
+    the rows' order: ``n_seeds``, the first row's ``trials`` and ``promise``, and the mean of each value."""
+    if not rows:
+        return {}
+    frame = pd.DataFrame(rows).reindex(columns=[*RISK_KEYS, "trials", "promise", *RISK_VALUES])
+    values = frame[list(RISK_VALUES)].apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan)
+    frame[list(RISK_VALUES)] = values
+    groups = frame.groupby(list(RISK_KEYS), sort=False, dropna=False)
+    agg = groups[list(RISK_VALUES)].mean().join(groups.size().rename("n_seeds"))
+    agg = agg.join(groups[["trials", "promise"]].first())
+    return {key: {"n_seeds": int(a["n_seeds"]), "trials": None if _plain(a["trials"]) is None else int(a["trials"]),
+                  "promise": _plain(a["promise"]),
+                  **{f: float(a[f]) for f in RISK_VALUES}}
+            for key, a in ((tuple(_plain(k) for k in key), a) for key, a in agg.iterrows())}
+
+
+def _plain(v: Any) -> Any:
+    """A pandas/numpy scalar as the plain Python value it was stored as (NaN from a missing field: None)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v.item() if hasattr(v, "item") else v
 
 
 def violates(agg: dict, eps: float, delta: float) -> bool:
