@@ -45,9 +45,9 @@ from torch import Tensor, nn
 
 from exitbench.benchmarks import flops
 from exitbench.benchmarks.generic_cut import cut_generic
+from exitbench.core.registry import Registry
+from exitbench.core.store import write_atomic
 from exitbench.methods.base import ExitPoint, StagedBackbone, UserError, did_you_mean
-from exitbench.registry import Registry
-from exitbench.store import write_atomic
 
 # timm is imported inside the functions: importing it costs seconds, and `exitbench list` needs only
 # the constants below.

@@ -37,9 +37,9 @@ import yaml
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
 from exitbench.benchmarks.fast import check_fast_mode
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
+from exitbench.core.results import STATIC
 from exitbench.methods.base import OPTIMIZERS, REGIMES, Budget, Method, UserError, did_you_mean, get_method
 from exitbench.methods.rules import RISKS, SELECTION_RULES
-from exitbench.results import STATIC
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 TEMPERATURE_MODES = ("none", "per-exit")

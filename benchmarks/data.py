@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from exitbench.errors import UserError, did_you_mean
-from exitbench.registry import Registry
+from exitbench.core.errors import UserError, did_you_mean
+from exitbench.core.registry import Registry
 
 DEFAULT_DATASET = "digits"
 CALIBRATION_FRACTION, TEST_FRACTION = 0.1, 0.3  # the split options' defaults

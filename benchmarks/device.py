@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -2,7 +2,7 @@
 ``slurm`` (a job array), the last two through submitit.
 
 Every executor runs the same :func:`runner.run_matrix` on its share of the cells, so a cell's result does
-not depend on which one ran it; claims (``exitbench.claims``) make the shares safe to overlap, to be
+not depend on which one ran it; claims (``exitbench.core.claims``) make the shares safe to overlap, to be
 requeued and to run beside another ``exitbench run`` on the same ``--out``.
 
 - ``local:N``: submitit's ``LocalExecutor`` starts N processes, each with a share of the cells (the cells
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from exitbench.benchmarks.config import Cell
-from exitbench.errors import UserError, raise_terminated
-from exitbench.registry import Registry
+from exitbench.core.errors import UserError, raise_terminated
+from exitbench.core.registry import Registry
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from exitbench.benchmarks.data import DataMissing, DatasetInfo, DatasetSpec, RawData
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 NAME = "fashion_mnist"
 FOLDER = "fashion-mnist"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 from exitbench.methods.base import Carry, MultiExitNet, Policy
 
 FAST_MODES = ("none", "compile", "graphs")

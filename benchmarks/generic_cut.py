@@ -31,7 +31,7 @@ import re
 
 from torch import fx, nn
 
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 STAGE_CONTAINERS = ("stages", "layers", "blocks")
 

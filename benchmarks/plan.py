@@ -34,7 +34,7 @@ from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, split_sizes
 from exitbench.benchmarks.latency import default_batch_sizes
 from exitbench.benchmarks.runner import cell_path, claim_path, existing, reusable
-from exitbench.claims import held_live, holder
+from exitbench.core.claims import held_live, holder
 
 TRAIN_FACTOR = 3.0  # a training step's MACs per sample: forward + backward (about two forwards)
 

@@ -23,9 +23,9 @@ from exitbench.benchmarks.data import to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.latency import num_threads
-from exitbench.errors import UserError
-from exitbench.results import CellResult
-from exitbench.store import latest_run, read_json, safetensors_problem
+from exitbench.core.errors import UserError
+from exitbench.core.results import CellResult
+from exitbench.core.store import latest_run, read_json, safetensors_problem
 
 RANDOM_SAMPLES = 256
 

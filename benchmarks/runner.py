@@ -22,10 +22,10 @@ from exitbench.benchmarks.data import DataMissing, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.latency import num_threads
-from exitbench.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
+from exitbench.core.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
+from exitbench.core.results import SCHEMA_VERSION, CellResult
+from exitbench.core.store import DISK_FULL, read_json, remove_orphans, safetensors_problem, write_manifest
 from exitbench.methods.base import StagedBackbone, UserError
-from exitbench.results import SCHEMA_VERSION, CellResult
-from exitbench.store import DISK_FULL, read_json, remove_orphans, safetensors_problem, write_manifest
 
 
 def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = False, memo: dict | None = None,
@@ -178,7 +178,7 @@ def _error(cell: Cell, e: Exception) -> CellResult:
 
 
 def claim_path(claims_dir: Path, cell: Cell) -> Path:
-    """The lock file a runner holds while it computes ``cell`` (``exitbench.claims``)."""
+    """The lock file a runner holds while it computes ``cell`` (``exitbench.core.claims``)."""
     return claims_dir / f"{cell.slug()}.lock"
 
 

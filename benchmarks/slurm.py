@@ -3,7 +3,7 @@ submitit, requeue on preemption or timeout, and ``--wait``'s progress. See docs/
 
 A task runs its cells (``--slurm-chunk``, default 1) one after another with the same
 :func:`runner.run_matrix` every executor uses, on the task's one GPU when it asks for one. Claims
-(``exitbench.claims``) record the task's Slurm job id and restart count, so that a requeued task takes its
+(``exitbench.core.claims``) record the task's Slurm job id and restart count, so that a requeued task takes its
 own cell back at once and any task takes over a cell whose job squeue no longer lists as running. When
 submitit's signal arrives (the time limit is near, or the job is preempted) the task releases its claims
 before submitit requeues it; a cell's training resumes from its last epoch checkpoint (``training.fit``).
@@ -22,7 +22,7 @@ from typing import Any
 
 from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.executors import Executor, Finished
-from exitbench.errors import UserError, did_you_mean
+from exitbench.core.errors import UserError, did_you_mean
 
 DEFAULT_MINUTES = 240
 SHARED_FS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "panfs", "wekafs", "9p", "virtiofs",
@@ -223,7 +223,7 @@ def _checkpointable():
         """A share of the matrix; on preemption or timeout submitit requeues it with the same arguments."""
 
         def __call__(self, cells, out_dir, cache_dir, kw):
-            from exitbench.claims import slurm_task
+            from exitbench.core.claims import slurm_task
 
             task = slurm_task() or {}
             print(f"exitbench: task {task.get('job')} started at {time.time():.1f} (restart {task.get('restart')})",
@@ -233,7 +233,7 @@ def _checkpointable():
         def checkpoint(self, *args: Any, **kwargs: Any):
             # the signal that precedes a requeue: free this task's cells now, so that whichever task runs
             # next (this one requeued, or another) starts them at once; their epochs are checkpointed
-            from exitbench.claims import release_all
+            from exitbench.core.claims import release_all
 
             print(f"exitbench: checkpoint signal at {time.time():.1f}: released {release_all()} claims; requeueing",
                   flush=True)

@@ -36,12 +36,8 @@ from exitbench.benchmarks.latency import default_batch_sizes, effective_batch_si
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, stage_features
 from exitbench.benchmarks.training import method_trainer, predict_logits, resumable, train_backbone
-from exitbench.claims import DEFAULT_STALE_AFTER, wait_for
-from exitbench.methods import calibration, temperature
-from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError
-from exitbench.methods.calibration import Choice
-from exitbench.methods.policies import make_policy
-from exitbench.results import (
+from exitbench.core.claims import DEFAULT_STALE_AFTER, wait_for
+from exitbench.core.results import (
     HIGHER_IS_BETTER,
     SCHEMA_VERSION,
     BackboneResult,
@@ -56,7 +52,11 @@ from exitbench.results import (
     ThresholdSweep,
     setting_id,
 )
-from exitbench.store import read_json, safetensors_problem, write_atomic, write_json_atomic
+from exitbench.core.store import read_json, safetensors_problem, write_atomic, write_json_atomic
+from exitbench.methods import calibration, temperature
+from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError
+from exitbench.methods.calibration import Choice
+from exitbench.methods.policies import make_policy
 
 BACKBONE_RECIPE_VERSION = "1"  # bump when train_backbone changes in a way that changes weights
 SPLITS = ("calibration", "test")

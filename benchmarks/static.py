@@ -24,8 +24,8 @@ from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits
 from exitbench.benchmarks.device import check_dtype, in_dtype
 from exitbench.benchmarks.latency import measure_static
+from exitbench.core.results import CellResult, ExitRow, LatencyRecord
 from exitbench.methods.base import MultiExitNet, StagedBackbone
-from exitbench.results import CellResult, ExitRow, LatencyRecord
 
 
 def as_net(model: StagedBackbone) -> MultiExitNet:

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from exitbench.benchmarks.device import check_precision
+from exitbench.core.store import write_atomic
 from exitbench.methods.base import OPTIMIZERS, Budget, ExitOutputs, UserError
-from exitbench.store import write_atomic
 
 LossFn = Callable[[Any, Tensor, nn.Module], Tensor]
 CHECKPOINT_OVERHEAD = 0.1  # the most of the training time that epoch checkpoints may take

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from exitbench.benchmarks.fast import FastForward, FastModule, buckets_for
+from exitbench.core.registry import Registry
 from exitbench.methods.base import Carry, MultiExitNet, Policy, _split_head_output
-from exitbench.registry import Registry
 
 Run = Callable[[], object]
 

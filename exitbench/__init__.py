@@ -2,9 +2,11 @@
 
 The package is one namespace over the repository's folders (docs/architecture.md):
 
-- ``exitbench`` itself (folder ``exitbench/``): the ground floor -- the typed, torch-free result contract
-  (``exitbench.results``), the atomic store (``exitbench.store``), the registry type
-  (``exitbench.registry``), ``UserError`` (``exitbench.errors``) -- and, on top, the CLI (``exitbench.cli``);
+- ``exitbench.core`` (folder ``exitbench/core/``): the ground floor -- the typed, torch-free result contract
+  (``exitbench.core.results``), the atomic store (``exitbench.core.store``), the cell claims
+  (``exitbench.core.claims``), the registry type (``exitbench.core.registry``), ``UserError``
+  (``exitbench.core.errors``);
+- ``exitbench`` itself (folder ``exitbench/``): the top floor, the CLI (``exitbench.cli``);
 - ``exitbench.methods`` (folder ``methods/``): the early-exit model, policies, calibration, risk control
   and the method files; plugins import ``exitbench.methods.base``;
 - ``exitbench.benchmarks`` (folder ``benchmarks/``): the harness -- data, backbones, costs, traces,

@@ -15,8 +15,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from exitbench.errors import Terminated, UserError, raise_terminated
-from exitbench.store import DISK_FULL
+from exitbench.core.errors import Terminated, UserError, raise_terminated
+from exitbench.core.store import DISK_FULL
 
 DEFAULT_OUT = "exitbench_results"
 # `exitbench doctor` fails when a per-sample variant's predictions or exits differ from the offline trace in
@@ -47,7 +47,7 @@ def _cells(args: argparse.Namespace, matrix: dict | None = None, data_optional: 
 
 def _check_out(out: Path) -> None:
     """--out must be a writable directory (or creatable): checked before anything trains."""
-    from exitbench.store import check_writable_dir
+    from exitbench.core.store import check_writable_dir
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file, not a directory; give a directory for the results")
@@ -71,9 +71,9 @@ def _check_claims(claims: Path, timeout: float | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from exitbench.benchmarks.config import load_matrix
     from exitbench.benchmarks.executors import get_executor
+    from exitbench.core.results import SCHEMA_VERSION
+    from exitbench.core.store import write_manifest
     from exitbench.reports.summary import write_summary
-    from exitbench.results import SCHEMA_VERSION
-    from exitbench.store import write_manifest
 
     t0 = time.perf_counter()
     _positive(args.threads, "--threads", "CPU threads")
@@ -140,8 +140,8 @@ def _check_stored(out: Path, cells: list) -> int:
     """Never overwrite what a newer exitbench wrote (older results are recomputed); returns how many cells
     already have results."""
     from exitbench.benchmarks.runner import cell_path, existing
-    from exitbench.results import check_schema
-    from exitbench.store import read_json
+    from exitbench.core.results import check_schema
+    from exitbench.core.store import read_json
 
     for p in (cell_path(out, c) for c in cells):
         try:
@@ -270,7 +270,7 @@ def _hours(seconds: float) -> str:
         else f"{seconds:.0f} s"
 
 
-# The modules that define the product's registries; importing them fills exitbench.registry.REGISTRIES.
+# The modules that define the product's registries; importing them fills exitbench.core.registry.REGISTRIES.
 REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.methods.rules",
                     "exitbench.benchmarks.data", "exitbench.benchmarks.variants", "exitbench.benchmarks.backbones",
                     "exitbench.benchmarks.executors")
@@ -280,7 +280,7 @@ def load_registries() -> dict:
     """Every registry of the product (kind -> Registry), in the order the modules define them."""
     import importlib
 
-    from exitbench.registry import REGISTRIES
+    from exitbench.core.registry import REGISTRIES
 
     for m in REGISTRY_MODULES:
         importlib.import_module(m)

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from exitbench.errors import UserError, did_you_mean
-from exitbench.registry import Registry
+from exitbench.core.errors import UserError, did_you_mean
+from exitbench.core.registry import Registry
 
 ENTRY_POINT_GROUP = "exitbench.methods"
 

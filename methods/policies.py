@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from exitbench.core.registry import Registry, first_line
 from exitbench.methods.base import UserError
-from exitbench.registry import Registry, first_line
 
 
 def max_softmax(logits: Tensor, confidence: Tensor | None = None) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exitbench.registry import Registry
+from exitbench.core.registry import Registry
 
 
 @dataclass(frozen=True)

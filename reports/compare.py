@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from exitbench.core.store import check_writable_dir, write_text_atomic
 from exitbench.reports import load
-from exitbench.store import check_writable_dir, write_text_atomic
 
 Getter = Callable[[dict], float | None]
 

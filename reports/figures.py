@@ -22,9 +22,9 @@ from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from exitbench.core.store import write_atomic  # noqa: E402
 from exitbench.reports import load  # noqa: E402
 from exitbench.reports.tables import risk_aggregate  # noqa: E402
-from exitbench.store import write_atomic  # noqa: E402
 
 STYLE = Path(__file__).with_name("exitbench.mplstyle")
 FOOT_FONTSIZE = 6.5

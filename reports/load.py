@@ -1,6 +1,6 @@
 """The one loader of stored results, and the accessors tables and figures read them with.
 
-Results are read only through the typed contract (``exitbench.results.CellResult``); nothing here
+Results are read only through the typed contract (``exitbench.core.results.CellResult``); nothing here
 imports torch or re-decides a threshold: every operating point (accuracy drop, MACs budgets, patience,
 MSDNet budgets) was chosen on calibration by the runner and is only looked up by its ``kind`` and
 ``target``.
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from exitbench.errors import UserError
-from exitbench.results import (
+from exitbench.core.errors import UserError
+from exitbench.core.results import (
     HIGHER_IS_BETTER,
     CellResult,
     LatencyRecord,
@@ -32,7 +32,7 @@ from exitbench.results import (
     setting_label,
     setting_labels,
 )
-from exitbench.store import latest_run, read_json, read_manifest
+from exitbench.core.store import latest_run, read_json, read_manifest
 
 
 class ReportError(UserError):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from exitbench.core.store import check_writable_dir, write_atomic, write_text_atomic
 from exitbench.reports import figures, load, risk_summary, significance, static, sweeps, tables
-from exitbench.store import check_writable_dir, write_atomic, write_text_atomic
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from exitbench.core.store import write_atomic
 from exitbench.reports import figures, load
-from exitbench.store import write_atomic
 
 
 def summary_rows(results: list[load.CellResult]) -> list[dict]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from exitbench.claims import holder, try_claim, wait_for
 from exitbench.cli import main
+from exitbench.core.claims import holder, try_claim, wait_for
 from tests.test_runner import TINY, _write
 
 FOUR = {**TINY, "methods": [{**TINY["methods"][0], "grid": {"lam": [0.5, 1.0, 1.5, 2.0]}}], "risk_control": False}
@@ -110,7 +110,7 @@ def test_a_requeued_task_takes_its_own_earlier_claim_at_once(tmp_path, monkeypat
 
 @pytest.mark.parametrize(("answer", "taken"), [("RUNNING", False), ("PENDING", True), ("", True)])
 def test_a_claim_whose_slurm_job_is_not_running_is_taken_at_once(tmp_path, monkeypatch, answer, taken):
-    from exitbench import claims
+    from exitbench.core import claims
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -132,7 +132,7 @@ def test_a_claim_whose_slurm_job_is_not_running_is_taken_at_once(tmp_path, monke
 
 
 def test_release_all_frees_every_claim_of_this_process(tmp_path):
-    from exitbench.claims import release_all
+    from exitbench.core.claims import release_all
 
     release_all()  # what earlier tests left held
     a, b = try_claim(tmp_path / "a.lock"), try_claim(tmp_path / "b.lock")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from exitbench.benchmarks import device as dev
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 
 def test_auto_is_cuda_when_present_else_cpu(monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 from exitbench.benchmarks.executors import EXECUTORS, Executor, Finished, Local, get_executor
 from exitbench.benchmarks.slurm import parse_slurm_time, slurm_options
 from exitbench.cli import main
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 from tests.test_claims import FOUR
 from tests.test_runner import TINY, _write
 

@@ -16,7 +16,7 @@ import torch
 from exitbench.benchmarks import data, fashion
 from exitbench.benchmarks.config import expand
 from exitbench.cli import main
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 UBYTE = 0x08
 

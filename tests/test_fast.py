@@ -10,7 +10,7 @@ import torch
 
 from exitbench.benchmarks.fast import FastForward, buckets_for, check_fast, triton_missing
 from exitbench.benchmarks.latency import measure_latency
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 from exitbench.methods.policies import PatiencePolicy, ThresholdPolicy
 from tests.conftest import midpoint_thresholds
 from tests.test_syncs import _net

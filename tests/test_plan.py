@@ -13,8 +13,8 @@ from exitbench.benchmarks import plan
 from exitbench.benchmarks.config import expand
 from exitbench.benchmarks.data import load_splits
 from exitbench.benchmarks.runner import cell_path, claim_path
-from exitbench.claims import try_claim
 from exitbench.cli import main
+from exitbench.core.claims import try_claim
 from tests.test_runner import TINY, _write
 
 RATE = 1e9  # MAC/s, instead of a measurement, so that the arithmetic can be checked

@@ -1,4 +1,4 @@
-"""exitbench.registry: lazy entries, entry-point discovery, base-class and entry checks, did-you-mean, help."""
+"""exitbench.core.registry: lazy entries, entry-point discovery, base-class and entry checks, did-you-mean, help."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from importlib import metadata
 
 import pytest
 
-from exitbench.errors import UserError
-from exitbench.registry import REGISTRIES, Registry
+from exitbench.core.errors import UserError
+from exitbench.core.registry import REGISTRIES, Registry
 
 
 @pytest.fixture(autouse=True)

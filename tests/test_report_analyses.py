@@ -8,8 +8,8 @@ import math
 
 import pytest
 
+from exitbench.core.results import SCHEMA_VERSION, CellResult
 from exitbench.reports import figures, load, risk_summary, significance, sweeps
-from exitbench.results import SCHEMA_VERSION, CellResult
 
 
 def _metrics(acc: float, macs: float, agree: float | None = None, paper: float | None = None) -> dict:

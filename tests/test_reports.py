@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from exitbench.cli import main
+from exitbench.core.results import SCHEMA_VERSION, CellResult
 from exitbench.reports import compare, figures, load, tables
-from exitbench.results import SCHEMA_VERSION, CellResult
 
 DATA = Path(__file__).parent / "data" / "results"
 GOLDEN = Path(__file__).parent / "golden"
@@ -268,7 +268,7 @@ def _two_settings(loss: str, accs: list[float]) -> list[CellResult]:
 
 
 def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
-    from exitbench.results import setting_id, setting_labels
+    from exitbench.core.results import setting_id, setting_labels
 
     v1, v2 = _two_settings("v1", [0.9, 0.91]), _two_settings("v2", [0.95, 0.96])
     assert setting_id(v1[0].config) != setting_id(v2[0].config)
@@ -284,7 +284,7 @@ def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
 
 
 def test_reports_use_the_latest_run_and_list_the_rest(tmp_path, capsys):
-    from exitbench.store import write_manifest
+    from exitbench.core.store import write_manifest
 
     d = tmp_path / "R"
     shutil.copytree(DATA, d)

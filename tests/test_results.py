@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from exitbench.errors import UserError
-from exitbench.results import (
+from exitbench.core.errors import UserError
+from exitbench.core.results import (
     POINT_KINDS,
     SCHEMA_VERSION,
     CellResult,

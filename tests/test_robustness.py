@@ -19,7 +19,7 @@ from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import BackboneTraining
 from exitbench.benchmarks.training import TrainingDiverged, fit
 from exitbench.cli import main
-from exitbench.results import CellResult
+from exitbench.core.results import CellResult
 
 ONE = {  # one tiny cell and its backbone, trained in seconds; no timing, no risk control
     "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],

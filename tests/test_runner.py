@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from exitbench.cli import main
+from exitbench.core.store import tmp_path as tmp_path_of
 from exitbench.methods.base import METHODS
 from exitbench.methods.pteenet import PTEENet
-from exitbench.store import tmp_path as tmp_path_of
 
 TINY = {
     "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
@@ -53,7 +53,7 @@ def test_run_writes_results_summary_and_figure(quick_run):
     assert len(cells) == 2
     r = json.loads(cells[0].read_text())
     assert r["schema_version"] == 3 and r["status"] == "ok"
-    from exitbench.results import CellResult
+    from exitbench.core.results import CellResult
 
     assert CellResult.from_dict(r).to_dict() == r  # the file is exactly one typed result
     assert r["backbone"]["macs_counter"] == "ptflops-aten+attention" and (out / r["weights"]).exists()

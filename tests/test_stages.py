@@ -12,7 +12,7 @@ from exitbench.benchmarks import runner
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import expand
 from exitbench.benchmarks.data import to_tensors
-from exitbench.results import CellResult, LatencyRecord, OperatingPoint, RiskControlResult, ThresholdSweep
+from exitbench.core.results import CellResult, LatencyRecord, OperatingPoint, RiskControlResult, ThresholdSweep
 from tests.test_runner import TINY
 
 

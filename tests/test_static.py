@@ -12,7 +12,7 @@ import yaml
 
 from exitbench.benchmarks.config import expand
 from exitbench.cli import main
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 from exitbench.reports import compare, load, static, tables
 
 MATRIX = {

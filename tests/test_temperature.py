@@ -13,7 +13,7 @@ import yaml
 from exitbench.benchmarks.config import expand
 from exitbench.benchmarks.traces import Trace
 from exitbench.cli import main
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 from exitbench.methods.policies import first_exit, make_policy
 from exitbench.methods.temperature import ece, fit_temperature, scale
 

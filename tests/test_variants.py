@@ -79,7 +79,7 @@ def test_every_default_variant_is_timed_and_labelled(setup):
 
 
 def test_unknown_variants_are_refused_in_one_line(setup):
-    from exitbench.errors import UserError
+    from exitbench.core.errors import UserError
 
     net, x, policy = setup
     with pytest.raises(UserError, match="unknown latency variant 'compacton'; did you mean 'compaction'"):
@@ -143,7 +143,7 @@ def test_differences_from_the_trace_are_counted_not_asserted(setup):
                            variants=("compaction",), expected=(wrong_preds, wrong_exits))
     rec = next(r for r in recs if r["variant"] == "compaction")
     assert (rec["checked"], rec["differ_exits"], rec["differ_predictions"]) == (16, 3, 1)
-    from exitbench.results import LatencyRecord
+    from exitbench.core.results import LatencyRecord
 
     assert LatencyRecord(**rec).differ_share == 3 / 16
 

@@ -30,7 +30,7 @@ from exitbench.benchmarks.backbones import create_backbone
 from exitbench.benchmarks.config import BackboneTraining
 from exitbench.benchmarks.data import ImageDataset, load_splits, make_loader
 from exitbench.benchmarks.training import make_optimizer, train_backbone
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 torch.set_num_threads(2)
 N, BATCH, PAIRS = 3000, 128, 6

@@ -36,7 +36,7 @@ def _host() -> str:
 def check_writable_dir(folder: str | Path, option: str) -> None:
     """``folder`` is (or can be made) a directory this process can write to; else a one-line UserError
     naming ``option``. Called before any work, so that a bad output path costs nothing."""
-    from exitbench.errors import UserError
+    from exitbench.core.errors import UserError
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -159,7 +159,7 @@ def write_manifest(results_dir: str | Path, matrix: str, cells: list[str], schem
 def read_manifest(results_dir: str | Path) -> dict | None:
     """The manifest of ``results_dir``, or None when there is none (results from before manifests); a
     manifest that cannot be read is a one-line UserError (guessing which cells it listed would mislead)."""
-    from exitbench.errors import UserError
+    from exitbench.core.errors import UserError
 
     path = Path(results_dir) / MANIFEST
     try:

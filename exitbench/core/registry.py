@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
-from exitbench.errors import UserError, did_you_mean
+from exitbench.core.errors import UserError, did_you_mean
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from exitbench.errors import UserError
+from exitbench.core.errors import UserError
 
 SCHEMA_VERSION = 3  # 3: typed operating points (kind, target, timed), budgets as points, risk rows' promise
 
