@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,204 +35,51 @@ import yaml
 
 from exitbench.benchmarks.device import DTYPES, PRECISIONS, check_device_name
 from exitbench.benchmarks.fast import check_fast_mode
-from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS
-from exitbench.core.results import STATIC
-from exitbench.methods.base import OPTIMIZERS, REGIMES, Budget, Method, UserError, did_you_mean, get_method
-from exitbench.methods.rules import RISKS, SELECTION_RULES
+from exitbench.benchmarks.variants import LATENCY_VARIANTS
+from exitbench.core.rules import RISKS, SELECTION_RULES
+from exitbench.core.spec import STATIC, BackboneTraining, Cell, Evaluation, RiskControl
+from exitbench.methods.base import OPTIMIZERS, REGIMES, Method, UserError, did_you_mean, get_method
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 TEMPERATURE_MODES = ("none", "per-exit")
 
 
-@dataclass
-class BackboneTraining(Budget):
-    """The training budget of backbones the harness trains itself (``weights: train``)."""
-
-    epochs: int = 15
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """How a cell is evaluated after training."""
-
-    grid_size: int = 100
-    latency: bool = True
-    latency_batch_sizes: tuple[int, ...] = ()  # () = the device's: CPU 1, 32, 256; CUDA 1, 64, 256, 1024
-    latency_repeats: int = 5
-    threads: int = 2
-    accuracy_drop: float = 0.01  # the "within 1 point" operating points (shared, per exit, patience)
-    budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # MACs budgets (strict, relative): budget points
-    latency_budgets: tuple[float, ...] = (0.5, 0.7)  # predicted batch-1 latency budgets (x the backbone's)
-    latency_variants: tuple[str, ...] = DEFAULT_VARIANTS  # registered in benchmarks.variants
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: training, traces and timing (auto: CUDA if present)
-    dtype: str = "float32"  # the inference dtype timed: float32 | bfloat16 | float16
-    fast: str = "none"  # none | compile | graphs (CUDA): also time the fast path (benchmarks.fast)
-    temperature: str = "none"  # none | per-exit: scale exit scores by temperatures fitted on calibration
-
-    @property
-    def timed_variants(self) -> tuple[str, ...]:
-        """The latency variants a cell times: ``latency_variants``, plus the fast path when it is on."""
-        return (*self.latency_variants, f"fast-{self.fast}") if self.fast != "none" else self.latency_variants
+def build_method(cell: Cell) -> Method:
+    """The method a cell runs, built from its hyper-parameters: the one place a cell's method is made (fit,
+    re-analysis, preflight, plan, retime). A name no installed method has raises UserError saying which
+    plugin to install."""
+    if cell.static:
+        raise ValueError("a static baseline has no method to build")
+    return _method_class(cell.method)(**cell.hparams)
 
 
-@dataclass(frozen=True)
-class RiskControl:
-    """The risk-control trial protocol run on each cell's traces (docs/risk_control.md)."""
-
-    enabled: bool = True
-    rules: tuple[str, ...] = SELECTION_RULES  # every registered rule a user can deploy
-    risks: tuple[str, ...] = tuple(RISKS.names())
-    eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
-    delta: float = 0.1
-    trials: int = 100
-    n_cal: int = 0  # 0: a quarter of the pooled held-out data, up to 1000
-
-    def check(self, where: str = "risk_control", labels: dict[str, str] | None = None) -> None:
-        """Every value checked; ``labels`` names a field's source when it is not ``where.field`` (a CLI option)."""
-        at = lambda key: (labels or {}).get(key, f"{where}.{key}")  # noqa: E731
-        for key, valid in (("rules", SELECTION_RULES), ("risks", RISKS.names())):
-            for name in getattr(self, key):
-                if name not in valid:
-                    raise UserError(f"{at(key)}: unknown {key[:-1]} {name!r}; {did_you_mean(name, list(valid))}")
-        if not self.eps:
-            raise UserError(f"{at('eps')}: empty list; give at least one risk level, e.g. [0.05]")
-        for e in self.eps:  # again here: the --rc-* options replace values after the matrix was read
-            check_value(e, "float", at("eps"), "eps")
-        for k, kind in (("delta", "float"), ("trials", "int"), ("n_cal", "int")):
-            check_value(getattr(self, k), kind, at(k), k)
-        if self.n_cal == 1:
-            raise UserError(f"{at('n_cal')}: 1 sample cannot calibrate; use 0 (as many as the data allows) or >= 2")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One dataset x backbone x method (+ hyper-parameters) x seed."""
-
-    dataset: str
-    dataset_options: dict[str, Any]
-    backbone: str
-    weights: str
-    small_stem: bool | None
-    method: str
-    hparams: dict[str, Any]
-    seed: int
-    # training regime (Method.regimes): disjoint (heads on the frozen trained backbone), mixed (from the
-    # trained backbone, all together), joint (all together from a fresh backbone); "" for static baselines
-    regime: str = ""
-    backbone_training: BackboneTraining = field(default_factory=BackboneTraining)
-    evaluation: Evaluation = field(default_factory=Evaluation)
-    risk_control: RiskControl = field(default_factory=lambda: RiskControl(enabled=False))
-    swept: tuple[str, ...] = ()  # hyper-parameters the matrix sweeps (labels curves; not in the key)
-    where: str = "methods[0]"  # the matrix field this cell's method came from, for error messages
-    # a static baseline (method STATIC): the matrix backbones (name, small_stem) whose panels show it and
-    # which it is timed against; only reports and timing read it, so it is not in the key
-    next_to: tuple[tuple[str, bool | None], ...] = ()
-
-    @property
-    def static(self) -> bool:
-        """A static baseline from the matrix's ``baselines`` (a plain model, no exits, no method)."""
-        return self.method == STATIC
-
-    def build_method(self) -> Method:
-        """The method this cell runs, built from its hyper-parameters: the one place a cell's method is
-        made (fit, re-analysis, preflight, plan, retime). A name no installed method has raises UserError
-        saying which plugin to install."""
-        if self.static:
-            raise ValueError("a static baseline has no method to build")
-        try:
-            cls = get_method(self.method)
-        except UserError as e:
-            raise UserError(f"{e} (install the plugin that provides method {self.method!r})") from None
-        return cls(**self.hparams)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("where")
-        d["swept"] = list(self.swept)
-        d["next_to"] = [list(x) for x in self.next_to]
-        d["evaluation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["evaluation"].items()}
-        d["risk_control"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["risk_control"].items()}
-        # Why: before regimes the field was `init` (backbone | scratch), and keys, setting ids and stored
-        # results hash it. `init` says where the backbone starts (scratch: the joint regime); `regime` is
-        # written only when `init` and the method's default cannot say it (e.g. SDN mixed, BranchyNet
-        # disjoint), so every cell that existed before keeps its key and setting id. Cell.from_config
-        # reads both back into the resolved regime.
-        regime = d.pop("regime")
-        d["init"] = "scratch" if regime == "joint" else "backbone"
-        if regime and not self.static and regime not in ("joint", _default_regime(self.method)):
-            d["regime"] = regime
-        return d
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str = "config") -> Cell:
-        """The cell a stored result's ``config`` describes (extra keys the runner adds are ignored)."""
-        names = set(cls.__dataclass_fields__) - {"backbone_training", "evaluation", "risk_control", "where"}
-        kw = {k: config[k] for k in names if k in config}
-        kw["swept"] = tuple(config.get("swept") or ())
-        kw["next_to"] = tuple((str(n), s) for n, s in config.get("next_to") or ())
-        if "dataset_options" not in kw:
-            kw["dataset_options"] = {}
-        if "regime" not in config and config.get("method", STATIC) != STATIC:  # said by `init` (see to_dict)
-            kw["regime"] = "joint" if config.get("init") == "scratch" else _default_regime(config["method"])
-        known = lambda dc, d: {k: v for k, v in (d or {}).items() if k in dc.__dataclass_fields__}
-        return cls(**kw, backbone_training=_dataclass_from(BackboneTraining, known(BackboneTraining,
-                                                                                    config.get("backbone_training")),
-                                                            f"{where}.backbone_training"),
-                   evaluation=_dataclass_from(Evaluation, known(Evaluation, config.get("evaluation")),
-                                              f"{where}.evaluation"),
-                   risk_control=_dataclass_from(RiskControl, known(RiskControl, config.get("risk_control")),
-                                                f"{where}.risk_control"))
-
-    def key(self) -> str:
-        """Short hash of everything that determines training and the trained weights (the cell's
-        identity). Evaluation-only settings (``evaluation``, ``risk_control``) are not in it: changing
-        them re-analyses a finished cell from its stored traces and weights instead of retraining."""
-        d = self.to_dict()
-        for k in ("swept", "evaluation", "risk_control", "next_to"):
-            d.pop(k)
-        return _hash(d)
-
-    def analysis_keys(self) -> dict[str, str]:
-        """One hash per evaluation stage: a stage whose key changed is recomputed on a rerun."""
-        ev = asdict(self.evaluation)
-        # a static baseline has no operating points and no risk control: only its timing can change
-        points = {} if self.static else {k: ev[k] for k in ("grid_size", "accuracy_drop", "budgets")}
-        latency = {**points, **{k: ev[k] for k in ("latency", "latency_batch_sizes", "latency_repeats", "threads",
-                                                   "latency_variants", "device", "dtype", "latency_budgets")}}
-        if ev["fast"] != "none":  # only when on, so that the keys of results stored before it existed stay valid
-            latency["fast"] = ev["fast"]
-        if self.next_to:  # a static baseline is timed against these backbones
-            latency["next_to"] = [list(x) for x in self.next_to]
-        risk = {} if self.static else asdict(self.risk_control)
-        if ev["temperature"] != "none" and not self.static:  # only when on: stored keys stay valid
-            points["temperature"] = latency["temperature"] = risk["temperature"] = ev["temperature"]
-        return {"points": _hash(points), "latency": _hash(latency), "risk_control": _hash(risk)}
-
-    def slug(self) -> str:
-        """A readable, unique file stem: dataset__backbone__method-hparams__seedN__hash."""
-        swept = "-".join(f"{k}{_short(self.hparams[k])}" for k in self.swept)
-        meth = f"{self.method}-{swept}" if swept else self.method
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in meth)[:80]
-        return f"{self.dataset}__{self.backbone}__{safe}__seed{self.seed}__{self.key()}"
-
-
-def _default_regime(method: str) -> str:
-    """The method's own regime, or "" for a method not installed here (its users name what is missing)."""
+def _method_class(name: str) -> type[Method]:
     try:
-        return get_method(method).default_regime()
-    except UserError:
-        return ""
+        return get_method(name)
+    except UserError as e:
+        raise UserError(f"{e} (install the plugin that provides method {name!r})") from None
+
+
+def check_risk_control(rc: RiskControl, where: str = "risk_control", labels: dict[str, str] | None = None) -> None:
+    """Every value of a risk-control spec checked; ``labels`` names a field's source when it is not
+    ``where.field`` (a CLI option)."""
+    at = lambda key: (labels or {}).get(key, f"{where}.{key}")  # noqa: E731
+    for key, valid in (("rules", SELECTION_RULES), ("risks", RISKS.names())):
+        for name in getattr(rc, key):
+            if name not in valid:
+                raise UserError(f"{at(key)}: unknown {key[:-1]} {name!r}; {did_you_mean(name, list(valid))}")
+    if not rc.eps:
+        raise UserError(f"{at('eps')}: empty list; give at least one risk level, e.g. [0.05]")
+    for e in rc.eps:  # again here: the --rc-* options replace values after the matrix was read
+        check_value(e, "float", at("eps"), "eps")
+    for k, kind in (("delta", "float"), ("trials", "int"), ("n_cal", "int")):
+        check_value(getattr(rc, k), kind, at(k), k)
+    if rc.n_cal == 1:
+        raise UserError(f"{at('n_cal')}: 1 sample cannot calibrate; use 0 (as many as the data allows) or >= 2")
 
 
 def _hash(d: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _short(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 _TOP = {"name", "description", "datasets", "backbones", "exits", "methods", "seeds", "backbone_training", "evaluation",
@@ -383,25 +229,45 @@ def load_matrix(path: str | Path | None) -> dict:
 
 
 def expand(matrix: dict) -> list[Cell]:
-    """Validate a matrix (names, keys, hyper-parameters) and expand it into cells."""
-    # kept out of import time (`exitbench --help` should be instant)
-    from exitbench.benchmarks.data import (
-        CALIBRATION_FRACTION,
-        DATASETS,
-        TEST_FRACTION,
-        check_split,
-        dataset_info,
-        list_datasets,
-        split_sizes,
-    )
-
+    """Validate a matrix (names, keys, hyper-parameters) and expand it into cells: the one place a matrix
+    becomes typed cells."""
     _check_keys(matrix, _TOP, "")
+    training, evaluation, risk_control = _sections(matrix)
+    datasets = _datasets(matrix, risk_control)
+    backbones = [_model_entry(b, f"backbones[{i}]", _BACKBONE)
+                 for i, b in enumerate(_entries(matrix.get("backbones"), "backbones"))]
+    _no_repeats([(b["name"], b["weights"], b["small_stem"]) for b in backbones], "backbones")
+    baselines = _baselines(matrix.get("baselines") or [], backbones)
+    methods = _methods(matrix)
+    seeds = _seeds(matrix)
+    shared = dict(backbone_training=training, evaluation=evaluation)
+    cells = [
+        Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
+             backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"], seed=s, **shared,
+             risk_control=risk_control, **m)
+        for d in datasets for b in backbones for m in methods for s in seeds
+    ]
+    # static baselines: trained with the backbones' recipe on the same data and seeds; nothing to exit or
+    # risk-control, so no risk-control block
+    return cells + [
+        Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
+             backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"], method=STATIC, hparams={},
+             seed=s, **shared, where=b["where"], next_to=b["next_to"])
+        for d in datasets for b in baselines for s in seeds
+    ]
+
+
+def _sections(matrix: dict) -> tuple[BackboneTraining, Evaluation, RiskControl]:
+    """The matrix's ``backbone_training``, ``evaluation`` and ``risk_control`` sections, every value checked."""
     training = _dataclass_from(BackboneTraining, matrix.get("backbone_training"), "backbone_training")
     if training.optimizer not in OPTIMIZERS:
         raise UserError(f"backbone_training.optimizer: unknown optimizer {training.optimizer!r}; "
                         f"{did_you_mean(training.optimizer, list(OPTIMIZERS))}")
     if len(training.betas) != 2:
         raise UserError(f"backbone_training.betas: expected two numbers like [0.9, 0.999], got {list(training.betas)}")
+    if training.precision not in PRECISIONS:
+        raise UserError(f"backbone_training.precision: unknown precision {training.precision!r}; use "
+                        f"{', '.join(PRECISIONS)}")
     evaluation = _dataclass_from(Evaluation, matrix.get("evaluation"), "evaluation")
     for v in evaluation.latency_variants:
         if LATENCY_VARIANTS.get(v).fast:  # an unknown name: one line with the nearest ones
@@ -414,14 +280,26 @@ def expand(matrix: dict) -> list[Cell]:
     check_device_name(evaluation.device)
     if evaluation.dtype not in DTYPES:
         raise UserError(f"evaluation.dtype: unknown dtype {evaluation.dtype!r}; use {', '.join(DTYPES)}")
-    if training.precision not in PRECISIONS:
-        raise UserError(f"backbone_training.precision: unknown precision {training.precision!r}; use "
-                        f"{', '.join(PRECISIONS)}")
     # a `risk_control` block turns the protocol on (with its defaults for what it leaves out)
     rc = matrix.get("risk_control")
     risk_control = (RiskControl(enabled=False) if rc is None or rc is False
                     else _dataclass_from(RiskControl, {} if rc is True else rc, "risk_control"))
-    risk_control.check()
+    check_risk_control(risk_control)
+    return training, evaluation, risk_control
+
+
+def _datasets(matrix: dict, risk_control: RiskControl) -> list[dict]:
+    """The checked ``datasets`` entries (name and options), each able to give ``risk_control.n_cal`` samples."""
+    # kept out of import time (`exitbench --help` should be instant)
+    from exitbench.benchmarks.data import (
+        CALIBRATION_FRACTION,
+        DATASETS,
+        TEST_FRACTION,
+        check_split,
+        dataset_info,
+        list_datasets,
+        split_sizes,
+    )
 
     datasets = []
     for i, d in enumerate(_entries(matrix.get("datasets", ["digits"]), "datasets")):
@@ -452,77 +330,71 @@ def expand(matrix: dict) -> list[Cell]:
                             f"{cal + test}, or 0 for as many as the data allows")
         datasets.append(d)
     _no_repeats([_hash(d) for d in datasets], "datasets")
+    return datasets
 
-    backbones = [_model_entry(b, f"backbones[{i}]", _BACKBONE)
-                 for i, b in enumerate(_entries(matrix.get("backbones"), "backbones"))]
-    _no_repeats([(b["name"], b["weights"], b["small_stem"]) for b in backbones], "backbones")
-    baselines = _baselines(matrix.get("baselines") or [], backbones)
 
+def _methods(matrix: dict) -> list[dict[str, Any]]:
+    """One entry per method setting (the Cell fields a method entry and its grid give), in matrix order."""
     shared_exits = matrix.get("exits") or {}
     if not isinstance(shared_exits, dict):
         raise UserError(f"exits: expected a mapping like {{n_exits: 3, placement: linear}}, got {shared_exits!r}")
     _check_keys(shared_exits, _EXITS, "exits")
-
     methods = []
     for i, m in enumerate(_entries(matrix.get("methods"), "methods")):
         m = _as_entry(m, f"methods[{i}]")
         _check_keys(m, _METHOD, f"methods[{i}]")
-        if m["name"] == STATIC:
-            raise UserError(f"methods[{i}].name: {STATIC!r} is not a method; list plain models under `baselines:` "
-                            "(e.g. baselines: [{name: resnet10t}]) to compare static models")
-        try:
-            cls = get_method(m["name"])
-        except UserError as e:
-            raise UserError(f"methods[{i}].name: {e}") from None
-        if "init" in m:
-            raise UserError(f"methods[{i}].init: replaced by `regime`; write regime: joint for init: scratch "
-                            "(all together from a fresh backbone) or regime: mixed for init: backbone")
-        regime = m.get("regime", cls.default_regime())
-        if regime not in cls.regimes:
-            raise UserError(f"methods[{i}].regime: {m['name']} trains in {', '.join(cls.regimes)}, not {regime!r}"
-                            + ("" if regime in REGIMES else f"; {did_you_mean(str(regime), list(REGIMES))}"))
-        # the same exits for every method in a comparison, unless a method's hparams say otherwise
-        fixed = {k: v for k, v in shared_exits.items() if k in cls.hparams} | (m.get("hparams") or {})
-        grid = m.get("grid") or {}
-        for key, val in (("hparams", fixed), ("grid", grid)):
-            if not isinstance(val, dict):
-                raise UserError(f"methods[{i}].{key}: expected a mapping of hyper-parameter: value, got {val!r}")
-        keys = list(grid)
-        for k in keys:
-            if _as_list(grid[k], f"methods[{i}].grid.{k}") == []:
-                raise UserError(f"methods[{i}].grid.{k}: empty list, which would give no cells; give at least one "
-                                "value or remove the key")
-        for combo in itertools.product(*(_as_list(grid[k], f"methods[{i}].grid.{k}") for k in keys)):
-            hp = {**fixed, **dict(zip(keys, combo))}
-            try:
-                resolved = cls.resolve(hp)  # rejects unknown keys and bad choices
-            except UserError as e:
-                raise UserError(f"methods[{i}].hparams: {e}") from None
-            methods.append((m["name"], resolved, regime, tuple(keys), f"methods[{i}]"))
+        methods += _method_settings(m, f"methods[{i}]", shared_exits)
+    _no_repeats([(m["method"], _hash(m["hparams"]), m["regime"]) for m in methods], "methods",
+                [m["where"] for m in methods])
+    return methods
 
-    _no_repeats([(name, _hash(hp), regime) for name, hp, regime, _, _ in methods], "methods",
-                [where for *_, where in methods])
+
+def _method_settings(m: dict, where: str, shared_exits: dict) -> list[dict[str, Any]]:
+    """The settings of one ``methods`` entry: its fixed hyper-parameters times its grid, each resolved."""
+    if m["name"] == STATIC:
+        raise UserError(f"{where}.name: {STATIC!r} is not a method; list plain models under `baselines:` "
+                        "(e.g. baselines: [{name: resnet10t}]) to compare static models")
+    try:
+        cls = get_method(m["name"])
+    except UserError as e:
+        raise UserError(f"{where}.name: {e}") from None
+    if "init" in m:
+        raise UserError(f"{where}.init: replaced by `regime`; write regime: joint for init: scratch "
+                        "(all together from a fresh backbone) or regime: mixed for init: backbone")
+    regime = m.get("regime", cls.default_regime())
+    if regime not in cls.regimes:
+        raise UserError(f"{where}.regime: {m['name']} trains in {', '.join(cls.regimes)}, not {regime!r}"
+                        + ("" if regime in REGIMES else f"; {did_you_mean(str(regime), list(REGIMES))}"))
+    # the same exits for every method in a comparison, unless a method's hparams say otherwise
+    fixed = {k: v for k, v in shared_exits.items() if k in cls.hparams} | (m.get("hparams") or {})
+    grid = m.get("grid") or {}
+    for key, val in (("hparams", fixed), ("grid", grid)):
+        if not isinstance(val, dict):
+            raise UserError(f"{where}.{key}: expected a mapping of hyper-parameter: value, got {val!r}")
+    keys = list(grid)
+    for k in keys:
+        if _as_list(grid[k], f"{where}.grid.{k}") == []:
+            raise UserError(f"{where}.grid.{k}: empty list, which would give no cells; give at least one "
+                            "value or remove the key")
+    facts = dict(method=m["name"], regime=regime, swept=tuple(keys), where=where, method_version=cls.version,
+                 score=cls.score, method_regime=cls.default_regime())
+    out = []
+    for combo in itertools.product(*(_as_list(grid[k], f"{where}.grid.{k}") for k in keys)):
+        try:
+            hparams = cls.resolve({**fixed, **dict(zip(keys, combo))})  # rejects unknown keys and bad choices
+        except UserError as e:
+            raise UserError(f"{where}.hparams: {e}") from None
+        out.append({**facts, "hparams": hparams})
+    return out
+
+
+def _seeds(matrix: dict) -> list[int]:
     seeds = _entries(matrix.get("seeds", [0]), "seeds")
     for j, s in enumerate(seeds):  # numpy and scikit-learn take seeds in [0, 2**32)
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32:
             raise UserError(f"seeds[{j}]: expected a whole number from 0 to {2**32 - 1}, got {s!r}")
     _no_repeats(seeds, "seeds")
-
-    cells = [
-        Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
-             backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"],
-             method=name, hparams=hp, regime=regime, seed=s, backbone_training=training, evaluation=evaluation,
-             risk_control=risk_control, swept=swept, where=where)
-        for d in datasets for b in backbones for (name, hp, regime, swept, where) in methods for s in seeds
-    ]
-    # static baselines: trained with the backbones' recipe on the same data and seeds; nothing to exit or
-    # risk-control, so no risk-control block
-    return cells + [
-        Cell(dataset=d["name"], dataset_options={k: v for k, v in d.items() if k != "name"},
-             backbone=b["name"], weights=b["weights"], small_stem=b["small_stem"], method=STATIC, hparams={},
-             seed=s, backbone_training=training, evaluation=evaluation, where=b["where"], next_to=b["next_to"])
-        for d in datasets for b in baselines for s in seeds
-    ]
+    return seeds
 
 
 def _no_repeats(keys: list, where: str, names: list[str] | None = None) -> None:

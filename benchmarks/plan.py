@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.config import Cell, build_method
 from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, split_sizes
 from exitbench.benchmarks.latency import default_batch_sizes
 from exitbench.benchmarks.runner import cell_path, claim_path, existing, reusable
@@ -169,7 +169,7 @@ def plan_cells(cells: list[Cell], out_dir: Path | None, cache_dir: Path, through
             refs = [built.get((name, stem, cell.dataset, key[3])) for name, stem in cell.next_to]
             timed_macs = sum(macs + (r.macs if r is not None else macs) for r in refs)
         else:
-            method = cell.build_method()
+            method = build_method(cell)
             epochs = int(method.hp.get("epochs", 1))
             factor = TRAIN_FACTOR if cell.regime != "disjoint" else 1.0
             method_s = factor * macs * train * epochs / rate

@@ -18,7 +18,7 @@ import torch
 
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks import static
-from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.config import Cell, build_method
 from exitbench.benchmarks.data import to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.fast import check_fast
@@ -55,7 +55,7 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
     """``result`` with latency records for ``device_spec`` appended (same device/variant/batch replaced);
     None when the cell has no feasible headline point (nothing was timed when it ran either)."""
     where = f"{result.path or result.cell}"
-    cell = Cell.from_config(result.config, where)
+    cell = result.config
     weights = results_dir / (result.weights or "")
     if not result.weights or not weights.is_file():
         raise UserError(f"{where}: no saved weights ({weights}); re-time only results written with weights "
@@ -68,7 +68,7 @@ def retime_cell(result: CellResult, results_dir: Path, device_spec: str, batch_s
         method = None
     else:
         try:
-            method = cell.build_method()
+            method = build_method(cell)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         head = result.headline()

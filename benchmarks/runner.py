@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from exitbench.benchmarks import lease, static
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell
+from exitbench.benchmarks.config import Cell, build_method
 from exitbench.benchmarks.data import DataMissing, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
@@ -76,7 +76,7 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
     if cell.static:
         return _reanalyse_static(cell, previous, out_dir, redo, start, download, memo), redo
     with num_threads(cell.evaluation.threads):
-        method = cell.build_method()
+        method = build_method(cell)
         traces, costs = st.load_traces(out_dir, cell), _StoredCosts(previous)
         traces, temps = st.scale_traces(cell, traces)  # deterministic: the same fit as when it ran
         sweep, points = previous.sweep, previous.operating_points
@@ -99,7 +99,9 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
 def _reanalysed(previous: CellResult, cell: Cell, redo: list[str], start: float, **changes) -> CellResult:
     """``previous`` with the re-computed ``changes`` (``latency`` among them) and the bookkeeping every
     re-analysis records: the cell's current config and analysis keys, where it was timed, what was re-run."""
-    return replace(previous, **changes, reanalysis_error=None, config={**previous.config, **cell.to_dict()},
+    ran = previous.config  # what the method that trained the stored weights said of itself stays
+    config = replace(cell, method_version=ran.method_version, score=ran.score, method_regime=ran.method_regime)
+    return replace(previous, **changes, reanalysis_error=None, config=config,
                    analysis=wanted_keys(cell, previous),
                    env_analysis=env_fingerprint(_device_of(changes["latency"], cell), cell.evaluation.threads,
                                                 cell.evaluation.dtype),
@@ -172,7 +174,7 @@ def _device_of(latency: list, cell: Cell) -> str:
 
 def _error(cell: Cell, e: Exception) -> CellResult:
     msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-    return CellResult(status="error", cell=cell.slug(), config=cell.to_dict(), schema_version=SCHEMA_VERSION,
+    return CellResult(status="error", cell=cell.slug(), config=cell, schema_version=SCHEMA_VERSION,
                       env=env_fingerprint("cpu", cell.evaluation.threads), error=msg,  # the host at least
                       traceback=traceback.format_exc(limit=8))
 
@@ -316,5 +318,5 @@ def preflight(cells: list[Cell], *, download: bool = False, data_optional: bool 
             built[key] = st.make_backbone(cell, splits, weights=False)
         if cell.static:
             continue  # a plain model: building it is the whole check
-        st.place(cell, cell.build_method(), built[key])
+        st.place(cell, build_method(cell), built[key])
     return list(warnings.values())

@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from exitbench.benchmarks import accounting
 from exitbench.benchmarks import backbones as bb
-from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell
+from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell, build_method
 from exitbench.benchmarks.data import DatasetInfo, Splits, dataset_info, load_splits, make_loader, to_tensors
 from exitbench.benchmarks.device import DTYPES, check_dtype, in_dtype
 from exitbench.benchmarks.env import env_fingerprint
@@ -50,7 +50,6 @@ from exitbench.core.results import (
     RiskControlResult,
     TemperatureResult,
     ThresholdSweep,
-    setting_id,
 )
 from exitbench.core.store import read_json, safetensors_problem, write_atomic, write_json_atomic
 from exitbench.methods import calibration, temperature
@@ -234,7 +233,7 @@ def fit_method(cell: Cell, splits: Splits, backbone: StagedBackbone, device: tor
     """Place the exits, build the multi-exit net (on a copy of the backbone when the method trains it),
     cost its exits, and train it on train (calibration only for early stopping); eval mode on return.
     ``partial``: the folder of its epoch checkpoints (:func:`partial_dir`), to resume a preempted training."""
-    method = cell.build_method()
+    method = build_method(cell)
     exits = place(cell, method, backbone)
     torch.manual_seed(cell.seed)  # same head initialisation for the same cell
     start_from = backbone
@@ -517,8 +516,8 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
              risk: RiskControlResult | None, seconds: float, profile: dict | None = None,
              temperatures: TemperatureResult | None = None, latency_notes: list[str] | None = None) -> CellResult:
     """The cell's typed result (status ``ok``)."""
-    config = {**cell.to_dict(), "method_version": fitted.method.version, "score": fitted.method.score,
-              "trains_backbone": cell.regime != "disjoint"}
+    m = fitted.method  # the result says what the method that ran says of itself
+    config = replace(cell, method_version=m.version, score=m.score, method_regime=m.default_regime())
     return CellResult(
         **result_fields(cell, splits, ref, config, next(fitted.net.parameters()).device),
         exits=exit_rows(fitted, ref.backbone, traces), training=fitted.training, sweep=sweep,
@@ -526,12 +525,12 @@ def assemble(cell: Cell, splits: Splits, ref: Reference, fitted: Fitted, traces:
         risk_control=risk, temperature=temperatures, seconds=seconds)
 
 
-def result_fields(cell: Cell, splits: Splits, ref: Reference, config: dict, device: torch.device) -> dict:
+def result_fields(cell: Cell, splits: Splits, ref: Reference, config: Cell, device: torch.device) -> dict:
     """The fields every ok result has (early-exit or static): identity, keys, environment, data, the
     backbone's accuracy and MACs, where its traces and weights are, and when it finished."""
     b, slug = ref.backbone, cell.slug()
     return dict(
-        status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=setting_id(config),
+        status="ok", cell=slug, config=config, schema_version=SCHEMA_VERSION, setting_id=config.setting_id(),
         analysis=cell.analysis_keys(), env=env_fingerprint(device, cell.evaluation.threads, cell.evaluation.dtype),
         higher_is_better=dict(HIGHER_IS_BETTER),
         data={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test),

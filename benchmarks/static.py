@@ -79,5 +79,5 @@ def run(cell: Cell, splits: Splits, ref: st.Reference, out_dir: Path, test_x: Te
     latency = time_static(cell, model, splits, test_x)
     final = ExitRow("final", len(model.blocks) - 1, model.macs, model.head_macs, 1.0, 1.0, ref.calibration_accuracy,
                     ref.test_accuracy)
-    return CellResult(**st.result_fields(cell, splits, ref, cell.to_dict(), next(model.parameters()).device),
+    return CellResult(**st.result_fields(cell, splits, ref, cell, next(model.parameters()).device),
                       exits=[final], latency=latency, seconds=seconds + st.elapsed(start))

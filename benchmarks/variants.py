@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from exitbench.benchmarks.fast import FastForward, FastModule, buckets_for
 from exitbench.core.registry import Registry
+from exitbench.core.spec import DEFAULT_VARIANTS  # noqa: F401  (the default variants, named with the cell spec)
 from exitbench.methods.base import Carry, MultiExitNet, Policy, _split_head_output
 
 Run = Callable[[], object]
@@ -184,5 +185,3 @@ for _name, _variant, _help in (
      "the backbone captured as a CUDA graph per batch size: what fast-graphs is compared with (timed with it)"),
 ):
     LATENCY_VARIANTS.register(_name, _variant, help=_help)
-
-DEFAULT_VARIANTS = ("backbone", "compaction", "masking", "batch-uniform", "full+select", "per-stage-ideal")

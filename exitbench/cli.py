@@ -172,7 +172,8 @@ def _positive(value: int | None, option: str, what: str) -> None:
 
 def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
     """``--rc-*`` options override (and switch on) the matrix's risk_control block."""
-    from exitbench.benchmarks.config import RiskControl
+    from exitbench.benchmarks.config import check_risk_control
+    from exitbench.core.spec import RiskControl
 
     if args.no_risk_control:
         return [replace(c, risk_control=RiskControl(enabled=False)) for c in cells]
@@ -187,7 +188,7 @@ def _risk_overrides(args: argparse.Namespace, cells: list) -> list:
     for c in cells:
         base = c.risk_control if c.risk_control.enabled else RiskControl()
         rc = replace(base, enabled=True, **given)
-        rc.check("--rc options", {k: f"--rc-{k}" for k in given})
+        check_risk_control(rc, "--rc options", {k: f"--rc-{k}" for k in given})
         out.append(replace(c, risk_control=rc))
     return out
 
@@ -271,7 +272,7 @@ def _hours(seconds: float) -> str:
 
 
 # The modules that define the product's registries; importing them fills exitbench.core.registry.REGISTRIES.
-REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.methods.rules",
+REGISTRY_MODULES = ("exitbench.methods.base", "exitbench.methods.policies", "exitbench.core.rules",
                     "exitbench.benchmarks.data", "exitbench.benchmarks.variants", "exitbench.benchmarks.backbones",
                     "exitbench.benchmarks.executors")
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from exitbench.core.errors import UserError, did_you_mean
 from exitbench.core.registry import Registry
+from exitbench.core.spec import Budget  # noqa: F401  (re-exported: the plugin contract names it)
 
 ENTRY_POINT_GROUP = "exitbench.methods"
 
@@ -325,20 +326,6 @@ class MultiExitNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Methods
-
-
-@dataclass
-class Budget:
-    """What a method's training may spend; recorded in every result so budgets can be equalised."""
-
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    max_seconds: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast in the shared training loop (fp16 on CUDA only)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # what Budget.optimizer may name (benchmarks.training.make_optimizer)

@@ -42,10 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from exitbench.methods.base import UserError, did_you_mean
-from exitbench.methods.calibration import coordinate_descent
-from exitbench.methods.policies import first_exit, score_matrix
-from exitbench.methods.rules import (  # noqa: F401  (re-exported)
+from exitbench.core.rules import (  # noqa: F401  (re-exported)
     GUARANTEES,
     RISKS,
     RULES,
@@ -56,6 +53,9 @@ from exitbench.methods.rules import (  # noqa: F401  (re-exported)
     get_risk,
     get_rule,
 )
+from exitbench.methods.base import UserError, did_you_mean
+from exitbench.methods.calibration import coordinate_descent
+from exitbench.methods.policies import first_exit, score_matrix
 
 LAMBDAS = torch.arange(100, -1, -1, dtype=torch.float64) / 100  # 1.00, 0.99, ..., 0.00
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exitbench.core.store import check_writable_dir, write_text_atomic
@@ -125,9 +125,9 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
                ("device", lambda r: (r.env or {}).get("device")),
                ("CPU", lambda r: (r.env or {}).get("cpu")),
                ("threads", lambda r: (r.env or {}).get("threads"))]
-    for m in sorted({load.config(r).get("method") for r in okA + okB} - {None}):
-        checks.append((f"{m} method version", lambda r, m=m: load.config(r).get("method_version")
-                       if load.config(r).get("method") == m else None))
+    for m in sorted({r.config.method for r in okA + okB}):
+        checks.append((f"{m} method version", lambda r, m=m: (r.config.method_version or None)
+                       if r.config.method == m else None))
     for what, field in checks:
         va, vb = _values(okA, field), _values(okB, field)
         if va and vb and va != vb:
@@ -143,9 +143,9 @@ def flags(a: list[dict], b: list[dict]) -> list[str]:
         if da[k] != db[k]:
             out.append(f"schema mismatch: higher_is_better[{k}] is {da[k]} in A and {db[k]} in B (B's is used)")
     changed = []
-    ignore = {"method_version"}
+    ignore = {"method_version", "where"}
     for k in sorted(set(ca) & set(cb), key=load.order_key):
-        fa, fb = _flat(load.config(ca[k])), _flat(load.config(cb[k]))
+        fa, fb = _flat(asdict(ca[k].config)), _flat(asdict(cb[k].config))
         diff = sorted(x for x in set(fa) | set(fb) if x not in ignore and fa.get(x) != fb.get(x))
         if diff:
             changed.append(f"{name(k)}: " + ", ".join(f"{x} {fa.get(x)!r} -> {fb.get(x)!r}" for x in diff[:4])

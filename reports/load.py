@@ -27,12 +27,10 @@ from exitbench.core.results import (
     CellResult,
     LatencyRecord,
     OperatingPoint,
-    label_key,
     result_setting_id,  # noqa: F401  (re-exported for reports.compare)
-    setting_label,
-    setting_labels,
 )
 from exitbench.core.store import latest_run, read_json, read_manifest
+from exitbench.reports.labels import label_key, point_label, setting_label, setting_labels
 
 
 class ReportError(UserError):
@@ -110,36 +108,27 @@ def order_key(key: Any) -> tuple:
     return tuple(sortable(k) for k in key) if isinstance(key, tuple) else (sortable(key),)
 
 
-def config(r: CellResult) -> dict:
-    return r.config or {}
-
-
 def panel_key(r: CellResult) -> tuple[str, str]:
-    c = config(r)
-    return (str(c.get("dataset", "?")), str(c.get("backbone", "?")))
+    return (r.config.dataset, r.config.backbone)
 
 
 def setting(r: CellResult) -> str:
     """The short label of a result's method setting (unique per setting_id among the loaded results)."""
-    if r.label:
-        return r.label
-    c = config(r)
-    return setting_label(c) if c else str(r.cell)
+    return r.label or setting_label(r.config)
 
 
 def setting_order(r: CellResult) -> tuple:
     """Where a setting sorts: by method, then by the typed values of its swept hyper-parameters."""
-    c = config(r)
-    hp = c.get("hparams") or {}
-    return (str(c.get("method")), tuple(sortable(hp.get(k)) for k in c.get("swept") or ()), setting(r))
+    c = r.config
+    return (c.method, tuple(sortable(c.hparams.get(k)) for k in c.swept), setting(r))
 
 
 def setting_key(r: CellResult) -> tuple[str, str, str]:
     return (*panel_key(r), setting(r))
 
 
-def seed(r: CellResult) -> Any:
-    return config(r).get("seed")
+def seed(r: CellResult) -> int:
+    return r.config.seed
 
 
 def ok(results: Iterable[CellResult]) -> list[CellResult]:
@@ -178,9 +167,9 @@ def static_points(statics: Iterable[CellResult], dataset: str, backbone: str, ba
     """The static baselines next to ``backbone`` on ``dataset``, cheapest first."""
     by_model: dict[str, list[CellResult]] = defaultdict(list)
     for r in statics:
-        c = config(r)
-        if c.get("dataset") == dataset and any(n == backbone for n, _ in c.get("next_to") or ()):
-            by_model[str(c.get("backbone"))].append(r)
+        c = r.config
+        if c.dataset == dataset and any(n == backbone for n, _ in c.next_to):
+            by_model[c.backbone].append(r)
     out = []
     for model, rs in by_model.items():
         lat: dict[int, list[LatencyRecord]] = defaultdict(list)
@@ -286,7 +275,7 @@ def op_label(results: Iterable[CellResult]) -> str:
     for r in ok(results):
         op = operating_point(r)
         if op is not None:
-            return op.label.removesuffix(", per exit")
+            return point_label(op).removesuffix(", per exit")
     return "within 1 pt"
 
 

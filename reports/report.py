@@ -53,7 +53,7 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
     good, statics = load.ok(results), load.baselines(results)
     blocks: list[Block] = [("h1", f"exitbench report: {Path(results_dir).resolve().name}")]
     n_set = len(load.by_setting([r for r in results if not r.static]))
-    n_static = len({(load.config(r).get("dataset"), load.config(r).get("backbone")) for r in statics})
+    n_static = len({(r.config.dataset, r.config.backbone) for r in statics})
     blocks.append(("p", f"{len(results)} cell results in `{results_dir}`: {len(good) + len(statics)} ok, "
                         f"{sum(r.status == 'error' for r in results)} errors; {n_set} method settings"
                         + (f", {n_static} static baselines" if statics else "") + ". "

@@ -28,7 +28,7 @@ def _values(results: list[load.CellResult]) -> pd.DataFrame:
             rows.append((ds, bb, load.setting(r), load.seed(r), f"{100 * b:g} % MACs", load.budget_accuracy(r, b)))
         rows.append((ds, bb, load.setting(r), load.seed(r), "headline MACs", load.op_value(r, "rel_macs_strict")))
     for r in load.baselines(results):
-        for ds, bb in {(load.config(r).get("dataset"), n) for n, _ in load.config(r).get("next_to") or ()}:
+        for ds, bb in {(r.config.dataset, n) for n, _ in r.config.next_to}:
             cells = [x for x in load.ok(results) if load.panel_key(x) == (ds, bb)]
             for sp in load.static_points([r], ds, bb, load.panel_macs(cells)):
                 for b in load.budgets(cells):

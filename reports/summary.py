@@ -18,9 +18,9 @@ def summary_rows(results: list[load.CellResult]) -> list[dict]:
     """One flat row per (cell, operating point); a failed cell keeps one row with its error."""
     rows = []
     for r in results:
-        c = r.config or {}
-        base = {"dataset": c.get("dataset"), "backbone": c.get("backbone"), "method": c.get("method"),
-                "setting": load.setting(r), "setting_id": load.result_setting_id(r), "seed": c.get("seed"),
+        c = r.config
+        base = {"dataset": c.dataset, "backbone": c.backbone, "method": c.method,
+                "setting": load.setting(r), "setting_id": load.result_setting_id(r), "seed": c.seed,
                 "status": r.status, "cell": r.cell}
         if not r.ok:
             rows.append({**base, "error": r.error})

@@ -59,15 +59,15 @@ def swept(results: list[load.CellResult]) -> pd.DataFrame:
     hyper-parameter that have a feasible method-default point: its test metrics (:data:`METRICS`)."""
     rows = []
     for r in load.ok(results):
-        c = load.config(r)
-        names = c.get("swept") or ()
+        c = r.config
+        names = c.swept
         op = r.point(POINT, None)
         if len(names) != 1 or op is None or not op.feasible or op.test is None:
             continue
-        value = (c.get("hparams") or {}).get(names[0])
+        value = c.hparams.get(names[0])
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue  # a categorical sweep has no axis to draw
-        rows.append({"dataset": c.get("dataset"), "backbone": c.get("backbone"), "method": c.get("method"),
+        rows.append({"dataset": c.dataset, "backbone": c.backbone, "method": c.method,
                      "hparam": names[0], "value": float(value), "seed": load.seed(r),
                      **{m: getattr(op.test, m) for m in METRICS}})
     return pd.DataFrame(rows, columns=["dataset", "backbone", "method", "hparam", "value", "seed", *METRICS])

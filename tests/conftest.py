@@ -19,6 +19,12 @@ def _isolated(tmp_path, monkeypatch):
     torch.manual_seed(0)
 
 
+def cell_config(**kw) -> dict:
+    """A stored cell config (``CellResult.config`` as JSON) with every required field; ``kw`` overrides."""
+    return {"dataset": "d", "backbone": "b", "weights": "train", "small_stem": None, "method": "m", "hparams": {},
+            "seed": 0, **kw}
+
+
 def _block(cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from exitbench.benchmarks.config import expand
@@ -54,28 +56,26 @@ def test_regimes_default_to_the_methods_own_and_are_in_the_key_and_the_budget():
     assert len({c.key() for c in cells}) == 5
 
 
-def test_the_stored_config_says_the_regime_as_init_where_it_can_and_reads_back():
+def test_a_stored_cell_reads_back_with_its_regime_and_key():
     import json
 
-    from exitbench.benchmarks.config import Cell
+    from exitbench.core.results import CellResult
 
-    for method, regime, init, written in (("sdn", "disjoint", "backbone", None), ("sdn", "mixed", "backbone", "mixed"),
-                                          ("eenet", "mixed", "backbone", None), ("eenet", "joint", "scratch", None),
-                                          ("eenet", "disjoint", "backbone", "disjoint")):
+    for method, regime in (("sdn", "disjoint"), ("sdn", "mixed"), ("eenet", "mixed"), ("eenet", "joint"),
+                           ("eenet", "disjoint")):
         cell = expand({**BASE, "seeds": [0], "methods": [{"name": method, "regime": regime}]})[0]
-        d = json.loads(json.dumps(cell.to_dict()))  # as a result stores it
-        assert (d["init"], d.get("regime")) == (init, written)
-        assert Cell.from_config(d).regime == regime and Cell.from_config(d).key() == cell.key()
+        stored = json.loads(json.dumps(CellResult("error", cell.slug(), cell).to_dict()))  # as a result stores it
+        back = CellResult.from_dict(stored).config
+        assert back == cell and back.regime == regime and back.key() == cell.key()
+        assert stored["config"]["regime"] == regime and back.init == ("scratch" if regime == "joint" else "backbone")
 
 
-def test_a_stored_result_keeps_its_key():
-    import json
-    from pathlib import Path
-
-    from exitbench.benchmarks.config import Cell
-
-    cells = Path(__file__).parent / "data" / "results" / "cells"
-    stored = cells / "digits__resnet18__pteenet-lam1__seed0__74a4cb5553.json"
-    config = json.loads(stored.read_text())["config"]
-    assert "init" in config and "regime" not in config  # written before regimes
-    assert Cell.from_config(config).key() == "74a4cb5553"
+def test_the_key_says_the_regime_only_where_init_and_the_method_cannot():
+    """Keys of results stored before regimes hash ``init`` and no regime: a cell in its method's own regime,
+    or joint, keeps that key; SDN mixed and EENet disjoint get their own."""
+    keys = {}
+    for method, regime in (("sdn", "disjoint"), ("sdn", "mixed"), ("eenet", "mixed"), ("eenet", "disjoint")):
+        cell = expand({**BASE, "seeds": [0], "methods": [{"name": method, "regime": regime}]})[0]
+        keys[method, regime] = cell.key()
+        assert cell.key() == replace(cell, regime="").key() or regime != cell.method_regime
+    assert keys["sdn", "disjoint"] != keys["sdn", "mixed"] and keys["eenet", "mixed"] != keys["eenet", "disjoint"]

@@ -15,6 +15,7 @@ from exitbench.benchmarks.data import load_splits
 from exitbench.benchmarks.runner import cell_path, claim_path
 from exitbench.cli import main
 from exitbench.core.claims import try_claim
+from exitbench.core.results import CellResult
 from tests.test_runner import TINY, _write
 
 RATE = 1e9  # MAC/s, instead of a measurement, so that the arithmetic can be checked
@@ -42,8 +43,8 @@ def test_states_in_a_results_directory(tmp_path):
     cells = expand(TINY)
     out = tmp_path / "out"
     (out / "cells").mkdir(parents=True)
-    cell_path(out, cells[0]).write_text(json.dumps({"status": "error", "cell": cells[0].slug(), "config": {},
-                                                    "schema_version": 3, "error": "boom"}))
+    failed = CellResult("error", cells[0].slug(), cells[0], error="boom")
+    cell_path(out, cells[0]).write_text(json.dumps(failed.to_dict()))
     claim = try_claim(claim_path(out / "claims", cells[1]))
     try:
         states = [(p.state, p.who) for p in plan.plan_cells(cells, out, tmp_path / "cache", RATE)]

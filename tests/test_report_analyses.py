@@ -10,6 +10,7 @@ import pytest
 
 from exitbench.core.results import SCHEMA_VERSION, CellResult
 from exitbench.reports import figures, load, risk_summary, significance, sweeps
+from tests.conftest import cell_config
 
 
 def _metrics(acc: float, macs: float, agree: float | None = None, paper: float | None = None) -> dict:
@@ -26,8 +27,8 @@ def _point(kind: str, target: float | None, acc: float, macs: float, **kw) -> di
 def _cell(method: str, seed: int, *, lam: float | None = None, points: list[dict], backbone: str = "bb",
           risk: list[dict] | None = None) -> CellResult:
     hp = {} if lam is None else {"lam": lam}
-    config = {"dataset": "ds", "backbone": backbone, "method": method, "hparams": hp, "seed": seed,
-              "swept": ["lam"] if lam is not None else []}
+    config = cell_config(dataset="ds", backbone=backbone, method=method, hparams=hp, seed=seed,
+                         swept=["lam"] if lam is not None else [])
     d = {"schema_version": SCHEMA_VERSION, "status": "ok", "cell": f"{method}{lam}{seed}", "config": config,
          "setting_id": f"{method}{lam}", "operating_points": points, "data": {"test": 10000},
          "backbone": {"name": backbone, "test_accuracy": 0.9, "calibration_accuracy": 0.9, "macs": 100,

@@ -24,6 +24,7 @@ import pytest
 from exitbench.cli import main
 from exitbench.core.results import SCHEMA_VERSION, CellResult
 from exitbench.reports import compare, figures, load, tables
+from tests.conftest import cell_config
 
 DATA = Path(__file__).parent / "data" / "results"
 GOLDEN = Path(__file__).parent / "golden"
@@ -152,8 +153,9 @@ def test_budget_accuracy_reads_the_stored_budget_point_and_never_rechooses():
     # the choice itself (most accurate within the budget on calibration, ties: the cheaper) is
     # exitbench.methods.calibration.macs_budget's, tested in test_calibration.py
     infeasible = {"kind": "macs_budget", "target": 0.25, "feasible": False, "score": "max_softmax"}
-    r = _result(status="ok", config={}, operating_points=[_point("macs_budget", 0.5, accuracy=0.79), infeasible,
-                                                           _point("macs_budget", 1.0, accuracy=0.96)])
+    r = _result(status="ok", config=cell_config(),
+                operating_points=[_point("macs_budget", 0.5, accuracy=0.79), infeasible,
+                                  _point("macs_budget", 1.0, accuracy=0.96)])
     assert load.budget_accuracy(r, 0.5) == 0.79
     assert load.budget_accuracy(r, 0.25) is None  # infeasible
     assert load.budget_accuracy(r, 1.0) == 0.96 and load.budget_accuracy(r, 0.75) is None  # not recorded
@@ -174,7 +176,7 @@ def test_latex_escape():
 
 
 def test_figures_skip_what_is_absent():
-    r = _result(status="ok", config={"dataset": "d", "backbone": "b", "method": "m"})
+    r = _result(status="ok", config=cell_config())
     assert figures.latency([r]) is None and figures.exit_distribution([r]) is None
     assert figures.accuracy_vs_macs([r]) is None and figures.risk_groups([r]) == {}
 
@@ -225,7 +227,7 @@ def test_compare_flags_failures_versions_and_significant_changes(tmp_path, capsy
 
 def test_compare_needs_seed_spread_and_reads_directions():
     def cells(accs, macs):
-        return [_result(status="ok", config={"dataset": "d", "backbone": "b", "method": "m", "seed": i},
+        return [_result(status="ok", config=cell_config(seed=i),
                         higher_is_better={"accuracy": True, "rel_macs_strict": False},
                         operating_points=[_point(accuracy=a, rel_macs_strict=m)])
                 for i, (a, m) in enumerate(zip(accs, macs))]
@@ -261,17 +263,17 @@ def test_report_cli_on_failures_only(tmp_path, capsys):
 
 
 def _two_settings(loss: str, accs: list[float]) -> list[CellResult]:
-    return [_result(status="ok", config={"dataset": "d", "backbone": "b", "method": "pteenet", "seed": i,
-                                         "hparams": {"lam": 1.0, "loss": loss}, "swept": ["lam"]},
+    return [_result(status="ok", config=cell_config(method="pteenet", seed=i, hparams={"lam": 1.0, "loss": loss},
+                                                    swept=["lam"]),
                     higher_is_better={"accuracy": True}, operating_points=[_point(accuracy=a)])
             for i, a in enumerate(accs)]
 
 
 def test_settings_that_differ_in_anything_are_distinct_rows_and_never_paired():
-    from exitbench.core.results import setting_id, setting_labels
+    from exitbench.reports.labels import setting_labels
 
     v1, v2 = _two_settings("v1", [0.9, 0.91]), _two_settings("v2", [0.95, 0.96])
-    assert setting_id(v1[0].config) != setting_id(v2[0].config)
+    assert v1[0].config.setting_id() != v2[0].config.setting_id()
     labels = setting_labels(v1 + v2)
     assert sorted(labels.values()) == ["pteenet lam=1 loss=v1", "pteenet lam=1 loss=v2"]
     # seeds pool only within a setting: two rows of two seeds, not one of four

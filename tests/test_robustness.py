@@ -20,6 +20,8 @@ from exitbench.benchmarks.config import BackboneTraining
 from exitbench.benchmarks.training import TrainingDiverged, fit
 from exitbench.cli import main
 from exitbench.core.results import CellResult
+from exitbench.core.spec import Cell
+from tests.conftest import cell_config
 
 ONE = {  # one tiny cell and its backbone, trained in seconds; no timing, no risk control
     "datasets": [{"name": "synthetic", "n": 160, "num_classes": 3, "image_size": 16}],
@@ -77,7 +79,8 @@ def test_the_loop_stops_at_the_first_non_finite_epoch():
 
 
 def test_non_finite_numbers_are_stored_as_text_and_read_back():
-    r = CellResult(status="ok", cell="c", config={}, training={"loss_per_epoch": [1.0, math.nan, math.inf, -math.inf]})
+    r = CellResult(status="ok", cell="c", config=Cell.from_dict(cell_config()),
+                   training={"loss_per_epoch": [1.0, math.nan, math.inf, -math.inf]})
     text = json.dumps(r.to_dict(), allow_nan=False)  # valid JSON, whatever the numbers
     assert json.loads(text)["training"]["loss_per_epoch"] == [1.0, "nan", "inf", "-inf"]
 

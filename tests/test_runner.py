@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from exitbench.cli import main
+from exitbench.core.results import SCHEMA_VERSION, CellResult
 from exitbench.core.store import tmp_path as tmp_path_of
 from exitbench.methods.base import METHODS
 from exitbench.methods.pteenet import PTEENet
@@ -52,8 +53,7 @@ def test_run_writes_results_summary_and_figure(quick_run):
     cells = sorted((out / "cells").glob("*.json"))
     assert len(cells) == 2
     r = json.loads(cells[0].read_text())
-    assert r["schema_version"] == 3 and r["status"] == "ok"
-    from exitbench.core.results import CellResult
+    assert r["schema_version"] == SCHEMA_VERSION and r["status"] == "ok"
 
     assert CellResult.from_dict(r).to_dict() == r  # the file is exactly one typed result
     assert r["backbone"]["macs_counter"] == "ptflops-aten+attention" and (out / r["weights"]).exists()
@@ -243,7 +243,7 @@ def test_per_exit_thresholds_are_screened_on_calibration_and_timed(tmp_path):
     assert op["calibration"]["accuracy"] >= r["backbone"]["calibration_accuracy"] - 0.01
     assert op["timed"] and {"backbone", "compaction"} <= {x["variant"] for x in r["latency"]}
     assert not any(p["timed"] for p in r["operating_points"][1:])
-    assert r["config"]["trains_backbone"] is True
+    assert CellResult.from_dict(r).config.trains_backbone is True
 
 
 def test_risk_control_cli_options_are_checked(tmp_path, capsys):

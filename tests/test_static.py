@@ -136,7 +136,7 @@ def test_report_puts_baselines_beside_the_methods(run, tmp_path):
     assert all(not r.static for r in load.ok(results))
     assert ("synthetic", "test_efficientnet") in load.group(load.ok(results), load.panel_key)  # as a backbone
     points = load.static_points(load.baselines(results), "synthetic", "test_resnet",
-                                load.panel_macs([r for r in load.ok(results) if r.config["backbone"] == "test_resnet"]))
+                                load.panel_macs([r for r in load.ok(results) if r.config.backbone == "test_resnet"]))
     assert [p.model for p in points] == ["test_efficientnet"] and 0 < points[0].rel_macs < 1
     assert not load.static_points(load.baselines(results), "synthetic", "test_efficientnet", 1)
 
@@ -144,7 +144,7 @@ def test_report_puts_baselines_beside_the_methods(run, tmp_path):
 def _with_accuracy(results, model, acc):
     out = []
     for r in results:
-        if r.static and r.config["backbone"] == model:
+        if r.static and r.config.backbone == model:
             r = dataclasses.replace(r, backbone=dataclasses.replace(r.backbone, test_accuracy=acc))
         out.append(r)
     return out
@@ -153,7 +153,7 @@ def _with_accuracy(results, model, acc):
 def test_matches_says_when_a_smaller_static_model_matches_an_operating_point(run):
     _, out, _, _ = run
     results = load.load_cells(out)
-    ee = next(r for r in load.ok(results) if r.config["backbone"] == "test_resnet")
+    ee = next(r for r in load.ok(results) if r.config.backbone == "test_resnet")
     op = load.operating_point(ee)
     assert op.feasible
     acc, macs = op.test.accuracy, op.test.rel_macs_strict
@@ -172,7 +172,7 @@ def test_budget_table_shows_a_baseline_only_under_budgets_its_macs_fit(run):
     _, out, _, _ = run
     results = load.load_cells(out)
     (s,) = load.baselines(results)
-    ee = next(r for r in load.ok(results) if r.config["backbone"] == "test_resnet")
+    ee = next(r for r in load.ok(results) if r.config.backbone == "test_resnet")
     rel = s.backbone.macs / ee.backbone.macs
     t = tables.budget_table(results, budgets=(rel - 0.01, rel + 0.01))
     (row,) = [row for row in t.rows if "(static)" in row[2].text]

@@ -4,8 +4,11 @@ The runner fills these types, every result file is one :class:`CellResult` writt
 and reports and compare read results only through :func:`CellResult.from_dict` (``exitbench.reports.load``
 is the one loader). Nothing is ever parsed back out of a name: an operating point carries its ``kind``
 and ``target`` as values, the timed one says so (``timed``), a risk-control row says what its rule
-promises (``promise``). ``schema_version`` is checked on read: a newer one is refused, an older one is
-refused with what to do (results of schema 2 and older are recomputed by ``exitbench run``).
+promises (``promise``), and ``config`` is the typed :class:`~exitbench.core.spec.Cell` the result was
+computed for. ``schema_version`` is checked on read: a newer one is refused; an older one is migrated on
+read by the upgrade functions in ``UPGRADES`` (one per version step, so a user's stored results survive
+an upgrade of exitbench); results of schema 2 and older are refused with what to do (``exitbench run``
+recomputes them).
 
 JSON cannot hold +inf, which is a real threshold ("never leave at this exit"); it is written as the
 string ``"inf"`` and read back as a float. Every other non-finite float a result holds is written the same
@@ -14,19 +17,19 @@ way (``"-inf"``, ``"nan"``), so that a result is always valid JSON.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from exitbench.core.errors import UserError
+from exitbench.core.spec import Cell
 
-SCHEMA_VERSION = 3  # 3: typed operating points (kind, target, timed), budgets as points, risk rows' promise
-
-# The ``method`` of a static-baseline cell: a plain timm model from the matrix's ``baselines``, trained with
-# the backbones' recipe, no exits (docs/baselines.md). Not a registered method.
-STATIC = "static"
+# 3: typed operating points (kind, target, timed), budgets as points, risk rows' promise
+# 4: ``config`` is the typed Cell: ``regime`` and ``method_regime`` always, ``init`` and ``trains_backbone``
+#    derived from the regime (no longer stored)
+SCHEMA_VERSION = 4
 
 # Direction of every metric in the schema (lm-evaluation-harness style): comparisons and reports
 # read it instead of guessing.
@@ -148,24 +151,6 @@ class OperatingPoint:
         return _build(cls, d, thresholds=lambda t: [_dec(x) for x in t],
                       calibration=lambda m: _build(Metrics, m), test=lambda m: _build(Metrics, m),
                       predicted_latency=lambda ps: [_build(PredictedLatency, p) for p in ps])
-
-    @property
-    def label(self) -> str:
-        """For display only (never parsed): e.g. ``within 1 pt``, ``≤ 50 % MACs``."""
-        t = self.target
-        if self.kind == "accuracy_drop":
-            return f"within {t * 100:g} pt"
-        if self.kind == "accuracy_drop_per_exit":
-            return f"within {t * 100:g} pt, per exit"
-        if self.kind == "patience":
-            return f"patience, within {t * 100:g} pt"
-        if self.kind == "macs_budget":
-            return f"≤ {t * 100:g} % MACs"
-        if self.kind == "msdnet_budget":
-            return f"MSDNet ≤ {t * 100:g} % MACs"
-        if self.kind == "latency_budget":
-            return f"≤ {t * 100:g} % latency (b=1, predicted)"
-        return self.kind.replace("_", " ")
 
 
 @dataclass
@@ -323,7 +308,7 @@ class CellResult:
 
     status: str
     cell: str
-    config: dict
+    config: Cell
     schema_version: int = SCHEMA_VERSION
     setting_id: str | None = None
     analysis: dict | None = None
@@ -360,9 +345,10 @@ class CellResult:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "result") -> CellResult:
-        """Read a stored result; refuses other schema versions with a one-line :class:`UserError`."""
-        check_schema(d, where)
-        return _build(cls, d, backbone=lambda b: _build(BackboneResult, b),
+        """Read a stored result, migrating an older schema (``UPGRADES``); refuses a newer one, or one too old
+        to migrate, with a one-line :class:`UserError`."""
+        d = upgrade(d, where)
+        return _build(cls, d, config=lambda c: _cell(c, where), backbone=lambda b: _build(BackboneResult, b),
                       exits=lambda es: [_build(ExitRow, e) for e in es], sweep=ThresholdSweep.from_dict,
                       operating_points=lambda ps: [OperatingPoint.from_dict(p) for p in ps],
                       latency=lambda ls: [_build(LatencyRecord, x) for x in ls],
@@ -378,7 +364,7 @@ class CellResult:
     @property
     def static(self) -> bool:
         """A static baseline (a plain model, no exits), not an early-exit cell."""
-        return (self.config or {}).get("method") == STATIC
+        return self.config.static
 
     def point(self, kind: str, target: float | None = None) -> OperatingPoint | None:
         """The operating point of ``kind`` (and ``target``, when given), or None."""
@@ -400,97 +386,72 @@ class CellResult:
         return any(x.noisy for x in self.latency if x.batch_size == batch_size and x.variant in ("backbone", variant))
 
 
+def _cell(config: Any, where: Any) -> Cell:
+    """A stored ``config`` as the typed cell; a one-line UserError when it is not one."""
+    try:
+        return Cell.from_dict(config)
+    except (TypeError, AttributeError) as e:  # a missing field, or not a mapping
+        raise UserError(f"{where}: its config is not a cell specification ({e}); rerun `exitbench run` to "
+                        "recompute it") from None
+
+
 def check_schema(result: dict, where: Any, *, older_ok: bool = False) -> None:
-    """Refuse a result of another schema version (with ``older_ok``, only a newer one) with a one-line
-    :class:`UserError` saying what to do."""
+    """Refuse a result this exitbench cannot read: a newer schema, or one older than ``UPGRADES`` migrates
+    (with ``older_ok``, only a newer one), with a one-line :class:`UserError` saying what to do."""
     v = result.get("schema_version")
     if not isinstance(v, int):
         raise UserError(f"{where}: not an exitbench result (no schema_version)")
     if v > SCHEMA_VERSION:
         raise UserError(f"{where}: schema_version {v} is newer than this exitbench's ({SCHEMA_VERSION}); "
                         "upgrade exitbench, or use another results directory")
-    if v < SCHEMA_VERSION and not older_ok:
-        raise UserError(f"{where}: schema_version {v} is older than this exitbench's ({SCHEMA_VERSION}); "
-                        "rerun `exitbench run` with the same --out to recompute it (trained backbones are reused "
-                        "from the cache), or read it with the exitbench that wrote it")
+    if v < min(UPGRADES, default=SCHEMA_VERSION) and not older_ok:
+        raise UserError(f"{where}: schema_version {v} is older than this exitbench's ({SCHEMA_VERSION}) and too old "
+                        "to migrate; rerun `exitbench run` with the same --out to recompute it (trained backbones "
+                        "are reused from the cache), or read it with the exitbench that wrote it")
 
 
-# What a method setting is: everything that makes two cells of one (dataset, backbone) panel more
-# than seeds of each other. Seed, dataset and backbone are the other axes; evaluation settings are
-# re-analysed in place, so they are not part of it.
-SETTING_FIELDS = ("method", "method_version", "hparams", "init", "backbone_training", "weights", "small_stem",
-                  "dataset_options")
+def upgrade(result: dict, where: Any = "result") -> dict:
+    """``result`` migrated to ``SCHEMA_VERSION`` (a copy; the stored file is not touched): each step of
+    ``UPGRADES`` in turn, asv-style. Refuses what :func:`check_schema` refuses."""
+    check_schema(result, where)
+    v = result["schema_version"]
+    if v == SCHEMA_VERSION:
+        return result
+    out = copy.deepcopy(result)
+    while v < SCHEMA_VERSION:
+        out = UPGRADES[v](out)
+        v = out["schema_version"] = v + 1
+    return out
 
 
-def setting_id(config: dict) -> str:
-    """The identity of a cell's method setting: a short hash of its full resolved configuration
-    (``SETTING_FIELDS``; dataset options without ``root``/``download``, which change where data come from,
-    not what they are). Seeds are pooled only within one setting_id; labels are for reading only."""
-    d = {k: config.get(k) for k in SETTING_FIELDS}
-    d["dataset_options"] = _dataset_options(config)
-    if config.get("regime"):  # only a regime that `init` cannot say (the config writer's rule): old ids stay
-        d["regime"] = config["regime"]
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def _upgrade_3(d: dict) -> dict:
+    """Schema 3 -> 4: the config's regime resolved and stored. Schema 3 wrote ``regime`` only where ``init``
+    and the method's own regime could not say it, so: an explicit ``regime`` stays (the method's own regime
+    is then unknown, ""); ``init: scratch`` is the joint regime; otherwise the regime is the method's own,
+    which ``trains_backbone`` tells (mixed or disjoint). An error cell stored without ``trains_backbone`` and
+    without ``regime`` keeps ``regime`` "" (unknown; a rerun recomputes it anyway). Keys and setting ids of
+    the migrated cell equal the stored ones (tests/test_results.py)."""
+    c = d.get("config") or {}
+    trains = c.pop("trains_backbone", None)
+    init = c.pop("init", None)
+    if c.get("method") == "static":
+        c["regime"] = c["method_regime"] = ""
+    elif "regime" in c:
+        c["method_regime"] = ""
+    elif init == "scratch":
+        c["regime"], c["method_regime"] = "joint", ""
+    elif trains is not None:
+        c["regime"] = c["method_regime"] = "mixed" if trains else "disjoint"
+    else:
+        c["regime"] = c["method_regime"] = ""
+    d["config"] = c
+    return d
 
 
-def _dataset_options(config: dict) -> dict[str, Any]:
-    """Dataset options that change what the data are (not ``root``/``download``: where they come from)."""
-    return {k: v for k, v in (config.get("dataset_options") or {}).items() if k not in ("root", "download")}
+# schema version -> the function that migrates a result of that version one step up
+UPGRADES: dict[int, Callable[[dict], dict]] = {3: _upgrade_3}
 
 
 def result_setting_id(result: CellResult) -> str:
     """The stored ``setting_id`` of a result, or the one its config gives (an error cell stores none)."""
-    return result.setting_id or setting_id(result.config or {})
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-
-
-def setting_label(config: dict) -> str:
-    """A short label of a cell's method setting from its swept keys, e.g. ``pteenet lam=1`` (not unique:
-    see :func:`setting_labels`)."""
-    hp = config.get("hparams", {})
-    swept = config.get("swept", [])
-    return " ".join([config.get("method", "?"), *(f"{k}={_fmt(hp.get(k))}" for k in swept)])
-
-
-def _setting_fields(config: dict) -> dict[str, Any]:
-    out = {k: v for k, v in (config.get("hparams") or {}).items()}
-    for k in ("init", "regime", "weights", "small_stem", "method_version"):
-        out[k] = config.get(k)
-    for k, v in (config.get("backbone_training") or {}).items():
-        out[f"backbone.{k}"] = v
-    for k, v in _dataset_options(config).items():
-        out[f"data.{k}"] = v
-    return out
-
-
-def setting_labels(results: list[CellResult]) -> dict[tuple[str, str, str], str]:
-    """:func:`label_key` -> a short label, unique within its (dataset, backbone) panel: the swept keys,
-    plus every field that tells apart settings which would otherwise share a label (e.g.
-    ``pteenet loss=v1`` / ``pteenet loss=v2``)."""
-    by_id = {label_key(r): r.config for r in results if r.config}
-    groups: dict[tuple, list[tuple]] = {}
-    for sid, c in by_id.items():
-        groups.setdefault((sid[0], sid[1], setting_label(c)), []).append(sid)
-    out = {}
-    for (_, _, label), sids in groups.items():
-        if len(sids) == 1:
-            out[sids[0]] = label
-            continue
-        fields = {sid: _setting_fields(by_id[sid]) for sid in sids}
-        keys = sorted({k for f in fields.values() for k in f
-                       if len({_fmt(g.get(k)) for g in fields.values()}) > 1})
-        for sid in sids:
-            out[sid] = " ".join([label, *(f"{k}={_fmt(fields[sid].get(k))}" for k in keys)])
-    seen: dict[tuple, int] = {}
-    for sid, lab in out.items():
-        seen[sid[:2], lab] = seen.get((sid[:2], lab), 0) + 1
-    return {sid: (f"{lab} [{sid[2][:6]}]" if seen[sid[:2], lab] > 1 else lab) for sid, lab in out.items()}
-
-
-def label_key(result: CellResult) -> tuple[str, str, str]:
-    """The key of a result in :func:`setting_labels`."""
-    c = result.config or {}
-    return (c.get("dataset"), c.get("backbone"), result_setting_id(result))
+    return result.setting_id or result.config.setting_id()
