@@ -487,13 +487,10 @@ def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[
 def control_risk(cell: Cell, method: Method, traces: dict[str, Trace], strict_costs: list[float]
                  ) -> RiskControlResult | None:
     """The risk-control protocol, offline on the traces: seconds, not network passes."""
-    rc = cell.risk_control
-    if not rc.enabled:
+    if not cell.risk_control.enabled:
         return None
-    return RiskControlResult.from_dict(run_protocol(
-        traces["calibration"], traces["test"], strict_costs,
-        score="confidence" if method.score == "confidence" else "max_softmax", rules=rc.rules, risks=rc.risks,
-        eps=rc.eps, delta=rc.delta, n_cal=rc.n_cal or None, trials=rc.trials, seed=cell.seed))
+    return run_protocol(traces["calibration"], traces["test"], strict_costs, cell.risk_control,
+                        score="confidence" if method.score == "confidence" else "max_softmax", seed=cell.seed)
 
 
 # ------------------------------------------------------------------------------------ 8. the result
