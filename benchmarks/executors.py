@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from exitbench.benchmarks.config import Cell
 from exitbench.core.errors import UserError, raise_terminated
 from exitbench.core.registry import Registry
+from exitbench.core.spec import Cell
 
 
 @dataclass

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +34,14 @@ from torch import Tensor, nn
 from exitbench.benchmarks import lease
 from exitbench.benchmarks.fast import FastPathUnavailable, buckets_for
 from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS, LatencyVariant, Run
+from exitbench.core.results import LatencyRecord
 from exitbench.methods.base import MultiExitNet, Policy
 
+if TYPE_CHECKING:  # only its type: the protocol reads an Evaluation's attributes, nothing else of the config
+    from exitbench.core.spec import Evaluation
+
 NOISY_IQR = 0.10  # a record whose IQR exceeds this share of its median is flagged noisy
+PAIRED = "median of per-repeat paired ratios"  # how every latency ratio is formed (the records' ratio_of)
 
 
 @contextmanager
@@ -125,12 +132,77 @@ def effective_batch_sizes(batch_sizes: Sequence[int], n_images: int) -> list[int
     return list(dict.fromkeys(min(b, n_images) for b in batch_sizes if n_images > 0))
 
 
-def protocol(device: torch.device, repeats: int, warmup: int) -> tuple[int, int, float | None]:
-    """(repeats, warm-up passes, time bound in seconds or None) for ``device``: the CPU protocol as asked,
-    on CUDA at least ``GPU_WARMUP`` warm-ups and ``GPU_REPEATS`` repeats or ``GPU_SECONDS``, whichever first."""
-    if device.type == "cuda":
-        return max(repeats, GPU_REPEATS), max(warmup, GPU_WARMUP), GPU_SECONDS
-    return repeats, warmup, None
+@dataclass(frozen=True)
+class TimingProtocol:
+    """How a cell is timed: one value, built once from the cell's ``Evaluation`` (:meth:`of`) or from the
+    ``exitbench time`` options, and passed to every measurement of the cell (dynamic, static, accounting).
+
+    ``batch_sizes`` empty: the device's (:func:`default_batch_sizes`). ``threads`` None: torch's current
+    setting. ``variants`` and ``fast``: the latency variants and the fast path (``timed_variants``).
+    ``max_samples_batch1`` and ``max_batches``: how many inputs one pass times (:meth:`batches`).
+    ``inputs``: what the timed images are, written into every record. The device is not part of it: a
+    measurement runs where the networks are."""
+
+    enabled: bool = True
+    batch_sizes: tuple[int, ...] = ()
+    repeats: int = 5
+    warmup: int = 2
+    threads: int | None = None
+    dtype: str = "float32"
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    fast: str = "none"
+    max_samples_batch1: int = 32
+    max_batches: int = 1
+    inputs: str = "test split"
+
+    @classmethod
+    def of(cls, ev: Evaluation) -> TimingProtocol:
+        """The protocol a cell's ``evaluation`` asks for."""
+        return cls(enabled=ev.latency, batch_sizes=tuple(ev.latency_batch_sizes), repeats=ev.latency_repeats,
+                   threads=ev.threads, dtype=ev.dtype, variants=tuple(ev.latency_variants), fast=ev.fast)
+
+    @property
+    def timed_variants(self) -> tuple[str, ...]:
+        """The latency variants timed: ``variants``, plus the fast path when it is on."""
+        return (*self.variants, f"fast-{self.fast}") if self.fast != "none" else self.variants
+
+    def on(self, device: torch.device) -> tuple[int, int, float | None]:
+        """(repeats, warm-up passes, time bound in seconds or None) on ``device``: the CPU protocol as asked, on
+        CUDA at least ``GPU_WARMUP`` warm-ups and ``GPU_REPEATS`` repeats or ``GPU_SECONDS``, whichever first."""
+        if device.type == "cuda":
+            return max(self.repeats, GPU_REPEATS), max(self.warmup, GPU_WARMUP), GPU_SECONDS
+        return self.repeats, self.warmup, None
+
+    def sizes(self, device: torch.device, n_images: int) -> list[tuple[int, int]]:
+        """(asked, timed) batch sizes on ``n_images`` inputs: see :func:`effective_batch_sizes`."""
+        asked = list(self.batch_sizes or default_batch_sizes(device))
+        timed = [min(b, n_images) for b in asked]
+        return [(asked[timed.index(b)], b) for b in effective_batch_sizes(asked, n_images)]
+
+    def batches(self, images: Tensor, asked: int, b: int) -> Batches:
+        """The batches timed at batch size ``b``: up to ``max_batches`` full batches (all the images, as one
+        batch of their own size, when they are fewer than ``b``); at b = 1 the first ``max_samples_batch1``."""
+        n = min(len(images), self.max_samples_batch1) if b == 1 else max(1, min(len(images) // b, self.max_batches)) * b
+        return Batches(asked, b, list(torch.split(images[:n], b)), n)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """What one batch size times: the size ``asked`` for, the ``size`` timed (smaller when the split is), the
+    batches and how many ``samples`` they hold."""
+
+    asked: int
+    size: int
+    tensors: list[Tensor]
+    samples: int
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A measurement's records, and what it had to leave out and why (one line each)."""
+
+    records: list[LatencyRecord]
+    notes: list[str]
 
 
 def _stats(seconds: list[float], n_batches: int) -> dict:
@@ -156,32 +228,13 @@ def realisation_note(latency_ratio: float, macs_ratio: float) -> str:
     return "MACs and time above the backbone" if not saved_time else "faster although MACs went up"
 
 
-@torch.no_grad()
-def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
-                    strict_costs: Sequence[float], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
-                    warmup: int = 2, max_samples_batch1: int = 32, max_batches: int = 1,
-                    threads: int | None = None, variants: Sequence[str] = DEFAULT_VARIANTS,
-                    expected: tuple[Tensor, Tensor] | None = None, notes: list[str] | None = None) -> list[dict]:
-    """Time the registered latency ``variants`` (``backbone`` always among them, first) on ``images``
-    for each batch size.
+def _savings(latency_ratio: float, macs_ratio: float) -> dict:
+    """The record fields of a variant that saves MACs: its MACs ratio and the realisation they imply."""
+    return {"macs_ratio_strict": macs_ratio, "realisation": realisation(latency_ratio, macs_ratio),
+            "realisation_note": realisation_note(latency_ratio, macs_ratio)}
 
-    For batch size b > 1 we use up to ``max_batches`` full batches (all the images, as one batch of their own
-    size, when they are fewer than b: the record then says that size); at b = 1 the first
-    ``max_samples_batch1`` samples one by one. Returns one record per (variant, batch size): the timing
-    statistics, the latency ratio against the backbone (paired per repeat), ``simulation``, and for variants
-    that exit the exit fractions on these inputs, the strict MACs ratio they imply and the realisation.
-    ``expected``: the offline trace's (predictions, exit index) of ``images`` under the same policy; every
-    exiting variant's record then counts the timed samples whose prediction or exit differ from it. A fast
-    variant that cannot be built at a batch size (out of memory, a failed capture) is left out there, with a
-    line in ``notes``.
-    """
-    with num_threads(threads), on_device(images.device):
-        chosen = [LATENCY_VARIANTS.get(v) for v in dict.fromkeys(["backbone", *variants])]
-        fast = {v.fast for v in chosen if v.fast and v.exits}
-        chosen += [LATENCY_VARIANTS.get(f"backbone-{m}") for m in sorted(fast)  # what the fast path is set against
-                   if f"backbone-{m}" not in {v.name for v in chosen}]
-        return _measure(backbone, net, policy, images, strict_costs, batch_sizes, repeats, warmup,
-                        max_samples_batch1, max_batches, chosen, expected, notes if notes is not None else [])
+
+# --------------------------------------------------------------------------- the paired-timing core
 
 
 def _side_by_side(runs: dict[str, list[Run]], device: torch.device, repeats: int, warmup: int,
@@ -202,70 +255,124 @@ def _side_by_side(runs: dict[str, list[Run]], device: torch.device, repeats: int
     return times
 
 
-def _timed_batches(images: Tensor, b: int, max_samples_batch1: int, max_batches: int) -> tuple[list[Tensor], int]:
-    """The batches timed at batch size ``b`` (at most ``len(images)``: :func:`effective_batch_sizes`) and how
-    many samples they hold (see :func:`measure_latency`)."""
-    n = min(len(images), max_samples_batch1) if b == 1 else max(1, min(len(images) // b, max_batches)) * b
-    return list(torch.split(images[:n], b)), n
+@dataclass(frozen=True)
+class SideBySide:
+    """One batch size timed side by side: seconds per pass of every named set of runs over the same batches,
+    and the fields every record of that batch size shares."""
+
+    times: dict[str, list[float]]
+    n_batches: int
+    common: dict
+
+    def ratio(self, name: str, against: str) -> float:
+        """The median of ``name``'s per-repeat ratios to ``against`` in the same repeat (paired)."""
+        return statistics.median(t / r for t, r in zip(self.times[name], self.times[against]))
+
+    def record(self, name: str, variant: str | None = None, **fields) -> LatencyRecord:
+        """The record of run ``name`` (as ``variant``, default ``name``): the shared fields, its timing
+        statistics and ``fields``."""
+        return LatencyRecord(variant=variant or name, **self.common, **_stats(self.times[name], self.n_batches),
+                             **fields)
 
 
-def _common(b: int, batches: list[Tensor], n: int, images: Tensor, warmup: int, requested: int) -> dict:
+def time_side_by_side(runs: dict[str, list[Run]], at: Batches, images: Tensor, protocol: TimingProtocol) -> SideBySide:
+    """Every named set of ``runs`` (one run per batch of ``at``) timed side by side under ``protocol`` on
+    ``images``' device: the one timing both measurements share."""
     device = images.device
-    common = {"batch_size": b, "n_batches": len(batches), "samples": n, "device": str(device),
+    repeats, warmup, bound = protocol.on(device)
+    times = _side_by_side(runs, device, repeats, warmup, bound)
+    return SideBySide(times, len(at.tensors), _common(at, images, warmup, protocol.inputs))
+
+
+def _common(at: Batches, images: Tensor, warmup: int, inputs: str) -> dict:
+    device = images.device
+    common = {"batch_size": at.size, "n_batches": len(at.tensors), "samples": at.samples, "device": str(device),
               "dtype": str(images.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
               "warmup": warmup, "timer": "cuda events" if device.type == "cuda" else "perf_counter",
-              "host_read": "predictions per request"}
+              "host_read": "predictions per request", "inputs": inputs}
     if device.type == "cuda":
         common["cudnn_benchmark"] = torch.backends.cudnn.benchmark  # off in the timed region (on_device)
-    if requested != b:
-        common["requested_batch_size"] = requested
+    if at.asked != at.size:
+        common["requested_batch_size"] = at.asked
     return common
+
+
+def measure_sizes(images: Tensor, protocol: TimingProtocol,
+                  at_size: Callable[[Batches, list[str]], list[LatencyRecord]]) -> Measured:
+    """The measurement loop both measurements go through: under the protocol's threads and device settings,
+    ``at_size(batches, notes)`` for every batch size timed (:meth:`TimingProtocol.sizes`), which prepares
+    its runs, times them with :func:`time_side_by_side` and returns its records. A batch size that does not
+    fit in memory is left out, with a note ("where memory allows")."""
+    device, records, notes = images.device, [], []
+    with num_threads(protocol.threads), on_device(device):
+        for asked, b in protocol.sizes(device, len(images)):
+            try:
+                records += at_size(protocol.batches(images, asked, b), notes)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                notes.append(f"batch {b}: out of memory on {device}; not timed")
+    return Measured(records, notes)
+
+
+# ---------------------------------------------------------------------------- the two measurements
 
 
 @torch.no_grad()
 def measure_static(model: nn.Module, references: dict[str, nn.Module], images: Tensor, macs: int,
-                   reference_macs: dict[str, int], *, batch_sizes: Sequence[int] = (1, 256), repeats: int = 5,
-                   warmup: int = 2, max_samples_batch1: int = 32, max_batches: int = 1,
-                   threads: int | None = None) -> list[dict]:
+                   reference_macs: dict[str, int], protocol: TimingProtocol = TimingProtocol()) -> Measured:
     """Time a static baseline ``model`` side by side with each of its ``references`` (the backbones whose
     panels it appears in), one pair at a time, under the same protocol as :func:`measure_latency`. One record
     per (reference, batch size), variant ``static``: the model's own timing statistics, its paired latency
     ratio against that reference (``against``), the MACs ratio and the realisation that implies."""
-    with num_threads(threads), on_device(images.device):
-        device = images.device
-        reps, warm, bound = protocol(device, repeats, warmup)
-        model.eval()
-        records = []
-        for name, ref in references.items():
-            ref.eval()
-            for asked, b in _sizes(batch_sizes, images):
-                batches, n = _timed_batches(images, b, max_samples_batch1, max_batches)
-                runs = {"reference": _plain_runs(ref, batches), "static": _plain_runs(model, batches)}
-                try:
-                    times = _side_by_side(runs, device, reps, warm, bound)
-                except torch.cuda.OutOfMemoryError:  # as in measure_latency: a batch size that does not fit
-                    torch.cuda.empty_cache()
-                    continue
-                ratio = statistics.median(t / r for t, r in zip(times["static"], times["reference"]))
-                macs_ratio = macs / reference_macs[name]
-                records.append({"variant": "static", **_common(b, batches, n, images, warm, asked),
-                                **_stats(times["static"], len(batches)), "against": name, "latency_ratio": ratio,
-                                "ratio_of": "median of per-repeat paired ratios", "macs_ratio_strict": macs_ratio,
-                                "realisation": realisation(ratio, macs_ratio),
-                                "realisation_note": realisation_note(ratio, macs_ratio)})
-        return records
+    model.eval()
+    pairs = [measure_sizes(images, protocol, _against(model, name, ref.eval(), macs / reference_macs[name], images,
+                                                      protocol))
+             for name, ref in references.items()]
+    return Measured([r for m in pairs for r in m.records], [n for m in pairs for n in m.notes])
 
 
-def _sizes(batch_sizes: Sequence[int], images: Tensor) -> list[tuple[int, int]]:
-    """(asked, timed) batch sizes: the device's defaults when none are asked; see :func:`effective_batch_sizes`."""
-    asked = list(batch_sizes or default_batch_sizes(images.device))
-    timed = [min(b, len(images)) for b in asked]
-    keep = effective_batch_sizes(asked, len(images))
-    return [(asked[timed.index(b)], b) for b in keep]
+def _against(model: nn.Module, name: str, ref: nn.Module, macs_ratio: float, images: Tensor,
+             protocol: TimingProtocol) -> Callable[[Batches, list[str]], list[LatencyRecord]]:
+    """One batch size of the static ``model`` timed against the reference ``name``: its record."""
+    def at_size(at: Batches, _notes: list[str]) -> list[LatencyRecord]:
+        timed = time_side_by_side({"reference": _plain_runs(ref, at.tensors), "static": _plain_runs(model, at.tensors)},
+                                  at, images, protocol)
+        ratio = timed.ratio("static", "reference")
+        return [timed.record("static", against=name, latency_ratio=ratio, ratio_of=PAIRED,
+                             **_savings(ratio, macs_ratio))]
+    return at_size
 
 
 def _plain_runs(model: nn.Module, batches: list[Tensor]) -> list[Run]:
     return LATENCY_VARIANTS.get("backbone").prepare(model, None, None, batches)
+
+
+@torch.no_grad()
+def measure_latency(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
+                    strict_costs: Sequence[float], protocol: TimingProtocol = TimingProtocol(), *,
+                    expected: tuple[Tensor, Tensor] | None = None) -> Measured:
+    """Time the protocol's latency variants (``backbone`` always among them, first) on ``images`` for each of
+    its batch sizes (:meth:`TimingProtocol.batches`: which inputs; the record says the size timed).
+
+    One record per (variant, batch size): the timing statistics, the latency ratio against the backbone
+    (paired per repeat), ``simulation``, and for variants that exit the exit fractions on these inputs, the
+    strict MACs ratio they imply and the realisation. ``expected``: the offline trace's (predictions, exit
+    index) of ``images`` under the same policy; every exiting variant's record then counts the timed samples
+    whose prediction or exit differ from it. A fast variant that cannot be built at a batch size (out of
+    memory, a failed capture) is left out there, with a note.
+    """
+    chosen = [LATENCY_VARIANTS.get(v) for v in dict.fromkeys(["backbone", *protocol.timed_variants])]
+    fast = {v.fast for v in chosen if v.fast and v.exits}
+    chosen += [LATENCY_VARIANTS.get(f"backbone-{m}") for m in sorted(fast)  # what the fast path is set against
+               if f"backbone-{m}" not in {v.name for v in chosen}]
+    backbone.eval()
+    net.eval()
+    costs = torch.tensor(strict_costs, dtype=torch.float64)
+
+    def at_size(at: Batches, notes: list[str]) -> list[LatencyRecord]:
+        return _at_batch_size(at, backbone, net, policy, images, costs, protocol, chosen, expected, notes)
+
+    return measure_sizes(images, protocol, at_size)
 
 
 def _outcome(v: LatencyVariant, runs: list[Run]) -> tuple[Tensor, Tensor] | None:
@@ -274,26 +381,6 @@ def _outcome(v: LatencyVariant, runs: list[Run]) -> tuple[Tensor, Tensor] | None
         return None
     outs = [run() for run in runs]
     return torch.cat([o[0].argmax(-1) for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
-
-
-def _measure(backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor, strict_costs: Sequence[float],
-             batch_sizes: Sequence[int], repeats: int, warmup: int, max_samples_batch1: int,
-             max_batches: int, variants: list[LatencyVariant], expected: tuple[Tensor, Tensor] | None,
-             notes: list[str]) -> list[dict]:
-    device = images.device
-    repeats, warmup, bound = protocol(device, repeats, warmup)
-    backbone.eval()
-    net.eval()
-    costs = torch.tensor(strict_costs, dtype=torch.float64)
-    records: list[dict] = []
-    for asked, b in _sizes(batch_sizes, images):
-        try:
-            records += _at_batch_size(b, asked, backbone, net, policy, images, costs, repeats, warmup, bound,
-                                      max_samples_batch1, max_batches, variants, expected, notes)
-        except torch.cuda.OutOfMemoryError:  # "where memory allows": a batch size that does not fit is left out
-            torch.cuda.empty_cache()
-            notes.append(f"batch {b}: out of memory on {device}; not timed")
-    return records
 
 
 def _prepare(variants: list[LatencyVariant], backbone: nn.Module, net: MultiExitNet, policy: Policy,
@@ -318,51 +405,49 @@ def _prepare(variants: list[LatencyVariant], backbone: nn.Module, net: MultiExit
     return {k: r for k, r in runs.items() if LATENCY_VARIANTS.get(k).fast not in dropped}
 
 
-def _at_batch_size(b: int, asked: int, backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
-                   costs: Tensor, repeats: int, warmup: int, bound: float | None, max_samples_batch1: int,
-                   max_batches: int, variants: list[LatencyVariant], expected: tuple[Tensor, Tensor] | None,
-                   notes: list[str]) -> list[dict]:
-    device = images.device
-    records: list[dict] = []
-    batches, n = _timed_batches(images, b, max_samples_batch1, max_batches)
-    runs = _prepare(variants, backbone, net, policy, batches, b, notes)
+def _at_batch_size(at: Batches, backbone: nn.Module, net: MultiExitNet, policy: Policy, images: Tensor,
+                   costs: Tensor, protocol: TimingProtocol, variants: list[LatencyVariant],
+                   expected: tuple[Tensor, Tensor] | None, notes: list[str]) -> list[LatencyRecord]:
+    runs = _prepare(variants, backbone, net, policy, at.tensors, at.size, notes)
     variants = [v for v in variants if v.name in runs]
     outcome = {v.name: _outcome(v, runs[v.name]) for v in variants}
     with _no_recompile(any(v.fast == "compile" for v in variants)):
-        times = _side_by_side(runs, device, repeats, warmup, bound)
-    common = _common(b, batches, n, images, warmup, asked)
-    for v in variants:
-        rec = {"variant": v.name, **common, **_stats(times[v.name], len(batches)), "simulation": v.simulation}
-        if v.fast:
-            rec["fast"] = v.fast
-        if v.fast and v.exits:
-            rec["buckets"] = list(buckets_for(max(len(x) for x in batches)))
-        if v.name != "backbone":
-            rec.update(_ratio(v, times))
-        if outcome[v.name] is not None:
-            preds, exit_idx = outcome[v.name]
-            fractions = torch.bincount(exit_idx, minlength=net.num_exits).double() / len(exit_idx)
-            macs_ratio, ratio = float(fractions @ costs), rec["latency_ratio"]
-            rec.update({"macs_ratio_strict": macs_ratio, "realisation": realisation(ratio, macs_ratio),
-                        "realisation_note": realisation_note(ratio, macs_ratio),
-                        "exit_fractions": fractions.tolist()})
-            if expected is not None:
-                want_preds, want_exits = expected[0][:n].cpu(), expected[1][:n].cpu()
-                rec.update(checked=n, differ_predictions=int((preds != want_preds).sum()),
-                           differ_exits=int((exit_idx != want_exits).sum()))
-        records.append(rec)
-    return records
+        timed = time_side_by_side(runs, at, images, protocol)
+    return [timed.record(v.name, **_variant_fields(v, timed, at, outcome[v.name], net.num_exits, costs, expected))
+            for v in variants]
 
 
-def _ratio(v: LatencyVariant, times: dict[str, list[float]]) -> dict:
+def _variant_fields(v: LatencyVariant, timed: SideBySide, at: Batches, outcome: tuple[Tensor, Tensor] | None,
+                    num_exits: int, costs: Tensor, expected: tuple[Tensor, Tensor] | None) -> dict:
+    """A variant's own record fields: what it is, its paired ratio, and for a variant that exits what it saved
+    and how many of its decisions differ from the trace's."""
+    fields: dict = {"simulation": v.simulation}
+    if v.fast:
+        fields["fast"] = v.fast
+    if v.fast and v.exits:
+        fields["buckets"] = list(buckets_for(max(len(x) for x in at.tensors)))
+    if v.name != "backbone":
+        fields.update(_ratio(v, timed))
+    if outcome is not None:
+        preds, exit_idx = outcome
+        fractions = torch.bincount(exit_idx, minlength=num_exits).double() / len(exit_idx)
+        fields.update(_savings(fields["latency_ratio"], float(fractions @ costs)), exit_fractions=fractions.tolist())
+        if expected is not None:
+            n = at.samples
+            want_preds, want_exits = expected[0][:n].cpu(), expected[1][:n].cpu()
+            fields.update(checked=n, differ_predictions=int((preds != want_preds).sum()),
+                          differ_exits=int((exit_idx != want_exits).sum()))
+    return fields
+
+
+def _ratio(v: LatencyVariant, timed: SideBySide) -> dict:
     """A variant's latency ratio: the median of its per-repeat ratios to the backbone of the same repeat; the
     fast path's to the backbone run the same way (compiled or captured), with the eager ratio beside it."""
-    paired = lambda ref: statistics.median(t / r for t, r in zip(times[v.name], times[ref]))
     fast_path = v.fast is not None and v.exits
     against = f"backbone-{v.fast}" if fast_path else "backbone"
-    rec = {"latency_ratio": paired(against), "ratio_of": "median of per-repeat paired ratios"}
+    rec = {"latency_ratio": timed.ratio(v.name, against), "ratio_of": PAIRED}
     if fast_path:
-        rec.update(against=against, latency_ratio_eager=paired("backbone"))
+        rec.update(against=against, latency_ratio_eager=timed.ratio(v.name, "backbone"))
     return rec
 
 

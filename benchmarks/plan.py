@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell, build_method
+from exitbench.benchmarks.config import build_method
 from exitbench.benchmarks.data import CALIBRATION_FRACTION, TEST_FRACTION, split_sizes
 from exitbench.benchmarks.latency import default_batch_sizes
 from exitbench.benchmarks.runner import cell_path, claim_path, existing, reusable
 from exitbench.core.claims import held_live, holder
+from exitbench.core.spec import Cell
 
 TRAIN_FACTOR = 3.0  # a training step's MACs per sample: forward + backward (about two forwards)
 

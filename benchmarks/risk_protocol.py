@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from exitbench.benchmarks.traces import Trace
+from exitbench.core.results import RiskControlResult, RiskRow
+from exitbench.core.spec import RiskControl
 from exitbench.methods.base import UserError
 from exitbench.methods.risk_control import (
     LAMBDAS,
-    RISKS,
     SELECTION_RULES,
     CalLosses,
     confidence_scores,
@@ -50,7 +52,6 @@ from exitbench.methods.risk_control import (
 )
 
 PROTOCOL_RULES = SELECTION_RULES  # every registered rule except the protocol's own references
-EPS = (0.01, 0.02, 0.05, 0.1, 0.2)
 SAMPLING = "with replacement from the pool; judged on the pool's (population) risk"
 
 
@@ -70,18 +71,16 @@ def pool(a: Trace, b: Trace) -> Trace:
 
 
 def _row(rule: str, risk: str, eps: float, risk_t: Tensor, exit_mean: Tensor, macs: Tensor,
-         lam: Tensor | None) -> dict:
+         lam: Tensor | None) -> RiskRow:
     """One (rule, risk, eps) summary over trials; ``risk_t`` [T] is the population risk of each trial's
     choice. ``violation_freq`` = P(population risk > eps)."""
     tr = risk_t.double()
-    return {
-        "rule": rule, "risk": risk, "eps": float(eps), "guarantee": get_rule(rule).guarantee,
-        "promise": get_rule(rule).promise,
-        "test_risk_mean": tr.mean().item(), "test_risk_std": tr.std(unbiased=False).item(),
-        "violation_freq": (tr > eps + 1e-12).double().mean().item(),
-        "mean_exit_index": exit_mean.double().mean().item(), "rel_macs_strict_mean": macs.double().mean().item(),
-        "lambda_mean": None if lam is None else lam.double().mean().item(),
-    }
+    return RiskRow(
+        rule, risk, float(eps), get_rule(rule).guarantee, get_rule(rule).promise,
+        test_risk_mean=tr.mean().item(), test_risk_std=tr.std(unbiased=False).item(),
+        violation_freq=(tr > eps + 1e-12).double().mean().item(), mean_exit_index=exit_mean.double().mean().item(),
+        rel_macs_strict_mean=macs.double().mean().item(),
+        lambda_mean=None if lam is None else lam.double().mean().item())
 
 
 def _per_exit_ltt(scores: Tensor, el: Tensor, cost: Tensor, draws: Tensor, n_cal: int, risk: str,
@@ -147,37 +146,59 @@ def _pareto(scores: Tensor, el: Tensor, cost: Tensor, draws: Tensor, n_cal: int,
     return {e: (*(torch.cat(c) for c in cols), None) for e, cols in out.items()}
 
 
-def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float], *, score: str = "max_softmax",
-                 rules: Sequence[str] = PROTOCOL_RULES, risks: Sequence[str] | None = None,
-                 eps: Sequence[float] = EPS, delta: float = 0.1, n_cal: int | None = None, trials: int = 100,
-                 seed: int = 0, per_exit_grid: int = 30, per_exit_sweeps: int = 2) -> dict:
-    """Run the risk-control protocol on one cell's traces; returns a JSON-ready dict
-    {score, delta, n_cal, population, trials, sampling, allowance, seconds, rows: [{rule, risk, eps,
-    guarantee, test_risk_mean, test_risk_std, violation_freq, mean_exit_index, rel_macs_strict_mean,
-    lambda_mean}]}, with rows for every (rule, risk, eps) plus ``oracle`` and ``random`` (lambda_mean
-    None) per (risk, eps). "test risk" is the population (pool) risk of the chosen lambda.
+@dataclass(frozen=True)
+class _Population:
+    """The pooled traces and every trial's calibration draw, shared by all risks: the scores [K, M], the exit
+    of every sample at every lambda [G, M], the draws [T, n_cal] and their counts [T, M], the population's
+    exit fractions [G, E], mean exit and strict MACs per lambda [G], each trial's calibration MACs [T, G],
+    and the random orders of the ``random`` baseline [T, M]."""
 
-    ``strict_costs``: relative strict cost of each exit (final last). ``n_cal`` defaults to
-    min(1000, M // 4) for M pooled samples: small against the pool, as the reference's 100 of 2000.
-    """
-    start = time.perf_counter()
-    for r in rules:
+    data: Trace
+    cost: Tensor
+    scores: Tensor
+    exits: Tensor
+    draws: Tensor
+    counts: Tensor
+    pop_frac: Tensor
+    pop_exit: Tensor
+    pop_macs: Tensor
+    cal_macs: Tensor
+    order: Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def trials(self) -> int:
+        return self.draws.shape[0]
+
+    @property
+    def n_cal(self) -> int:
+        return self.draws.shape[1]
+
+
+def _n_cal(spec: RiskControl, m: int) -> int:
+    """The calibration draw's size: ``spec.n_cal``, or (0) min(1000, M // 4) for M pooled samples."""
+    for r in spec.rules:
         if r not in PROTOCOL_RULES:
             raise UserError(f"risk protocol: unknown rule {r!r}; use some of {', '.join(PROTOCOL_RULES)}")
-    risks = [get_risk(r).name for r in (RISKS.names() if risks is None else risks)]
-    data = pool(calibration, test)
-    m = len(data)
-    n_cal = max(2, min(1000, m // 4)) if n_cal is None else int(n_cal)
+    n_cal = int(spec.n_cal) if spec.n_cal else max(2, min(1000, m // 4))
     if not 2 <= n_cal <= m:
         raise UserError(f"risk protocol: n_cal={n_cal} must lie in [2, {m}] for {m} pooled samples")
+    return n_cal
+
+
+def _population(data: Trace, strict_costs: Sequence[float], score: str, n_cal: int, trials: int,
+                seed: int) -> _Population:
+    """Every trial's draw from the pool and what it reads, computed once for all risks."""
+    m, e_exits = len(data), data.num_exits
     cost = torch.as_tensor(strict_costs, dtype=torch.float64)
-    e_exits = data.num_exits
     if cost.numel() != e_exits:
         raise UserError(f"risk protocol: {cost.numel()} strict costs for {e_exits} exits")
     scores = confidence_scores(data, score)  # [K, M]
     exits = exit_index(scores)  # [G, M]
     g = exits.shape[0]
-
     gen = torch.Generator().manual_seed(seed)
     draws = torch.randint(m, (trials, n_cal), generator=gen)  # [T, n_cal], with replacement
     counts = torch.zeros(trials, m, dtype=torch.float64).scatter_add_(1, draws, torch.ones(trials, n_cal,
@@ -185,57 +206,91 @@ def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float],
     onehot = torch.nn.functional.one_hot(exits.T, e_exits).double()  # [M, G, E]
     pop_frac = onehot.mean(0)  # [G, E] exit fractions of the population
     cal_frac = (counts @ onehot.reshape(m, g * e_exits)).reshape(trials, g, e_exits) / n_cal
-    pop_exit, pop_macs = pop_frac @ torch.arange(e_exits, dtype=torch.float64), pop_frac @ cost  # [G]
-    cal_macs = cal_frac @ cost  # [T, G]
     order = torch.rand(trials, m, generator=gen).argsort(dim=1)  # random orders for the random baseline
+    return _Population(data, cost, scores, exits, draws, counts, pop_frac,
+                       pop_frac @ torch.arange(e_exits, dtype=torch.float64), pop_frac @ cost, cal_frac @ cost, order)
+
+
+def _cal_losses(pop: _Population, losses: Tensor, risk: str, wsr: bool) -> CalLosses:
+    """Every trial's calibration statistics of the per-lambda ``losses`` [G, M] (means from the draw counts)."""
+    bound = get_risk(risk).bound
+    unit = losses.clamp(min=0) / bound
+    # WSR reads the calibration losses in order; float32 halves the work of the [T, G, n] passes
+    if wsr:
+        seq = losses.float().T[pop.draws].permute(0, 2, 1).contiguous()  # [T, G, n_cal]
+    else:
+        seq = torch.zeros(()).expand(pop.trials, losses.shape[0], pop.n_cal)  # only its shape is read
+    n = pop.n_cal
+    return CalLosses(seq, pop.counts @ losses.T / n, pop.counts @ unit.T / n, bound,
+                     pop.counts @ monotonise(losses.double()).T / n)
+
+
+def _references(pop: _Population, el: Tensor, pop_risk: Tensor, risk: str, e: float) -> list[RiskRow]:
+    """The ``oracle`` (the cheapest lambda whose population risk <= e) and ``random`` (random exits with the
+    oracle's exit fractions) rows."""
+    ok = pop_risk <= e + 1e-12
+    ok[0] = True
+    k = int(torch.where(ok, pop.pop_macs, torch.full_like(pop.pop_macs, float("inf"))).argmin())
+    one = torch.ones(pop.trials, dtype=torch.float64)
+    oracle = _row("oracle", risk, e, pop_risk[k] * one, pop.pop_exit[k] * one, pop.pop_macs[k] * one, LAMBDAS[k] * one)
+    # random exits with the oracle's fractions: positions [0, M f_0) of a random order -> exit 0, ...
+    m, e_exits = pop.size, pop.cost.numel()
+    bounds = torch.round(pop.pop_frac[k].cumsum(0) * m)  # [E]
     pos = torch.arange(m, dtype=torch.float64)
-
-    rows: list[dict] = []
-    simple = [r for r in rules if not get_rule(r).per_exit]
-    for risk in risks:
-        el = exit_losses(data.logits, data.labels, risk)  # [E, M]
-        losses = el.gather(0, exits)  # [G, M]
-        pop_risk = losses.double().mean(1)  # [G]: the population risk of every lambda
-        unit = losses.clamp(min=0) / get_risk(risk).bound
-        # WSR reads the calibration losses in order; float32 halves the work of the [T, G, n] passes
-        if any("wsr" in r for r in simple):
-            seq = losses.float().T[draws].permute(0, 2, 1).contiguous()  # [T, G, n_cal]
-        else:
-            seq = torch.zeros(()).expand(trials, g, n_cal)  # only its shape is read
-        cal = CalLosses(seq, counts @ losses.T / n_cal, counts @ unit.T / n_cal, get_risk(risk).bound,
-                        counts @ monotonise(losses.double()).T / n_cal)
-        per_exit = {}
-        if any(get_rule(r).per_exit and not get_rule(r).front for r in rules):
-            per_exit = _per_exit_ltt(scores, el, cost, draws, n_cal, risk, eps, delta, per_exit_grid, per_exit_sweeps)
-        front = _pareto(scores, el, cost, draws, n_cal, risk, eps, delta) if any(
-            get_rule(r).front for r in rules) else {}
-        done: dict[float, list[dict]] = {}
-        for e in sorted(eps, reverse=True):  # descending: WSR re-tests only rows that passed a higher eps
-            block = done[e] = []
-            for rule in rules:
-                if get_rule(rule).per_exit:
-                    block.append(_row(rule, risk, e, *(front if get_rule(rule).front else per_exit)[e]))
-                    continue
-                k = select(rule, cal, e, delta, risk, cal_macs if get_rule(rule).union_bound else None)
-                block.append(_row(rule, risk, e, pop_risk[k], pop_exit[k], pop_macs[k], LAMBDAS[k]))
-            ok = pop_risk <= e + 1e-12
-            ok[0] = True
-            k = int(torch.where(ok, pop_macs, torch.full_like(pop_macs, float("inf"))).argmin())
-            one = torch.ones(trials, dtype=torch.float64)
-            block.append(_row("oracle", risk, e, pop_risk[k] * one, pop_exit[k] * one, pop_macs[k] * one,
-                              LAMBDAS[k] * one))
-            # random exits with the oracle's fractions: positions [0, M f_0) of a random order -> exit 0, ...
-            bounds = torch.round(pop_frac[k].cumsum(0) * m)  # [E]
-            rand_exit_sorted = (pos[:, None] >= bounds[None, :]).sum(-1).clamp(max=e_exits - 1)  # [M]
-            rand_exit = torch.empty(trials, m, dtype=torch.long).scatter_(1, order,
-                                                                          rand_exit_sorted.expand(trials, -1))
-            rand_loss = el.T.gather(1, rand_exit.T).T  # [T, M]
-            block.append(_row("random", risk, e, rand_loss.mean(1), rand_exit.double().mean(1),
-                              cost[rand_exit].mean(1), None))
-        rows.extend(r for e in eps for r in done[e])
-    return {"score": score, "delta": float(delta), "n_cal": n_cal, "population": m, "trials": int(trials),
-            "sampling": SAMPLING, "allowance": allowance(delta, trials),
-            "seconds": time.perf_counter() - start, "rows": rows}
+    rand_exit_sorted = (pos[:, None] >= bounds[None, :]).sum(-1).clamp(max=e_exits - 1)  # [M]
+    rand_exit = torch.empty(pop.trials, m, dtype=torch.long).scatter_(1, pop.order,
+                                                                      rand_exit_sorted.expand(pop.trials, -1))
+    rand_loss = el.T.gather(1, rand_exit.T).T  # [T, M]
+    return [oracle, _row("random", risk, e, rand_loss.mean(1), rand_exit.double().mean(1),
+                         pop.cost[rand_exit].mean(1), None)]
 
 
-__all__ = ["EPS", "PROTOCOL_RULES", "SAMPLING", "allowance", "pool", "run_protocol"]
+def _risk_rows(pop: _Population, spec: RiskControl, risk: str, per_exit_grid: int, per_exit_sweeps: int
+               ) -> list[RiskRow]:
+    """Every rule's row and the two references' for one risk, eps by eps in ``spec.eps``'s order."""
+    rules = [get_rule(r) for r in spec.rules]
+    el = exit_losses(pop.data.logits, pop.data.labels, risk)  # [E, M]
+    losses = el.gather(0, pop.exits)  # [G, M]
+    pop_risk = losses.double().mean(1)  # [G]: the population risk of every lambda
+    cal = _cal_losses(pop, losses, risk, any("wsr" in r.name for r in rules if not r.per_exit))
+    per_exit: dict[float, tuple] = {}
+    front: dict[float, tuple] = {}
+    if any(r.per_exit and not r.front for r in rules):
+        per_exit = _per_exit_ltt(pop.scores, el, pop.cost, pop.draws, pop.n_cal, risk, spec.eps, spec.delta,
+                                 per_exit_grid, per_exit_sweeps)
+    if any(r.front for r in rules):
+        front = _pareto(pop.scores, el, pop.cost, pop.draws, pop.n_cal, risk, spec.eps, spec.delta)
+    done: dict[float, list[RiskRow]] = {}
+    for e in sorted(spec.eps, reverse=True):  # descending: WSR re-tests only rows that passed a higher eps
+        block = done[e] = []
+        for rule in rules:
+            if rule.per_exit:
+                block.append(_row(rule.name, risk, e, *(front if rule.front else per_exit)[e]))
+                continue
+            k = select(rule.name, cal, e, spec.delta, risk, pop.cal_macs if rule.union_bound else None)
+            block.append(_row(rule.name, risk, e, pop_risk[k], pop.pop_exit[k], pop.pop_macs[k], LAMBDAS[k]))
+        block += _references(pop, el, pop_risk, risk, e)
+    return [r for e in spec.eps for r in done[e]]
+
+
+def run_protocol(calibration: Trace, test: Trace, strict_costs: Sequence[float], spec: RiskControl, *,
+                 score: str = "max_softmax", seed: int = 0, per_exit_grid: int = 30,
+                 per_exit_sweeps: int = 2) -> RiskControlResult:
+    """Run the risk-control protocol ``spec`` (its rules, risks, eps, delta, trials and n_cal; ``enabled`` is
+    the caller's matter) on one cell's traces. The result's rows cover every (rule, risk, eps) plus ``oracle``
+    and ``random`` (lambda_mean None) per (risk, eps); "test risk" is the population (pool) risk of the
+    chosen lambda.
+
+    ``strict_costs``: relative strict cost of each exit (final last). ``spec.n_cal`` 0 means
+    min(1000, M // 4) for M pooled samples: small against the pool, as the reference's 100 of 2000.
+    """
+    start = time.perf_counter()
+    data = pool(calibration, test)
+    pop = _population(data, strict_costs, score, _n_cal(spec, len(data)), spec.trials, seed)
+    risks = [get_risk(r).name for r in spec.risks]
+    rows = [row for risk in risks for row in _risk_rows(pop, spec, risk, per_exit_grid, per_exit_sweeps)]
+    return RiskControlResult(score, float(spec.delta), pop.n_cal, pop.size, int(spec.trials), SAMPLING,
+                             allowance(spec.delta, spec.trials), time.perf_counter() - start, rows)
+
+
+__all__ = ["PROTOCOL_RULES", "SAMPLING", "allowance", "pool", "run_protocol"]

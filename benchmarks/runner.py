@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from exitbench.benchmarks import lease, static
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell, build_method
+from exitbench.benchmarks.config import build_method
 from exitbench.benchmarks.data import DataMissing, to_tensors
 from exitbench.benchmarks.device import prepare, resolve_device
 from exitbench.benchmarks.env import env_fingerprint
-from exitbench.benchmarks.latency import num_threads
+from exitbench.benchmarks.latency import TimingProtocol, num_threads
 from exitbench.core.claims import DEFAULT_STALE_AFTER, holder, try_claim, wait_for
 from exitbench.core.results import SCHEMA_VERSION, CellResult
+from exitbench.core.spec import Cell
 from exitbench.core.store import DISK_FULL, read_json, remove_orphans, safetensors_problem, write_manifest
 from exitbench.methods.base import StagedBackbone, UserError
 
@@ -45,14 +46,14 @@ def run_cell(cell: Cell, out_dir: Path, cache_dir: Path, *, download: bool = Fal
         st.save_artifacts(out_dir, cell, traces, fitted.net)  # the raw traces: scaling is an analysis
         traces, temps = st.scale_traces(cell, traces)
         sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
-        test_x = to_tensors(splits.test)[0]
-        latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict,
-                                  traces["test"], notes := [])
-        profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs,
-                                             latency)
+        test_x, protocol = to_tensors(splits.test)[0], TimingProtocol.of(cell.evaluation)
+        timing = st.time_latency(protocol, ref.backbone, fitted.net, points, test_x, fitted.costs.strict,
+                                 traces["test"])
+        profile, points, latency = st.account_latency(cell, protocol, fitted.method, fitted.net, timing.points, traces,
+                                                      test_x, fitted.costs, timing.records)
         risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
         return st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, st.elapsed(start),
-                           profile, temps, notes)
+                           profile, temps, timing.notes)
 
 
 class _StoredCosts:
@@ -88,9 +89,11 @@ def reanalyse(cell: Cell, previous: CellResult, out_dir: Path, *, download: bool
             device = resolve_device(cell.evaluation.device, "evaluation.device")
             prepare(device)
             backbone, net = st.rebuild(cell, splits, method, st.artifact_paths(out_dir, cell)["weights"], device)
-            test_x = to_tensors(splits.test)[0]
-            latency = st.time_latency(cell, backbone, net, points, test_x, costs.strict, traces["test"], notes := [])
-            profile, points = st.account_latency(cell, method, net, points, traces, test_x, costs, latency)
+            test_x, protocol = to_tensors(splits.test)[0], TimingProtocol.of(cell.evaluation)
+            timing = st.time_latency(protocol, backbone, net, points, test_x, costs.strict, traces["test"])
+            notes = timing.notes
+            profile, points, latency = st.account_latency(cell, protocol, method, net, timing.points, traces, test_x,
+                                                          costs, timing.records)
         risk = st.control_risk(cell, method, traces, costs.strict) if "risk_control" in redo else previous.risk_control
     return _reanalysed(previous, cell, redo, start, sweep=sweep, operating_points=points, latency=latency,
                        latency_profile=profile, latency_notes=notes, risk_control=risk, temperature=temps), redo
@@ -111,15 +114,16 @@ def _reanalysed(previous: CellResult, cell: Cell, redo: list[str], start: float,
 def _reanalyse_static(cell: Cell, previous: CellResult, out_dir: Path, redo: list[str], start: float,
                       download: bool, memo: dict | None) -> CellResult:
     """A static baseline's re-analysis: only its timing depends on evaluation settings."""
-    latency = previous.latency
-    if "latency" in redo:
-        with num_threads(cell.evaluation.threads):
-            splits = st.prepare_data(cell, download, memo)
-            device = resolve_device(cell.evaluation.device, "evaluation.device")
-            prepare(device)
-            model = static.rebuild(cell, splits, st.artifact_paths(out_dir, cell)["weights"], device)
-            latency = static.time_static(cell, model, splits, to_tensors(splits.test)[0])
-    return _reanalysed(previous, cell, redo, start, latency=latency)
+    if "latency" not in redo:
+        return _reanalysed(previous, cell, redo, start, latency=previous.latency)
+    with num_threads(cell.evaluation.threads):
+        splits = st.prepare_data(cell, download, memo)
+        device = resolve_device(cell.evaluation.device, "evaluation.device")
+        prepare(device)
+        model = static.rebuild(cell, splits, st.artifact_paths(out_dir, cell)["weights"], device)
+        timing = static.time_static(cell, TimingProtocol.of(cell.evaluation), model, splits,
+                                    to_tensors(splits.test)[0])
+    return _reanalysed(previous, cell, redo, start, latency=timing.records, latency_notes=timing.notes)
 
 
 def cell_path(out_dir: Path, cell: Cell) -> Path:

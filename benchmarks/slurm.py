@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.executors import Executor, Finished
 from exitbench.core.errors import UserError, did_you_mean
+from exitbench.core.spec import Cell
 
 DEFAULT_MINUTES = 240
 SHARED_FS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "panfs", "wekafs", "9p", "virtiofs",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell
+from exitbench.core.spec import Cell
 from exitbench.methods.base import get_method
 
 # held-out shares large enough that every class can be stratified into calibration and test even when

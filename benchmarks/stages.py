@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from exitbench.benchmarks import accounting
 from exitbench.benchmarks import backbones as bb
-from exitbench.benchmarks.config import SPLIT_OPTIONS, Cell, build_method
+from exitbench.benchmarks.config import SPLIT_OPTIONS, build_method
 from exitbench.benchmarks.data import DatasetInfo, Splits, dataset_info, load_splits, make_loader, to_tensors
 from exitbench.benchmarks.device import DTYPES, check_dtype, in_dtype
 from exitbench.benchmarks.env import env_fingerprint
 from exitbench.benchmarks.fast import check_fast
 from exitbench.benchmarks.flops import MACS_COUNTER, CostTable, cost_table, exit_head_macs
-from exitbench.benchmarks.latency import default_batch_sizes, effective_batch_sizes, measure_latency
+from exitbench.benchmarks.latency import TimingProtocol, measure_latency
 from exitbench.benchmarks.risk_protocol import run_protocol
 from exitbench.benchmarks.traces import Sweep, Trace, collect_trace, evaluate, stage_features
 from exitbench.benchmarks.training import method_trainer, predict_logits, resumable, train_backbone
@@ -51,6 +51,7 @@ from exitbench.core.results import (
     TemperatureResult,
     ThresholdSweep,
 )
+from exitbench.core.spec import Cell
 from exitbench.core.store import read_json, safetensors_problem, write_atomic, write_json_atomic
 from exitbench.methods import calibration, temperature
 from exitbench.methods.base import Method, MultiExitNet, StagedBackbone, UserError
@@ -419,66 +420,74 @@ def _sweep_lists(s: Sweep) -> dict[str, list]:
 
 # ------------------------------------------------------------------------------------ 6. time latency
 
-def time_latency(cell: Cell, backbone: StagedBackbone, net: MultiExitNet, points: list[OperatingPoint],
-                 test_x: Tensor, strict_costs: list[float], trace: Trace | None = None,
-                 notes: list[str] | None = None) -> list[LatencyRecord]:
-    """The registered latency variants against the backbone at the headline point (marked ``timed``), on
-    the device the net is on, in ``evaluation.dtype`` (other than float32: converted copies are timed, the
-    trained networks are left untouched).
+@dataclass(frozen=True)
+class Timing:
+    """What the time-latency stage gives: the records, the operating points with the timed one marked
+    (new values: the points passed in are left as they were), and what the timing left out and why."""
+
+    records: list[LatencyRecord]
+    points: list[OperatingPoint]
+    notes: list[str]
+
+
+def time_latency(protocol: TimingProtocol, backbone: StagedBackbone, net: MultiExitNet, points: list[OperatingPoint],
+                 test_x: Tensor, strict_costs: list[float], trace: Trace | None = None) -> Timing:
+    """The protocol's latency variants against the backbone at the headline point (marked ``timed`` in the
+    returned points), on the device the net is on, in the protocol's dtype (other than float32: converted
+    copies are timed, the trained networks are left untouched).
     ``trace``: the (scaled) test trace of ``test_x``; every exiting variant is then checked against its
-    decisions under the same policy (the records count the samples that differ). What the timing had to
-    leave out is appended to ``notes``."""
-    ev = cell.evaluation
+    decisions under the same policy (the records count the samples that differ)."""
     head = next((p for p in points if p.headline), None)
-    for p in points:
-        p.timed = False
-    if not (ev.latency and head is not None and head.feasible):
-        return []
-    head.timed = True
+    timed = protocol.enabled and head is not None and head.feasible
+    points = [replace(p, timed=timed and p is head) for p in points]
+    if not timed:
+        return Timing([], points, [])
     policy = make_policy(head.score, head.thresholds, head.strict, head.temperatures)
     device = next(net.parameters()).device
-    dtype = check_dtype(net, test_x, ev.dtype, device)
-    check_fast(ev.fast, device)
+    dtype = check_dtype(net, test_x, protocol.dtype, device)
+    check_fast(protocol.fast, device)
     expected = None if trace is None else trace.decisions(head.score, head.thresholds, head.strict)
-    records = measure_latency(in_dtype(backbone, device, dtype), in_dtype(net, device, dtype), policy,
-                              test_x.to(device, dtype), strict_costs, batch_sizes=ev.latency_batch_sizes,
-                              repeats=ev.latency_repeats, threads=ev.threads, variants=ev.timed_variants,
-                              expected=expected, notes=notes)
-    return [LatencyRecord(**r, inputs="test split") for r in records]
+    measured = measure_latency(in_dtype(backbone, device, dtype), in_dtype(net, device, dtype), policy,
+                               test_x.to(device, dtype), strict_costs, protocol, expected=expected)
+    return Timing(measured.records, points, measured.notes)
 
 
-def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[OperatingPoint],
-                    traces: dict[str, Trace], test_x: Tensor, costs: CostTable, latency: list[LatencyRecord]
-                    ) -> tuple[dict | None, list[OperatingPoint]]:
+def account_latency(cell: Cell, protocol: TimingProtocol, method: Method, net: MultiExitNet,
+                    points: list[OperatingPoint], traces: dict[str, Trace], test_x: Tensor, costs: CostTable,
+                    latency: list[LatencyRecord]) -> tuple[dict | None, list[OperatingPoint], list[LatencyRecord]]:
     """Latency accounting: the net's per-stage profile on its device, every point's predicted latency at
-    each timed batch size, the prediction beside each measured compaction record (at that record's own
-    exit fractions, so the two compare like for like), and the ``latency_budget`` points (chosen on
-    calibration with the per-exit batch-1 latency as the cost). Returns (profile or None when latency is
-    off, the points)."""
-    ev = cell.evaluation
+    each batch size the protocol times, the prediction beside each measured compaction record (at that
+    record's own exit fractions, so the two compare like for like), and the ``latency_budget`` points (chosen
+    on calibration with the per-exit batch-1 latency as the cost). Returns new values, its inputs unchanged:
+    (the profile, or None when latency is off; the points; the records)."""
     points = [p for p in points if p.kind != "latency_budget"]  # recomputed with the profile
-    if not ev.latency:
-        return None, points
+    if not protocol.enabled:
+        return None, points, latency
     device = next(net.parameters()).device
-    sizes = effective_batch_sizes(ev.latency_batch_sizes or default_batch_sizes(device), len(test_x))
+    sizes = [b for _, b in protocol.sizes(device, len(test_x))]
     never = make_policy(method.score, [math.inf] * (net.num_exits - 1))  # times the gates, nobody leaves
-    dtype = DTYPES[ev.dtype]  # the dtype that was timed (checked there), so the two describe one network
+    dtype = DTYPES[protocol.dtype]  # the dtype that was timed (checked there), so the two describe one network
     with torch.no_grad():
         prof = accounting.profile(in_dtype(net, device, dtype), test_x.to(device, dtype), sizes, gate=never)
-    cal, score = traces["calibration"], method.score
+    points += _latency_budget_points(cell, method.score, traces, costs, prof)
+    points = [replace(p, predicted_latency=[PredictedLatency(**accounting.predict(prof, p.test.exit_fractions, b))
+                                            for b in sizes]) if p.feasible and p.test is not None else p
+              for p in points]
+    latency = [replace(r, predicted_ratio=accounting.predict(prof, r.exit_fractions, r.batch_size)["predicted_ratio"])
+               if r.variant == "compaction" and r.exit_fractions and r.device == str(device) else r for r in latency]
+    return prof, points, latency
+
+
+def _latency_budget_points(cell: Cell, score: str, traces: dict[str, Trace], costs: CostTable, prof: dict
+                           ) -> list[OperatingPoint]:
+    """One point per ``evaluation.latency_budgets``: chosen on calibration with the profiled batch-1 latency
+    of each exit as its cost."""
+    ev, cal = cell.evaluation, traces["calibration"]
     grid = calibration.quantile_grid(cal.scores(score), ev.grid_size)
     lat_costs = accounting.exit_costs_batch1(prof)
-    for b in ev.latency_budgets:
-        points.append(_point("latency_budget", b, calibration.macs_budget(cal, score, lat_costs, b, grid), score,
-                             traces, costs, search="shared threshold, quantile grid; cost: profiled latency at b=1"))
-    for p in points:
-        if p.feasible and p.test is not None:
-            p.predicted_latency = [PredictedLatency(**accounting.predict(prof, p.test.exit_fractions, b))
-                                   for b in sizes]
-    for rec in latency:
-        if rec.variant == "compaction" and rec.exit_fractions and rec.device == str(device):
-            rec.predicted_ratio = accounting.predict(prof, rec.exit_fractions, rec.batch_size)["predicted_ratio"]
-    return prof, points
+    return [_point("latency_budget", b, calibration.macs_budget(cal, score, lat_costs, b, grid), score, traces,
+                   costs, search="shared threshold, quantile grid; cost: profiled latency at b=1")
+            for b in ev.latency_budgets]
 
 
 # ------------------------------------------------------------------------------------ 7. control risk
@@ -486,13 +495,10 @@ def account_latency(cell: Cell, method: Method, net: MultiExitNet, points: list[
 def control_risk(cell: Cell, method: Method, traces: dict[str, Trace], strict_costs: list[float]
                  ) -> RiskControlResult | None:
     """The risk-control protocol, offline on the traces: seconds, not network passes."""
-    rc = cell.risk_control
-    if not rc.enabled:
+    if not cell.risk_control.enabled:
         return None
-    return RiskControlResult.from_dict(run_protocol(
-        traces["calibration"], traces["test"], strict_costs,
-        score="confidence" if method.score == "confidence" else "max_softmax", rules=rc.rules, risks=rc.risks,
-        eps=rc.eps, delta=rc.delta, n_cal=rc.n_cal or None, trials=rc.trials, seed=cell.seed))
+    return run_protocol(traces["calibration"], traces["test"], strict_costs, cell.risk_control,
+                        score="confidence" if method.score == "confidence" else "max_softmax", seed=cell.seed)
 
 
 # ------------------------------------------------------------------------------------ 8. the result

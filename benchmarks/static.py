@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import Cell
 from exitbench.benchmarks.data import Splits
 from exitbench.benchmarks.device import check_dtype, in_dtype
-from exitbench.benchmarks.latency import measure_static
-from exitbench.core.results import CellResult, ExitRow, LatencyRecord
+from exitbench.benchmarks.latency import Measured, TimingProtocol, measure_static
+from exitbench.core.results import CellResult, ExitRow
+from exitbench.core.spec import Cell
 from exitbench.methods.base import MultiExitNet, StagedBackbone
 
 
@@ -44,19 +44,17 @@ def references(cell: Cell, splits: Splits | st.NoData) -> dict[str, StagedBackbo
     return out
 
 
-def time_static(cell: Cell, model: StagedBackbone, splits: Splits | st.NoData, test_x: Tensor) -> list[LatencyRecord]:
-    """The model timed against each of its ``next_to`` backbones, on the model's device, in
-    ``evaluation.dtype`` (the fast path is for exits: a static model is timed eager)."""
-    ev = cell.evaluation
-    if not (ev.latency and cell.next_to):
-        return []
+def time_static(cell: Cell, protocol: TimingProtocol, model: StagedBackbone, splits: Splits | st.NoData,
+                test_x: Tensor) -> Measured:
+    """The model timed against each of the cell's ``next_to`` backbones under ``protocol``, on the model's
+    device, in the protocol's dtype (the fast path is for exits: a static model is timed eager)."""
+    if not (protocol.enabled and cell.next_to):
+        return Measured([], [])
     device = next(model.parameters()).device
     refs = references(cell, splits)
-    dtype = check_dtype(model, test_x, ev.dtype, device)
-    records = measure_static(in_dtype(model, device, dtype), {n: in_dtype(r, device, dtype) for n, r in refs.items()},
-                             test_x.to(device, dtype), model.macs, {n: r.macs for n, r in refs.items()},
-                             batch_sizes=ev.latency_batch_sizes, repeats=ev.latency_repeats, threads=ev.threads)
-    return [LatencyRecord(**r, inputs="test split") for r in records]
+    dtype = check_dtype(model, test_x, protocol.dtype, device)
+    return measure_static(in_dtype(model, device, dtype), {n: in_dtype(r, device, dtype) for n, r in refs.items()},
+                          test_x.to(device, dtype), model.macs, {n: r.macs for n, r in refs.items()}, protocol)
 
 
 def rebuild(cell: Cell, splits: Splits | st.NoData, weights: Path, device: torch.device) -> StagedBackbone:
@@ -76,8 +74,9 @@ def run(cell: Cell, splits: Splits, ref: st.Reference, out_dir: Path, test_x: Te
     model, net = ref.backbone, as_net(ref.backbone)
     traces = st.record_traces(net, splits)
     st.save_artifacts(out_dir, cell, traces, net)
-    latency = time_static(cell, model, splits, test_x)
+    timing = time_static(cell, TimingProtocol.of(cell.evaluation), model, splits, test_x)
     final = ExitRow("final", len(model.blocks) - 1, model.macs, model.head_macs, 1.0, 1.0, ref.calibration_accuracy,
                     ref.test_accuracy)
     return CellResult(**st.result_fields(cell, splits, ref, cell, next(model.parameters()).device),
-                      exits=[final], latency=latency, seconds=seconds + st.elapsed(start))
+                      exits=[final], latency=timing.records, latency_notes=timing.notes,
+                      seconds=seconds + st.elapsed(start))

@@ -317,7 +317,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_time(args: argparse.Namespace) -> int:
     """Re-time stored cells on --device from their saved weights and append the records."""
-    from exitbench.benchmarks.retime import retime
+    from exitbench.benchmarks.retime import TimeOptions, retime
     from exitbench.reports.summary import write_summary
 
     t0 = time.perf_counter()
@@ -329,8 +329,7 @@ def cmd_time(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-sizes: batch sizes must be >= 1, got {args.batch_sizes!r}")
     _positive(args.repeats, "--repeats", "timing repeats")
     _positive(args.threads, "--threads", "CPU threads")
-    done, skipped = retime(out, args.device, batch_sizes=batch_sizes,
-                           repeats=args.repeats, threads=args.threads, fast=args.fast)
+    done, skipped = retime(out, args.device, TimeOptions(batch_sizes, args.repeats, args.threads, args.fast))
     write_summary(out)
     print(f"exitbench: re-timed {len(done)} cells of {out} on {args.device} in {time.perf_counter() - t0:.0f} s"
           + (f"; {len(skipped)} without a feasible operating point left as they were" if skipped else ""))

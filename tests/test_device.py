@@ -159,10 +159,11 @@ def test_a_tiny_cell_runs_on_cuda(tmp_path):
 def test_the_gpu_protocol_warms_up_longer_and_repeats_more_within_a_time_bound():
     from exitbench.benchmarks import latency
 
-    assert latency.protocol(torch.device("cpu"), 5, 2) == (5, 2, None)  # the CPU protocol as asked
-    repeats, warmup, bound = latency.protocol(torch.device("cuda"), 5, 2)
+    asked = latency.TimingProtocol(repeats=5, warmup=2)
+    assert asked.on(torch.device("cpu")) == (5, 2, None)  # the CPU protocol as asked
+    repeats, warmup, bound = asked.on(torch.device("cuda"))
     assert repeats >= 100 and warmup >= 20 and bound is not None and bound > 0
-    assert latency.protocol(torch.device("cuda"), 500, 50)[:2] == (500, 50)  # more is allowed
+    assert latency.TimingProtocol(repeats=500, warmup=50).on(torch.device("cuda"))[:2] == (500, 50)  # more is allowed
     assert latency.default_batch_sizes(torch.device("cpu")) == (1, 32, 256)
     assert latency.default_batch_sizes(torch.device("cuda")) == (1, 64, 256, 1024)
 
@@ -170,7 +171,7 @@ def test_the_gpu_protocol_warms_up_longer_and_repeats_more_within_a_time_bound()
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_timing_uses_events_and_the_gpu_protocol():
-    from exitbench.benchmarks.latency import measure_latency
+    from exitbench.benchmarks.latency import TimingProtocol, measure_latency
     from exitbench.methods.policies import ThresholdPolicy
     from tests.test_syncs import _net
 
@@ -178,9 +179,9 @@ def test_cuda_timing_uses_events_and_the_gpu_protocol():
     backbone = nn.Sequential(*net.stages, net.heads[-1])
     x = torch.randn(64, 3, 16, 16, device="cuda")
     recs = measure_latency(backbone, net, ThresholdPolicy("max_softmax", (0.6, 0.6, 0.6)), x, [0.3, 0.5, 0.8, 1.1],
-                           batch_sizes=(1, 64), repeats=5, warmup=2)
-    assert recs and all(r["timer"] == "cuda events" and r["warmup"] >= 20 and r["repeats"] >= 5 for r in recs)
-    assert all(r["device"].startswith("cuda") for r in recs)
+                           TimingProtocol(batch_sizes=(1, 64), repeats=5, warmup=2)).records
+    assert recs and all(r.timer == "cuda events" and r.warmup >= 20 and r.repeats >= 5 for r in recs)
+    assert all(r.device.startswith("cuda") for r in recs)
 
 
 def test_doctor_runs_a_small_matrix_and_prints_every_variant(tmp_path, capsys, monkeypatch):

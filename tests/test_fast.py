@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from exitbench.benchmarks.fast import FastForward, buckets_for, check_fast, triton_missing
-from exitbench.benchmarks.latency import measure_latency
+from exitbench.benchmarks.latency import TimingProtocol, measure_latency
 from exitbench.core.errors import UserError
 from exitbench.methods.policies import PatiencePolicy, ThresholdPolicy
 from tests.conftest import midpoint_thresholds
@@ -59,18 +59,19 @@ def test_the_fast_variant_is_timed_labelled_and_equal_to_compaction():
     net, x, policy = _setup()
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
     logits, exits = net.forward_dynamic(x, policy)
-    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(44,), repeats=2, warmup=1,
-                           variants=("compaction", "fast-compile"), expected=(logits.argmax(-1), exits))
-    by = {r["variant"]: r for r in recs}
+    protocol = TimingProtocol(batch_sizes=(44,), repeats=2, warmup=1, variants=("compaction",), fast="compile")
+    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], protocol,
+                           expected=(logits.argmax(-1), exits)).records
+    by = {r.variant: r for r in recs}
     fast = by["fast-compile"]
-    assert fast["fast"] == "compile" and fast["buckets"] == list(buckets_for(44)) and not fast["simulation"]
-    assert fast["differ_predictions"] == fast["differ_exits"] == 0 and fast["checked"] == 44
-    assert fast["exit_fractions"] == by["compaction"]["exit_fractions"]
-    assert fast["latency_ratio"] > 0 and "fast" not in by["compaction"]
+    assert fast.fast == "compile" and fast.buckets == list(buckets_for(44)) and not fast.simulation
+    assert fast.differ_predictions == fast.differ_exits == 0 and fast.checked == 44
+    assert fast.exit_fractions == by["compaction"].exit_fractions
+    assert fast.latency_ratio > 0 and by["compaction"].fast is None
     # set against the backbone run the same way (compiled), the eager ratio beside it
-    assert fast["against"] == "backbone-compile" and fast["latency_ratio_eager"] > 0
-    assert by["backbone-compile"]["fast"] == "compile" and "buckets" not in by["backbone-compile"]
-    assert "against" not in by["compaction"] and "latency_ratio_eager" not in by["compaction"]
+    assert fast.against == "backbone-compile" and fast.latency_ratio_eager > 0
+    assert by["backbone-compile"].fast == "compile" and by["backbone-compile"].buckets is None
+    assert by["compaction"].against is None and by["compaction"].latency_ratio_eager is None
 
 
 def test_what_cannot_run_is_a_one_line_error():

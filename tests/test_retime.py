@@ -81,3 +81,14 @@ def test_without_the_data_the_inputs_are_same_shaped_random_tensors(tmp_path):
     x, note = _inputs(cell)
     assert tuple(x.shape[1:]) == (3, 32, 32) and "random" in note
     assert torch.equal(x, _inputs(cell)[0])  # seeded
+
+
+def test_the_time_options_replace_the_cells_own_timing_settings():
+    from exitbench.benchmarks.retime import TimeOptions
+    from exitbench.core.spec import Evaluation
+
+    ev = Evaluation(latency=False, latency_batch_sizes=(1, 16), latency_repeats=7, threads=3)
+    own = TimeOptions().protocol(ev)  # re-timing times even a cell that was not timed; no sizes: the device's
+    assert (own.enabled, own.batch_sizes, own.repeats, own.threads, own.fast) == (True, (), 7, 3, "none")
+    asked = TimeOptions((4,), 2, 1, "compile").protocol(ev)
+    assert (asked.batch_sizes, asked.repeats, asked.threads, asked.timed_variants[-1]) == ((4,), 2, 1, "fast-compile")

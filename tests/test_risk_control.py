@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from scipy import stats
 
 from exitbench.benchmarks.risk_protocol import PROTOCOL_RULES, run_protocol
 from exitbench.benchmarks.traces import Trace
+from exitbench.core.results import RiskControlResult, RiskRow
+from exitbench.core.spec import RiskControl
 from exitbench.methods.base import UserError
 from exitbench.methods.policies import ThresholdPolicy, first_exit
 from exitbench.methods.risk_control import (
@@ -346,37 +349,39 @@ ROW_KEYS = {"rule", "risk", "eps", "guarantee", "promise", "test_risk_mean", "te
 def test_protocol_schema_baselines_and_runtime():
     tr = _trace(n=1000, exits=4, classes=10, seed=4)
     cal, test = Trace(tr.logits[:, :500], tr.labels[:500]), Trace(tr.logits[:, 500:], tr.labels[500:])
-    out = run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1])
-    assert set(out) == {"score", "delta", "n_cal", "population", "trials", "sampling", "allowance", "seconds", "rows"}
+    out = run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], RiskControl())
+    assert isinstance(out, RiskControlResult) and all(isinstance(r, RiskRow) for r in out.rows)  # typed, as stored
     # n_cal small against the pool by default (the reference: 100 of 2000)
-    assert (out["score"], out["delta"], out["n_cal"], out["population"], out["trials"]) == ("max_softmax", 0.1, 250,
-                                                                                           1000, 100)
-    assert out["allowance"] == pytest.approx(2 * math.sqrt(0.1 * 0.9 / 100))
+    assert (out.score, out.delta, out.n_cal, out.population, out.trials) == ("max_softmax", 0.1, 250, 1000, 100)
+    assert out.allowance == pytest.approx(2 * math.sqrt(0.1 * 0.9 / 100))
     rules = {*PROTOCOL_RULES, "oracle", "random"}
-    assert len(out["rows"]) == len(RISKS) * 5 * len(rules)
-    for row in out["rows"]:
-        assert set(row) == ROW_KEYS and row["rule"] in rules and row["risk"] in RISKS
-        assert 0 <= row["violation_freq"] <= 1 and 0 <= row["mean_exit_index"] <= 3
-        assert (row["lambda_mean"] is None) == (row["rule"] in ("random", "pareto-testing"))  # no shared lambda
-        assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
-    by = {(r["rule"], r["risk"], r["eps"]): r for r in out["rows"]}
+    assert len(out.rows) == len(RISKS) * 5 * len(rules)
+    for row in out.rows:
+        assert set(asdict(row)) == ROW_KEYS and row.rule in rules and row.risk in RISKS
+        assert 0 <= row.violation_freq <= 1 and 0 <= row.mean_exit_index <= 3
+        assert (row.lambda_mean is None) == (row.rule in ("random", "pareto-testing"))  # no shared lambda
+        assert all(math.isfinite(v) for v in asdict(row).values() if isinstance(v, float))
+    by = {(r.rule, r.risk, r.eps): r for r in out.rows}
     for risk in RISKS:
         for eps in (0.01, 0.02, 0.05, 0.1, 0.2):
             oracle, rand = by["oracle", risk, eps], by["random", risk, eps]
-            assert oracle["violation_freq"] == 0
-            assert rand["mean_exit_index"] == pytest.approx(oracle["mean_exit_index"], abs=0.01)
+            assert oracle.violation_freq == 0
+            assert rand.mean_exit_index == pytest.approx(oracle.mean_exit_index, abs=0.01)
     # the confidence signal matters: at the oracle's exit rates, random exits break the target
-    assert by["random", "gap-prediction", 0.05]["test_risk_mean"] > 0.05
-    assert out["seconds"] > 0  # its own timing is part of the result (speed is not a unit-test matter)
-    json.dumps(out, allow_nan=False)  # JSON-ready
-    assert run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], n_cal=100, trials=3, rules=["crc"])["n_cal"] == 100
+    assert by["random", "gap-prediction", 0.05].test_risk_mean > 0.05
+    assert out.seconds > 0  # its own timing is part of the result (speed is not a unit-test matter)
+    json.dumps(asdict(out), allow_nan=False)  # JSON-ready
+    assert run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], RiskControl(n_cal=100, trials=3, rules=("crc",))).n_cal == 100
     # learned confidence (EENet / PTEENet): pooled with the logits
     g = torch.Generator().manual_seed(0)
     cal.confidence, test.confidence = torch.rand(4, 500, generator=g), torch.rand(4, 500, generator=g)
-    small = run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], score="confidence", trials=3, rules=["ltt", "ucb-wsr"])
-    assert small["score"] == "confidence" and len(small["rows"]) == len(RISKS) * 5 * 4
+    small = run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], RiskControl(trials=3, rules=("ltt", "ucb-wsr")),
+                         score="confidence")
+    assert small.score == "confidence" and len(small.rows) == len(RISKS) * 5 * 4
     with pytest.raises(UserError, match="n_cal"):
-        run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], n_cal=1001)
+        run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], RiskControl(n_cal=1001))
+    with pytest.raises(UserError, match="unknown rule 'oracle'"):  # a reference is not a rule one can ask for
+        run_protocol(cal, test, [0.3, 0.55, 0.8, 1.1], RiskControl(rules=("oracle",)))
 
 
 def _known_population(m: int, seed: int) -> Trace:
@@ -402,10 +407,11 @@ def test_every_rule_keeps_its_guarantee_against_a_known_population_risk():
     pop = _known_population(6000, seed=3)
     half = Trace(pop.logits[:, :3000], pop.labels[:3000]), Trace(pop.logits[:, 3000:], pop.labels[3000:])
     trials, delta, eps = 300, 0.1, 0.05
-    out = run_protocol(*half, [0.3, 0.55, 0.8, 1.1], n_cal=200, trials=trials, eps=[eps], delta=delta,
-                       risks=["gap-prediction", "consistency-brier"], rules=PROTOCOL_RULES)
-    slack = out["allowance"]
-    by = {(r["rule"], r["risk"]): r for r in out["rows"]}
+    spec = RiskControl(n_cal=200, trials=trials, eps=(eps,), delta=delta, risks=("gap-prediction", "consistency-brier"),
+                       rules=PROTOCOL_RULES)
+    out = run_protocol(*half, [0.3, 0.55, 0.8, 1.1], spec)
+    slack = out.allowance
+    by = {(r.rule, r.risk): asdict(r) for r in out.rows}
     for risk in ("gap-prediction", "consistency-brier"):
         for rule in ("ucb-wsr", "ucb-hb", "ucb-hoeffding", "ltt", "ucb-wsr-macs", "ltt-per-exit", "pareto-testing"):
             assert by[rule, risk]["violation_freq"] <= delta + slack, (rule, risk, by[rule, risk])

@@ -16,11 +16,10 @@ import torch
 import yaml
 
 from exitbench.benchmarks import stages as st
-from exitbench.benchmarks.config import BackboneTraining
 from exitbench.benchmarks.training import TrainingDiverged, fit
 from exitbench.cli import main
 from exitbench.core.results import CellResult
-from exitbench.core.spec import Cell
+from exitbench.core.spec import BackboneTraining, Cell
 from tests.conftest import cell_config
 
 ONE = {  # one tiny cell and its backbone, trained in seconds; no timing, no risk control

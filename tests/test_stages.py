@@ -3,6 +3,7 @@ sequence (its result equals running the stages by hand)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -12,6 +13,7 @@ from exitbench.benchmarks import runner
 from exitbench.benchmarks import stages as st
 from exitbench.benchmarks.config import expand
 from exitbench.benchmarks.data import to_tensors
+from exitbench.benchmarks.latency import TimingProtocol
 from exitbench.core.results import CellResult, LatencyRecord, OperatingPoint, RiskControlResult, ThresholdSweep
 from tests.test_runner import TINY
 
@@ -35,15 +37,15 @@ def staged(cell, tmp_path_factory):
     traces = st.record_traces(fitted.net, splits)
     st.save_artifacts(out, cell, traces, fitted.net)
     sweep, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, ref.calibration_accuracy)
-    test_x = to_tensors(splits.test)[0]
-    latency = st.time_latency(cell, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
-    profile, points = st.account_latency(cell, fitted.method, fitted.net, points, traces, test_x, fitted.costs,
-                                         latency)
+    test_x, protocol = to_tensors(splits.test)[0], TimingProtocol.of(cell.evaluation)
+    timing = st.time_latency(protocol, ref.backbone, fitted.net, points, test_x, fitted.costs.strict)
+    profile, points, latency = st.account_latency(cell, protocol, fitted.method, fitted.net, timing.points, traces,
+                                                  test_x, fitted.costs, timing.records)
     risk = st.control_risk(cell, fitted.method, traces, fitted.costs.strict)
     result = st.assemble(cell, splits, ref, fitted, traces, sweep, points, latency, risk, 1.0, profile)
     torch.set_num_threads(threads)  # not leaked into later test modules
     return dict(out=out, cache=cache, splits=splits, ref=ref, fitted=fitted, traces=traces, sweep=sweep,
-                points=points, latency=latency, profile=profile, risk=risk, result=result)
+                timing=timing, points=points, latency=latency, profile=profile, risk=risk, result=result)
 
 
 def test_data_and_backbone(staged, cell):
@@ -90,11 +92,11 @@ def test_a_frozen_backbones_features_are_computed_once_and_give_the_same_traces(
 
 def test_the_profile_is_taken_in_the_dtype_timed(staged, cell):
     fitted = staged["fitted"]
-    bf16 = replace(cell, evaluation=replace(cell.evaluation, dtype="bfloat16"))
+    bf16 = TimingProtocol.of(replace(cell.evaluation, dtype="bfloat16"))
     test_x = to_tensors(staged["splits"].test)[0]
     before = {k: v.clone() for k, v in fitted.net.state_dict().items()}
-    prof, _ = st.account_latency(bf16, fitted.method, fitted.net, staged["points"], staged["traces"], test_x,
-                                 fitted.costs, [])
+    prof, _, _ = st.account_latency(cell, bf16, fitted.method, fitted.net, staged["points"], staged["traces"], test_x,
+                                    fitted.costs, [])
     assert prof["dtype"] == "bfloat16" and staged["profile"]["dtype"] == "float32"
     after = fitted.net.state_dict()  # a bfloat16 copy was profiled: the trained weights are not rounded
     assert all(v.dtype == after[k].dtype and torch.equal(v, after[k]) for k, v in before.items())
@@ -129,6 +131,35 @@ def test_points_latency_risk_and_the_result(staged, cell):
     assert isinstance(risk, RiskControlResult) and {r.rule for r in risk.rows} >= {"crc", "ucb-wsr", "ltt"}
     assert isinstance(result, CellResult) and result.ok and result.setting_id
     assert CellResult.from_dict(result.to_dict()).to_dict() == result.to_dict()  # the file form round-trips
+
+
+def test_the_protocol_is_the_evaluations_timing_settings(cell):
+    ev = replace(cell.evaluation, latency_batch_sizes=(2, 8), latency_repeats=7, threads=3, dtype="bfloat16",
+                 latency_variants=("compaction",), fast="compile")
+    protocol = TimingProtocol.of(ev)
+    assert (protocol.enabled, protocol.batch_sizes, protocol.repeats, protocol.threads, protocol.dtype) == (
+        True, (2, 8), 7, 3, "bfloat16")
+    assert protocol.timed_variants == ev.timed_variants == ("compaction", "fast-compile")
+    assert not TimingProtocol.of(replace(ev, latency=False)).enabled
+    assert protocol.sizes(torch.device("cpu"), 5) == [(2, 2), (8, 5)]  # 8 asked, the 5 images timed
+
+
+def test_the_latency_stages_return_new_values_and_leave_their_inputs_alone(staged, cell):
+    fitted, traces, timing = staged["fitted"], staged["traces"], staged["timing"]
+    _, points = st.evaluate_points(cell, fitted.method, traces, fitted.costs, staged["ref"].calibration_accuracy)
+    points[0] = replace(points[0], timed=True)  # as a stored result's headline would be
+    stored = copy.deepcopy(points)
+    test_x = to_tensors(staged["splits"].test)[0]
+    off = st.time_latency(replace(TimingProtocol.of(cell.evaluation), enabled=False), staged["ref"].backbone,
+                          fitted.net, points, test_x, fitted.costs.strict)
+    assert points == stored and off.records == [] and not any(p.timed for p in off.points)  # the caller's unchanged
+    assert [p.timed for p in timing.points] == [p.headline for p in timing.points]
+    records = copy.deepcopy(timing.records)
+    _, accounted, latency = st.account_latency(cell, TimingProtocol.of(cell.evaluation), fitted.method, fitted.net,
+                                               timing.points, traces, test_x, fitted.costs, timing.records)
+    assert timing.records == records and all(p.predicted_latency is None for p in timing.points)
+    assert all(p.predicted_latency for p in accounted if p.feasible)
+    assert any(r.predicted_ratio for r in latency) and not any(r.predicted_ratio for r in timing.records)
 
 
 def test_the_weights_rebuild_the_same_net(staged, cell):

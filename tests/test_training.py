@@ -10,8 +10,8 @@ import sys
 import torch
 
 from exitbench.benchmarks import data, training
-from exitbench.benchmarks.config import BackboneTraining
 from exitbench.benchmarks.training import train_backbone
+from exitbench.core.spec import BackboneTraining
 from exitbench.methods.base import Budget
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exitbench.benchmarks.latency import measure_latency
+from exitbench.benchmarks.latency import TimingProtocol, measure_latency, measure_static
 from exitbench.benchmarks.variants import (
     DEFAULT_VARIANTS,
     LATENCY_VARIANTS,
@@ -59,23 +59,23 @@ def test_every_default_variant_is_timed_and_labelled(setup):
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])  # the plain backbone the net was cut from
     expected = net.forward_dynamic(x, policy)
     expected = (expected[0].argmax(-1), expected[1])
-    recs = measure_latency(backbone, net, policy, x, costs, batch_sizes=(1, 16), repeats=2, warmup=1,
-                           max_samples_batch1=4, threads=1, expected=expected)
-    by = {(r["variant"], r["batch_size"]): r for r in recs}
+    protocol = TimingProtocol(batch_sizes=(1, 16), repeats=2, warmup=1, max_samples_batch1=4, threads=1)
+    recs = measure_latency(backbone, net, policy, x, costs, protocol, expected=expected).records
+    by = {(r.variant, r.batch_size): r for r in recs}
     assert set(by) == {(v, b) for v in DEFAULT_VARIANTS for b in (1, 16)}
     for (v, _), r in by.items():
         spec = LATENCY_VARIANTS.get(v)
-        assert r["simulation"] == spec.simulation and r["median_ms"] > 0
-        assert ("latency_ratio" in r) == (v != "backbone")
-        assert ("exit_fractions" in r) == spec.exits
+        assert r.simulation == spec.simulation and r.median_ms > 0
+        assert (r.latency_ratio is not None) == (v != "backbone")
+        assert (r.exit_fractions is not None) == spec.exits
     for v in ("compaction", "masking", "full+select"):  # the per-sample variants decide as the policy does
-        assert by[(v, 16)]["checked"] == 16 and by[(v, 16)]["differ_predictions"] == by[(v, 16)]["differ_exits"] == 0
-    assert by[("batch-uniform", 16)]["differ_exits"] > 0  # whole batches leave together: counted, not hidden
-    assert by[("backbone", 16)].get("checked") is None
-    assert by[("masking", 16)]["exit_fractions"] == by[("compaction", 16)]["exit_fractions"]
+        assert by[(v, 16)].checked == 16 and by[(v, 16)].differ_predictions == by[(v, 16)].differ_exits == 0
+    assert by[("batch-uniform", 16)].differ_exits > 0  # whole batches leave together: counted, not hidden
+    assert by[("backbone", 16)].checked is None
+    assert by[("masking", 16)].exit_fractions == by[("compaction", 16)].exit_fractions
     # the MACs ratio of compaction is its exit fractions times the strict costs
-    frac = by[("compaction", 16)]["exit_fractions"]
-    assert abs(by[("compaction", 16)]["macs_ratio_strict"] - sum(f * c for f, c in zip(frac, costs))) < 1e-12
+    frac = by[("compaction", 16)].exit_fractions
+    assert abs(by[("compaction", 16)].macs_ratio_strict - sum(f * c for f, c in zip(frac, costs))) < 1e-12
 
 
 def test_unknown_variants_are_refused_in_one_line(setup):
@@ -83,7 +83,7 @@ def test_unknown_variants_are_refused_in_one_line(setup):
 
     net, x, policy = setup
     with pytest.raises(UserError, match="unknown latency variant 'compacton'; did you mean 'compaction'"):
-        measure_latency(torch.nn.Identity(), net, policy, x, [1, 1, 1, 1], variants=("compacton",))
+        measure_latency(torch.nn.Identity(), net, policy, x, [1, 1, 1, 1], TimingProtocol(variants=("compacton",)))
 
 
 # ------------------------------------------------------------------------- fair comparisons (docs/measurement.md)
@@ -112,8 +112,8 @@ def test_every_timed_request_ends_with_its_predictions_read_on_the_host(setup, m
     monkeypatch.setattr(latency, "host_read", counting)
     monkeypatch.setattr(latency, "_side_by_side", side_by_side)
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
-    measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(1, 16), repeats=3, warmup=1,
-                    max_samples_batch1=4)
+    measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1],
+                    TimingProtocol(batch_sizes=(1, 16), repeats=3, warmup=1, max_samples_batch1=4))
     per_variant = (1 + 3) * (4 + 1)  # passes x requests (4 at batch 1, 1 batch of 16)
     assert read == {v: per_variant for v in DEFAULT_VARIANTS}
 
@@ -124,9 +124,10 @@ def test_a_batch_size_larger_than_the_split_is_recorded_at_the_size_timed(setup)
     net, x, policy = setup
     assert effective_batch_sizes((1, 32, 64, 1024), 48) == [1, 32, 48]
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
-    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(1, 64, 1024), repeats=1,
-                           warmup=0, max_samples_batch1=2, variants=("compaction",))
-    sizes = {(r["variant"], r["batch_size"], r.get("requested_batch_size"), r["samples"]) for r in recs}
+    protocol = TimingProtocol(batch_sizes=(1, 64, 1024), repeats=1, warmup=0, max_samples_batch1=2,
+                              variants=("compaction",))
+    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], protocol).records
+    sizes = {(r.variant, r.batch_size, r.requested_batch_size, r.samples) for r in recs}
     assert sizes == {("backbone", 1, None, 2), ("compaction", 1, None, 2), ("backbone", 48, 64, 48),
                      ("compaction", 48, 64, 48)}  # 1024 is the same 48: timed once
 
@@ -139,13 +140,12 @@ def test_differences_from_the_trace_are_counted_not_asserted(setup):
     wrong_preds = logits.argmax(-1).clone()
     wrong_preds[5] = (wrong_preds[5] + 1) % 5
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
-    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(16,), repeats=1, warmup=0,
-                           variants=("compaction",), expected=(wrong_preds, wrong_exits))
-    rec = next(r for r in recs if r["variant"] == "compaction")
-    assert (rec["checked"], rec["differ_exits"], rec["differ_predictions"]) == (16, 3, 1)
-    from exitbench.core.results import LatencyRecord
-
-    assert LatencyRecord(**rec).differ_share == 3 / 16
+    protocol = TimingProtocol(batch_sizes=(16,), repeats=1, warmup=0, variants=("compaction",))
+    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], protocol,
+                           expected=(wrong_preds, wrong_exits)).records
+    rec = next(r for r in recs if r.variant == "compaction")
+    assert (rec.checked, rec.differ_exits, rec.differ_predictions) == (16, 3, 1)
+    assert rec.differ_share == 3 / 16
 
 
 def test_a_fast_path_that_cannot_be_built_is_left_out_with_a_note(setup, monkeypatch):
@@ -157,9 +157,39 @@ def test_a_fast_path_that_cannot_be_built_is_left_out_with_a_note(setup, monkeyp
         raise fast.FastPathUnavailable("out of memory capturing a CUDA graph: (simulated)")
 
     monkeypatch.setattr(variants.FastModule, "__call__", no_memory)
-    notes: list[str] = []
     backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
-    recs = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], batch_sizes=(16,), repeats=1, warmup=0,
-                           variants=("compaction", "fast-compile"), notes=notes)
-    assert {r["variant"] for r in recs} == {"backbone", "compaction"}  # the fast path and its backbone dropped
+    protocol = TimingProtocol(batch_sizes=(16,), repeats=1, warmup=0, variants=("compaction",), fast="compile")
+    measured = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], protocol)
+    recs, notes = measured.records, measured.notes
+    assert {r.variant for r in recs} == {"backbone", "compaction"}  # the fast path and its backbone dropped
     assert notes == ["batch 16: compile fast path left out (out of memory capturing a CUDA graph: (simulated))"]
+
+
+def test_the_static_and_the_dynamic_measurement_share_one_timing_core(setup, monkeypatch):
+    """Both go through the same size loop and side-by-side timing: one protocol, the same records' shape, and
+    the same handling of a batch size that does not fit in memory (left out with a note, a static one too)."""
+    from exitbench.benchmarks import latency
+
+    net, x, policy = setup
+    timed: list[list[str]] = []
+    real_side_by_side = latency._side_by_side
+
+    def side_by_side(runs, device, repeats, warmup, bound):
+        timed.append(sorted(runs))
+        if len(next(iter(runs.values()))) == 1:  # the one batch of 16 (batch 1 times 4 requests)
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_side_by_side(runs, device, repeats, warmup, bound)
+
+    monkeypatch.setattr(latency, "_side_by_side", side_by_side)
+    backbone = torch.nn.Sequential(*net.stages, net.heads[-1])
+    protocol = TimingProtocol(batch_sizes=(1, 16), repeats=2, warmup=1, max_samples_batch1=4, variants=("compaction",),
+                              inputs="random N(0,1), same shape (seeded)")
+    dynamic = measure_latency(backbone, net, policy, x, [0.3, 0.5, 0.8, 1.1], protocol)
+    static = measure_static(backbone, {"test_resnet": backbone}, x, 10, {"test_resnet": 20}, protocol)
+    assert timed == [["backbone", "compaction"]] * 2 + [["reference", "static"]] * 2
+    assert dynamic.notes == static.notes == ["batch 16: out of memory on cpu; not timed"]
+    records = dynamic.records + static.records
+    assert [r.variant for r in records] == ["backbone", "compaction", "static"]
+    assert all((r.batch_size, r.samples, r.repeats, r.warmup, r.inputs) == (1, 4, 2, 1, protocol.inputs)
+               for r in records)
+    assert static.records[0].against == "test_resnet" and static.records[0].macs_ratio_strict == 0.5

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from exitbench.benchmarks.backbones import create_backbone
-from exitbench.benchmarks.config import BackboneTraining
 from exitbench.benchmarks.data import ImageDataset, load_splits, make_loader
 from exitbench.benchmarks.training import make_optimizer, train_backbone
 from exitbench.core.errors import UserError
+from exitbench.core.spec import BackboneTraining
 
 torch.set_num_threads(2)
 N, BATCH, PAIRS = 3000, 128, 6
