@@ -404,8 +404,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job (run, validate, plan, list, check, time, doctor, report,
+    compare)."""
     p = argparse.ArgumentParser(prog="exitbench", description="Benchmark early-exit methods on timm backbones.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_matrix_tools(sub)
+    _add_device_tools(sub)
+    _add_report_commands(sub)
+    return p
+
+
+def _add_run(sub) -> None:
+    """``exitbench run``: the matrix, where results go, the executor, and the Slurm and risk-control groups."""
     run = sub.add_parser("run", help="run a benchmark matrix (default: the built-in quick matrix)")
     run.add_argument("matrix", nargs="?", default=None, help="matrix YAML path or built-in name (default: quick)")
     run.add_argument("--out", help=f"results directory (default: ./{DEFAULT_OUT}/<matrix name>)")
@@ -425,6 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", default="local", help="local (this process, default) | local:N (N worker "
                                                          "processes: one per GPU, or the CPU threads split) | slurm "
                                                          "(a submitit job array)")
+    _add_slurm_options(run)
+    run.add_argument("--report", action="store_true", help="also write the report (exitbench report) into OUT/report "
+                                                          "when the run ends")
+    run.add_argument("--claims", help="where runners sharing this --out lock the cells they compute (default: "
+                                      "OUT/claims; must be reachable by every runner)")
+    run.add_argument("--claim-timeout", type=float, help="seconds without a heartbeat after which another runner's "
+                                                         "claim counts as abandoned and is taken over (default 600)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_risk_options(run)
+    run.set_defaults(func=cmd_run)
+
+
+def _add_slurm_options(run: argparse.ArgumentParser) -> None:
+    """``exitbench run``'s options for ``--executor slurm``."""
     slu = run.add_argument_group("Slurm (with --executor slurm; needs submitit and sbatch)")
     slu.add_argument("--slurm-partition", help="the partition to submit to")
     slu.add_argument("--slurm-time", help="time limit per task: minutes, HH:MM:SS, D-HH:MM, or 90m / 4h (default 4h)")
@@ -436,13 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     slu.add_argument("--slurm-parallel", type=int, help="at most this many tasks at once (Slurm's %%N)")
     slu.add_argument("--wait", action="store_true", help="wait for the job array with a progress bar, then write "
                                                          "the summary (default: exit once submitted)")
-    run.add_argument("--report", action="store_true", help="also write the report (exitbench report) into OUT/report "
-                                                          "when the run ends")
-    run.add_argument("--claims", help="where runners sharing this --out lock the cells they compute (default: "
-                                      "OUT/claims; must be reachable by every runner)")
-    run.add_argument("--claim-timeout", type=float, help="seconds without a heartbeat after which another runner's "
-                                                         "claim counts as abandoned and is taken over (default 600)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_risk_options(run: argparse.ArgumentParser) -> None:
+    """``exitbench run``'s overrides of the matrix's risk_control block."""
     rc = run.add_argument_group("risk control (override the matrix's risk_control block and switch it on)")
     rc.add_argument("--rc-rules", help="comma-separated: naive,crc,crc-raw,ucb-wsr,ucb-hb,ucb-hoeffding,ltt,"
                                        "ucb-wsr-macs,ltt-per-exit,pareto-testing")
@@ -452,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--rc-delta", type=float, help="failure probability (default 0.1)")
     rc.add_argument("--rc-trials", type=int, help="random calibration/test splits (default 100)")
     rc.add_argument("--no-risk-control", action="store_true", help="skip the risk-control protocol")
-    run.set_defaults(func=cmd_run)
+
+
+def _add_matrix_tools(sub) -> None:
+    """The commands that read a matrix or the registries without running it: validate, plan, list, check."""
     val = sub.add_parser("validate", help="check a matrix without running it")
     val.add_argument("matrix", nargs="?", default=None)
     val.add_argument("--download", action="store_true")
@@ -474,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--backbones", help="comma-separated tiny timm models (default: test_resnet,test_vit,"
                                          "test_efficientnet)")
     chk.set_defaults(func=cmd_check)
+
+
+def _add_device_tools(sub) -> None:
+    """The commands that time on a device: time (stored cells) and doctor (a small matrix)."""
     tim = sub.add_parser("time", help="re-time stored cells on another device from their saved weights")
     tim.add_argument("results", help="results directory (the --out of `exitbench run`)")
     tim.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
@@ -492,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--quiet", action="store_true", help="no progress bar")
     doc.set_defaults(func=cmd_doctor)
 
+
+def _add_report_commands(sub) -> None:
+    """report and compare: they read stored results only, and import reports/ only when used (matplotlib)."""
     def cmd_report(args: argparse.Namespace) -> int:  # reports/ is imported only when used (matplotlib)
         from exitbench.reports.report import cmd_report
         return cmd_report(args)
@@ -516,9 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--all", action="store_true", help="include cells that are not part of the latest run")
     cmp.add_argument("--out", help="also write the comparison (Markdown) to this file")
     cmp.set_defaults(func=cmd_compare)
-    return p
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ nothing to draw); :func:`save` writes it as PNG and PDF.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import textwrap
 from pathlib import Path
@@ -265,6 +266,18 @@ def _bar_look(fill: str, color) -> dict:
     return {"facecolor": "white", "edgecolor": color, "hatch": "...."}
 
 
+@dataclasses.dataclass
+class _LatencyLook:
+    """What every panel of the latency figure shares: batch sizes, their fills, the settings' styles, how many
+    bar groups the widest panel has, and the legend handles collected so far."""
+
+    bss: list[int]
+    fill: dict[int, str]
+    styles: dict[str, dict]
+    n_bars: int
+    handles: dict = dataclasses.field(default_factory=dict)
+
+
 def latency(results: list[dict]):
     """Per (dataset, backbone): measured time ratio vs MACs ratio of the real early-exit forward (one
     marker per method setting, fill per batch size, mean ± std over seeds), and the realisation
@@ -273,112 +286,151 @@ def latency(results: list[dict]):
     if not cells:
         return None
     statics = load.baselines(results)
-    labels = load.settings(cells)
-    st = series_styles(labels)
     bss = load.batch_sizes(cells)
-    fill = {b: _FILLS[i % len(_FILLS)] if len(bss) > 1 else "full" for i, b in enumerate(bss)}
     panels = load.group(cells, load.panel_key)
-    n_bars = max(len(load.group(rs, load.setting)) for rs in panels.values())
+    look = _LatencyLook(bss, {b: _FILLS[i % len(_FILLS)] if len(bss) > 1 else "full" for i, b in enumerate(bss)},
+                        series_styles(load.settings(cells)),
+                        max(len(load.group(rs, load.setting)) for rs in panels.values()))
     with style():
-        w_right = max(3.6, 0.55 * n_bars * len(bss) + 1.4)
+        w_right = max(3.6, 0.55 * look.n_bars * len(bss) + 1.4)
         fig, axes = plt.subplots(len(panels), 2, figsize=(4.0 + w_right, 3.2 * len(panels)), squeeze=False,
                                  gridspec_kw={"width_ratios": [4.0, w_right]})
-        handles: dict = {}
         for (left, right), ((ds, bb), rs) in zip(axes, panels.items()):
             groups = load.group(rs, load.setting)
-            lo, hi = 1.0, 1.0
-            real_vals = []
-            width = 0.8 / max(len(bss), 1)
-            shift = (n_bars - len(groups)) / 2
-            for j0, (label, seeds) in enumerate(groups.items()):
-                j = j0 + shift
-                kw = st[label]
-                path = []
-                for i, b in enumerate(bss):
-                    dyn = [load.latency(r).get((load.HEADLINE_VARIANT, b)) for r in seeds]
-                    dyn = [d for d in dyn if d]
-                    if not dyn:
-                        continue
-                    mx = load.mean_std(d.macs_ratio_strict for d in dyn)
-                    ty = load.mean_std(d.latency_ratio for d in dyn)
-                    if mx[2] and ty[2]:
-                        left.errorbar(mx[0], ty[0], xerr=mx[1] if mx[2] > 1 else None,
-                                      yerr=ty[1] if ty[2] > 1 else None, ls="", marker=kw["marker"],
-                                      color=kw["color"], fillstyle=fill[b], ms=7, mew=1.2, zorder=4)
-                        path.append((b, mx[0], ty[0]))
-                        lo, hi = min(lo, mx[0], ty[0]), max(hi, mx[0], ty[0])
-                    re_ = load.mean_std(d.realisation for d in dyn)
-                    noisy = any(load.latency_noisy(r, b) for r in seeds)
-                    x = j + (i - (len(bss) - 1) / 2) * width
-                    if re_[2]:
-                        right.bar(x, re_[0], width * 0.92, linewidth=1.0, **_bar_look(fill[b], kw["color"]))
-                        spread = re_[1] if re_[2] > 1 else 0.0
-                        if spread:
-                            right.errorbar(x, re_[0], yerr=spread, fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2)
-                        above = bool(mx[2]) and mx[0] > 1  # strict MACs above the backbone's
-                        real_vals.append((x, re_[0], spread, noisy, above))
-                    else:
-                        right.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6.5)
-                if len(path) > 1:
-                    left.plot([p[1] for p in path], [p[2] for p in path], color=kw["color"],
-                              ls=kw["linestyle"], marker="", lw=0.8, alpha=0.7, zorder=3)
-                handles.setdefault(label, Line2D([], [], color=kw["color"], ls=kw["linestyle"], lw=0.8,
-                                                 marker=kw["marker"], ms=6))
-            for sp in load.static_points(statics, ds, bb, load.panel_macs(rs)):
-                for b in bss:
-                    recs = sp.latency.get(b, [])
-                    ty = load.mean_std(x.latency_ratio for x in recs)
-                    if not ty[2]:
-                        continue
-                    left.errorbar(sp.rel_macs, ty[0], yerr=ty[1] if ty[2] > 1 else None, ls="", marker="D",
-                                  color="0.3", fillstyle=fill[b], ms=6, mew=1.2, zorder=4)
-                    if b == bss[0] or not any(sp.latency.get(c) for c in bss[:bss.index(b)]):  # name it once
-                        left.annotate(sp.model, (sp.rel_macs, ty[0]), textcoords="offset points", xytext=(5, -9),
-                                      fontsize=6, color="0.2", bbox=_LABEL_BOX, zorder=6)
-                    lo, hi = min(lo, sp.rel_macs, ty[0]), max(hi, sp.rel_macs, ty[0])
-                    handles.setdefault("static baseline", Line2D([], [], ls="", marker="D", color="0.3", ms=6))
-            pad = 0.05 * (hi - lo + 0.1)
-            lim = (lo - pad, hi + pad)
-            left.plot(lim, lim, color="0.45", lw=0.9, ls="--", marker="", zorder=1)
-            left.axhline(1.0, color="0.6", lw=0.9, ls=":", zorder=1)
-            left.set_xlim(lim)
-            left.set_ylim(min(lim[0], left.get_ylim()[0]), max(lim[1], left.get_ylim()[1]))
-            left.set_xlabel("MACs ratio (strict, timed inputs)")
-            left.set_ylabel("time ratio (measured)")
-            left.set_title(f"{bb} on {ds}: time vs MACs")
-            vals = [v for _, v, _, _, _ in real_vals]
-            top = max(1.25, min(max(vals, default=1.0), 2.5) + 0.3)
-            bottom = min(0.0, max(min(vals, default=0.0), -1.5)) - 0.15
-            for x, v, sp, noisy, above in real_vals:
-                clipped = v > top + 0.2 or v < bottom
-                y = (top + 0.05 if v > top + 0.2 else bottom + 0.05 if v < bottom
-                     else v + sp + 0.03 if v >= 0 else v - sp - 0.03)
-                right.text(x, y, f"{v:.2f}" + (" ↑" if v > top + 0.2 else " ↓" if v < bottom else "")
-                           + (" *" if noisy else "") + (" †" if above else ""), ha="center",
-                           va="bottom" if v >= 0 else "top", fontsize=6.5, rotation=90 if len(bss) > 2 else 0,
-                           bbox={"fc": "white", "ec": "none", "pad": 0.6} if clipped else None)
-            right.axhline(1.0, color="0.45", lw=0.9, ls="--")
-            right.axhline(0.0, color="0.2", lw=0.8)
-            right.set_ylim(bottom, top + 0.25)
-            right.set_xticks(np.arange(len(groups)) + shift, list(groups), rotation=25 if n_bars > 2 else 0,
-                             ha="right" if n_bars > 2 else "center", fontsize=7.5)
-            right.set_xlim(-0.6, n_bars - 0.4)
-            right.grid(axis="x", visible=False)
-            right.set_ylabel("realisation")
-            right.set_title("realisation = (1 − time ratio) / (1 − MACs ratio)")
-        handles["time ratio = MACs ratio"] = Line2D([], [], color="0.45", lw=0.9, ls="--")
-        handles["no speed-up"] = Line2D([], [], color="0.6", lw=0.9, ls=":")
-        for b in bss:
-            handles[f"batch {b}"] = (Line2D([], [], ls="", marker="o", color="0.3", fillstyle=fill[b], ms=6),
-                                     Patch(linewidth=1.0, **_bar_look(fill[b], "0.3")))
-        devs = sorted({str(x.device) for r in cells for x in r.latency})
-        note = (f"Timed on {', '.join(devs)}: median of per-repeat paired ratios of the real early-exit forward vs "
-                "the backbone on the same inputs (a static baseline: the plain model vs the backbone, timed side by "
-                "side in its own cell); *: a noisy record (IQR > 10 % of its median); †: MACs above the "
-                "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
-                + _seeds_note(cells))
-        finish_figure(fig, list(handles.values()), list(handles), note, handler_map={tuple: HandlerTuple(ndivide=None)})
+            shift = (look.n_bars - len(groups)) / 2
+            real_vals, bounds = _latency_settings(left, right, groups, shift, look)
+            bounds = _latency_statics(left, load.static_points(statics, ds, bb, load.panel_macs(rs)), look, bounds)
+            _time_vs_macs_axes(left, f"{bb} on {ds}: time vs MACs", bounds)
+            _realisation_axes(right, real_vals, list(groups), shift, look)
+        handles = _latency_legend(look)
+        finish_figure(fig, list(handles.values()), list(handles), _latency_note(cells),
+                      handler_map={tuple: HandlerTuple(ndivide=None)})
     return fig
+
+
+def _latency_settings(left, right, groups: dict, shift: float, look: _LatencyLook) -> tuple[list, tuple]:
+    """Each method setting's points (time vs MACs, mean ± std over seeds, joined across batch sizes) on
+    ``left`` and its realisation bars on ``right``; returns the bars' values to label and the (low, high)
+    of the points."""
+    lo, hi = 1.0, 1.0
+    real_vals = []
+    width = 0.8 / max(len(look.bss), 1)
+    for j0, (label, seeds) in enumerate(groups.items()):
+        kw = look.styles[label]
+        path = []
+        for i, b in enumerate(look.bss):
+            dyn = [d for d in (load.latency(r).get((load.HEADLINE_VARIANT, b)) for r in seeds) if d]
+            if not dyn:
+                continue
+            mx = load.mean_std(d.macs_ratio_strict for d in dyn)
+            ty = load.mean_std(d.latency_ratio for d in dyn)
+            if mx[2] and ty[2]:
+                left.errorbar(mx[0], ty[0], xerr=mx[1] if mx[2] > 1 else None, yerr=ty[1] if ty[2] > 1 else None,
+                              ls="", marker=kw["marker"], color=kw["color"], fillstyle=look.fill[b], ms=7, mew=1.2,
+                              zorder=4)
+                path.append((b, mx[0], ty[0]))
+                lo, hi = min(lo, mx[0], ty[0]), max(hi, mx[0], ty[0])
+            x = j0 + shift + (i - (len(look.bss) - 1) / 2) * width
+            bar = _realisation_bar(right, x, width, dyn, look.fill[b], kw["color"])
+            if bar is not None:  # (x, value, spread, noisy, MACs above the backbone's)
+                real_vals.append((*bar, any(load.latency_noisy(r, b) for r in seeds), bool(mx[2]) and mx[0] > 1))
+        if len(path) > 1:
+            left.plot([p[1] for p in path], [p[2] for p in path], color=kw["color"], ls=kw["linestyle"], marker="",
+                      lw=0.8, alpha=0.7, zorder=3)
+        look.handles.setdefault(label, Line2D([], [], color=kw["color"], ls=kw["linestyle"], lw=0.8,
+                                              marker=kw["marker"], ms=6))
+    return real_vals, (lo, hi)
+
+
+def _realisation_bar(ax, x: float, width: float, dyn: list, fill: str, color) -> tuple[float, float, float] | None:
+    """One realisation bar (mean ± std over seeds) at ``x``, or "n/a" when none was recorded; returns
+    (x, mean, spread) for its label."""
+    re_ = load.mean_std(d.realisation for d in dyn)
+    if not re_[2]:
+        ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6.5)
+        return None
+    ax.bar(x, re_[0], width * 0.92, linewidth=1.0, **_bar_look(fill, color))
+    spread = re_[1] if re_[2] > 1 else 0.0
+    if spread:
+        ax.errorbar(x, re_[0], yerr=spread, fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2)
+    return x, re_[0], spread
+
+
+def _latency_statics(ax, points: list[load.StaticPoint], look: _LatencyLook, bounds: tuple) -> tuple:
+    """The static baselines as diamonds at their own MACs (time against the panel's backbone, mean ± std
+    over seeds), each named once; returns the (low, high) widened by them."""
+    lo, hi = bounds
+    for sp in points:
+        for b in look.bss:
+            ty = load.mean_std(x.latency_ratio for x in sp.latency.get(b, []))
+            if not ty[2]:
+                continue
+            ax.errorbar(sp.rel_macs, ty[0], yerr=ty[1] if ty[2] > 1 else None, ls="", marker="D", color="0.3",
+                        fillstyle=look.fill[b], ms=6, mew=1.2, zorder=4)
+            if b == look.bss[0] or not any(sp.latency.get(c) for c in look.bss[:look.bss.index(b)]):  # name it once
+                ax.annotate(sp.model, (sp.rel_macs, ty[0]), textcoords="offset points", xytext=(5, -9), fontsize=6,
+                            color="0.2", bbox=_LABEL_BOX, zorder=6)
+            lo, hi = min(lo, sp.rel_macs, ty[0]), max(hi, sp.rel_macs, ty[0])
+            look.handles.setdefault("static baseline", Line2D([], [], ls="", marker="D", color="0.3", ms=6))
+    return lo, hi
+
+
+def _time_vs_macs_axes(ax, title: str, bounds: tuple) -> None:
+    """The time-vs-MACs panel's diagonal (time ratio = MACs ratio), the no-speed-up line, limits and labels."""
+    lo, hi = bounds
+    pad = 0.05 * (hi - lo + 0.1)
+    lim = (lo - pad, hi + pad)
+    ax.plot(lim, lim, color="0.45", lw=0.9, ls="--", marker="", zorder=1)
+    ax.axhline(1.0, color="0.6", lw=0.9, ls=":", zorder=1)
+    ax.set_xlim(lim)
+    ax.set_ylim(min(lim[0], ax.get_ylim()[0]), max(lim[1], ax.get_ylim()[1]))
+    ax.set_xlabel("MACs ratio (strict, timed inputs)")
+    ax.set_ylabel("time ratio (measured)")
+    ax.set_title(title)
+
+
+def _realisation_axes(ax, real_vals: list, labels: list[str], shift: float, look: _LatencyLook) -> None:
+    """The realisation panel: each bar's value written on it (clipped bars marked ↑ or ↓, * noisy, † MACs
+    above the backbone's), the reference lines, limits and one tick per method setting."""
+    vals = [v for _, v, _, _, _ in real_vals]
+    top = max(1.25, min(max(vals, default=1.0), 2.5) + 0.3)
+    bottom = min(0.0, max(min(vals, default=0.0), -1.5)) - 0.15
+    for x, v, sp, noisy, above in real_vals:
+        clipped = v > top + 0.2 or v < bottom
+        y = (top + 0.05 if v > top + 0.2 else bottom + 0.05 if v < bottom
+             else v + sp + 0.03 if v >= 0 else v - sp - 0.03)
+        ax.text(x, y, f"{v:.2f}" + (" ↑" if v > top + 0.2 else " ↓" if v < bottom else "")
+                + (" *" if noisy else "") + (" †" if above else ""), ha="center",
+                va="bottom" if v >= 0 else "top", fontsize=6.5, rotation=90 if len(look.bss) > 2 else 0,
+                bbox={"fc": "white", "ec": "none", "pad": 0.6} if clipped else None)
+    ax.axhline(1.0, color="0.45", lw=0.9, ls="--")
+    ax.axhline(0.0, color="0.2", lw=0.8)
+    ax.set_ylim(bottom, top + 0.25)
+    ax.set_xticks(np.arange(len(labels)) + shift, labels, rotation=25 if look.n_bars > 2 else 0,
+                  ha="right" if look.n_bars > 2 else "center", fontsize=7.5)
+    ax.set_xlim(-0.6, look.n_bars - 0.4)
+    ax.grid(axis="x", visible=False)
+    ax.set_ylabel("realisation")
+    ax.set_title("realisation = (1 − time ratio) / (1 − MACs ratio)")
+
+
+def _latency_legend(look: _LatencyLook) -> dict:
+    """The collected handles, then the reference lines and one marker-and-bar pair per batch size."""
+    handles = {**look.handles, "time ratio = MACs ratio": Line2D([], [], color="0.45", lw=0.9, ls="--"),
+               "no speed-up": Line2D([], [], color="0.6", lw=0.9, ls=":")}
+    for b in look.bss:
+        handles[f"batch {b}"] = (Line2D([], [], ls="", marker="o", color="0.3", fillstyle=look.fill[b], ms=6),
+                                 Patch(linewidth=1.0, **_bar_look(look.fill[b], "0.3")))
+    return handles
+
+
+def _latency_note(cells: list[load.CellResult]) -> str:
+    devs = sorted({str(x.device) for r in cells for x in r.latency})
+    return (f"Timed on {', '.join(devs)}: median of per-repeat paired ratios of the real early-exit forward vs "
+            "the backbone on the same inputs (a static baseline: the plain model vs the backbone, timed side by "
+            "side in its own cell); *: a noisy record (IQR > 10 % of its median); †: MACs above the "
+            "backbone's, so a positive realisation means time rose with them. " + load.env_note(cells)
+            + _seeds_note(cells))
 
 
 def latency_variants(results: list[load.CellResult]):

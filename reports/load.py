@@ -13,13 +13,14 @@ import math
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from exitbench.core.errors import UserError
 from exitbench.core.results import (
@@ -238,10 +239,36 @@ def finite(values: Iterable[Any]) -> list[float]:
 
 def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     """Mean, sample std (nan for fewer than two values) and count of the finite values."""
-    v = finite(values)
-    if not v:
-        return math.nan, math.nan, 0
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
+    v = pd.Series(finite(values), dtype=float)
+    return float(v.mean()), float(v.std()), int(v.count())
+
+
+SETTING = ["dataset", "backbone", "setting"]  # the columns that name one method setting in a seed frame
+
+
+def seed_frame(results: Iterable[CellResult], values: dict[str, Callable[[CellResult], Any]]) -> pd.DataFrame:
+    """One row per result: ``dataset``, ``backbone``, ``setting``, ``seed`` and each of ``values`` read from
+    it, in the order of :func:`group` (by panel, then by setting, members by seed), so that a ``groupby``
+    with ``sort=False`` lists panels and settings in table order."""
+    # sorted is stable: two results with the same keys (a seed run twice, --all) keep their input order
+    rs = sorted(results, key=lambda r: (*panel_key(r), *setting_order(r), sortable(seed(r))))
+    return pd.DataFrame([{"dataset": panel_key(r)[0], "backbone": panel_key(r)[1], "setting": setting(r),
+                          "seed": seed(r), **{k: get(r) for k, get in values.items()}} for r in rs],
+                        columns=[*SETTING, "seed", *values])
+
+
+def seed_stats(frame: pd.DataFrame, by: list[str], columns: Iterable[str], **extra: tuple[str, Any]) -> pd.DataFrame:
+    """Per group of ``by`` (in the frame's order): ``seeds`` (its rows), and for each of ``columns`` the mean
+    (``C.mean``), sample std (``C.std``, NaN for fewer than two values) and count (``C.n``) of its finite
+    values; ``extra`` are further named aggregations (``name=(column, function)``)."""
+    columns = list(columns)
+    values = frame.copy()
+    values[columns] = frame[columns].apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan)
+    # Series.mean / Series.std per group sum like NumPy (mean_std); groupby's own "mean" and "std" (Kahan,
+    # Welford) can differ in the last bit and so flip a rounded digit in a table
+    stats = {f"{c}.{name}": (c, f) for c in columns for name, f in (("mean", pd.Series.mean),
+                                                                     ("std", pd.Series.std), ("n", "count"))}
+    return values.groupby(by, sort=False, dropna=False).agg(seeds=("seed", "size"), **stats, **extra)
 
 
 SEED_K = 2.0  # the seed rule's factor (exitbench compare --k, the report's significance table)

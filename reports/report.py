@@ -15,7 +15,8 @@ import html
 import re
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,16 +43,66 @@ def _failures(results: list[load.CellResult]) -> list[str]:
     return out
 
 
+@dataclass
+class _Writer:
+    """Writes a report's figures and tables as they are made and records them as blocks, in order."""
+
+    fig_dir: Path
+    tab_dir: Path
+    log: Callable[[str], None] | None = None
+    blocks: list[Block] = field(default_factory=list)
+    written: dict = field(default_factory=lambda: {"figures": [], "tables": []})
+
+    def figure(self, fig, stem: str, caption: str) -> None:
+        """Save ``fig`` (None: nothing to draw, nothing written) as PNG and PDF, with its caption."""
+        if fig is None:
+            return
+        self.written["figures"] += figures.save(fig, self.fig_dir, stem)
+        self.blocks.append(("figure", Fig(stem, caption)))
+        if self.log:
+            self.log(f"figure {stem}")
+
+    def table(self, t: tables.Table) -> None:
+        """Write ``t`` as LaTeX and Markdown under ``tables/``."""
+        self.tab_dir.mkdir(parents=True, exist_ok=True)
+        for ext, text in (("tex", tables.to_latex(t)), ("md", tables.to_markdown(t))):
+            self.written["tables"].append(write_text_atomic(self.tab_dir / f"{t.name}.{ext}", text))
+        self.blocks.append(("table", t))
+
+
 def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False,
           log=None, all_cells: bool = False) -> dict[str, list[Path] | Path]:
     """Write the whole report for ``results_dir`` into ``out_dir``; returns the paths written, and under
     ``missing`` the latest run's cells that have no result (the report says it is partial)."""
     results = load.load_cells(results_dir, all_cells)
     out = Path(out_dir)
-    fig_dir, tab_dir = out / "figures", out / "tables"
-    written: dict = {"figures": [], "tables": []}
+    w = _Writer(out / "figures", out / "tables", log)
+    w.written["missing"] = _opening(results_dir, results, w.blocks)
     good, statics = load.ok(results), load.baselines(results)
-    blocks: list[Block] = [("h1", f"exitbench report: {Path(results_dir).resolve().name}")]
+    if good:
+        shown = good + statics  # the figures and tables that put static baselines beside the methods
+        devs = load.devices(good)
+        _accuracy_sections(w, good, statics, paper_view)
+        _methods_sections(w, good, load.on_device(shown, devs[0]) if devs else shown)  # the device the cells ran on
+        _latency_section(w, good, shown, devs)
+        _risk_section(good, w.blocks, w.figure, w.table, w.tab_dir, w.written)
+    fails = _failures(results)
+    if fails:
+        w.blocks += [("h2", "Failed cells"), ("ul", fails)]
+    w.blocks += [("h2", "Files"),
+                 ("p", "LaTeX tables (booktabs) are in `tables/`, every figure as PNG and PDF in `figures/`.")]
+    out.mkdir(parents=True, exist_ok=True)
+    md, page = out / "report.md", out / "report.html"
+    write_text_atomic(md, to_markdown(w.blocks))
+    write_text_atomic(page, to_html(w.blocks, w.fig_dir))
+    w.written["report"] = [md, page]
+    return w.written
+
+
+def _opening(results_dir: str | Path, results: list[load.CellResult], blocks: list[Block]) -> list[str]:
+    """The title, what was read, whether the view is partial, the environment; returns the missing cells."""
+    good, statics = load.ok(results), load.baselines(results)
+    blocks.append(("h1", f"exitbench report: {Path(results_dir).resolve().name}"))
     n_set = len(load.by_setting([r for r in results if not r.static]))
     n_static = len({(r.config.dataset, r.config.backbone) for r in statics})
     blocks.append(("p", f"{len(results)} cell results in `{results_dir}`: {len(good) + len(statics)} ok, "
@@ -65,99 +116,81 @@ def build(results_dir: str | Path, out_dir: str | Path, paper_view: bool = False
         blocks.append(("p", f"**Partial: this report covers {listed - len(missing)} of the {listed} cells of the "
                             f"latest run**; {len(missing)} have no result yet (still running, not run, or "
                             f"unreadable): {shown}."))
-    written["missing"] = missing
     blocks.append(("p", f"Environment: {load.env_note(results)}."))
+    return missing
 
-    def figure(fig, stem: str, caption: str) -> None:
-        if fig is None:
-            return
-        written["figures"] += figures.save(fig, fig_dir, stem)
-        blocks.append(("figure", Fig(stem, caption)))
-        if log:
-            log(f"figure {stem}")
 
-    def table(t: tables.Table) -> None:
-        tab_dir.mkdir(parents=True, exist_ok=True)
-        for ext, text in (("tex", tables.to_latex(t)), ("md", tables.to_markdown(t))):
-            p = write_text_atomic(tab_dir / f"{t.name}.{ext}", text)
-            written["tables"].append(p)
-        blocks.append(("table", t))
+def _accuracy_sections(w: _Writer, good: list[load.CellResult], statics: list[load.CellResult],
+                       paper_view: bool) -> None:
+    """Accuracy against cost (figures), the static baselines' matches, the budget and significance tables."""
+    shown, oplabel = good + statics, load.op_label(good)
+    w.blocks.append(("h2", "Accuracy versus cost"))
+    w.figure(figures.accuracy_vs_macs(shown), "accuracy_vs_macs",
+             "Test accuracy against strict relative MACs (every head evaluated on the way counts). One curve "
+             "per method setting: the threshold sweep on test, mean over seeds on a common MACs grid with a "
+             f"± std band; circles: the {oplabel} operating point chosen on calibration; star: the backbone"
+             + ("; diamonds: static baselines (plain models trained with the backbone's recipe) at their own "
+                "MACs." if statics else "."))
+    if paper_view:
+        w.figure(figures.accuracy_vs_macs(shown, view="paper"), "accuracy_vs_cost_reduction",
+                 "The PTEENet/EENet view: test accuracy against cost reduction in paper accounting (the "
+                 "backbone prefix plus only the head taken; rejected heads are free).")
+    if statics:
+        _static_section(shown, w.blocks)
+    w.blocks.append(("h2", "Accuracy at a MACs budget"))
+    w.table(tables.budget_table(shown))
+    if load.budgets(good, "msdnet_budget"):
+        w.table(tables.budget_table(good, kind="msdnet_budget"))
+    sig = significance.significance_table(shown)
+    if sig is not None:
+        w.table(sig)
 
-    if good:
-        oplabel = load.op_label(good)
-        blocks.append(("h2", "Accuracy versus cost"))
-        shown = good + statics  # the figures and tables that put static baselines beside the methods
-        figure(figures.accuracy_vs_macs(shown), "accuracy_vs_macs",
-               "Test accuracy against strict relative MACs (every head evaluated on the way counts). One curve "
-               "per method setting: the threshold sweep on test, mean over seeds on a common MACs grid with a "
-               f"± std band; circles: the {oplabel} operating point chosen on calibration; star: the backbone"
-               + ("; diamonds: static baselines (plain models trained with the backbone's recipe) at their own "
-                  "MACs." if statics else "."))
-        if paper_view:
-            figure(figures.accuracy_vs_macs(shown, view="paper"), "accuracy_vs_cost_reduction",
-                   "The PTEENet/EENet view: test accuracy against cost reduction in paper accounting (the "
-                   "backbone prefix plus only the head taken; rejected heads are free).")
-        if statics:
-            _static_section(shown, blocks)
-        blocks.append(("h2", "Accuracy at a MACs budget"))
-        table(tables.budget_table(shown))
-        if load.budgets(good, "msdnet_budget"):
-            table(tables.budget_table(good, kind="msdnet_budget"))
-        sig = significance.significance_table(shown)
-        if sig is not None:
-            table(sig)
-        devs = load.devices(good)
-        main_view = load.on_device(shown, devs[0]) if devs else shown  # the device the cells ran on
-        blocks.append(("h2", f"Methods at the {oplabel} operating point"))
-        table(tables.summary_table(main_view))
-        sweep = sweeps.sweep_table(good)
-        if sweep is not None:
-            blocks.append(("h2", "Trade-off hyper-parameters"))
-            figure(sweeps.sweep_figure(good), "sweeps",
-                   "Each swept method at its own rule (e.g. PTEENet's h > tau, no calibration): relative cost "
-                   "(paper accounting solid, strict dashed) and test accuracy / agreement against the swept value, "
-                   "mean ± std over seeds; gray dotted: the published sweep, in its own setting.")
-            table(sweep)
-        rel = tables.reliability_table(good)
-        if rel is not None:
-            blocks.append(("h2", "Reliability per exit (temperature scaling)"))
-            table(rel)
-        blocks.append(("h2", "Where samples exit"))
-        figure(figures.exit_distribution(good), "exit_distribution",
-               f"Fraction of test samples leaving at each exit at the {oplabel} operating point (mean over "
-               "seeds).")
-        if load.batch_sizes(good):
-            blocks.append(("h2", "Latency"))
-        for i, dev in enumerate(devs):  # one latency panel per device (exitbench time adds devices)
-            view, tail = load.on_device(shown, dev), "" if i == 0 else f"__{load.slug(dev)}"
-            if len(devs) > 1:
-                blocks.append(("h3", f"On {dev}"))
-            figure(figures.latency(view), f"latency{tail}",
-                   f"Measured wall-clock on {dev} of the real early-exit forward relative to the backbone against "
-                   "the MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved "
-                   "became time saved.")
-            pred = tables.prediction_table(view)
-            if pred is not None:
-                pred.name += tail
-                table(pred)
-            figure(figures.latency_variants(view), f"latency_variants{tail}",
-                   f"The execution strategies side by side on {dev} at the timed operating point, per batch size: "
-                   "time relative to the backbone; the red tick is the per-stage ideal (compaction with zero "
-                   "overhead); hatched bars are simulations.")
-        _risk_section(good, blocks, figure, table, tab_dir, written)
-    fails = _failures(results)
-    if fails:
-        blocks.append(("h2", "Failed cells"))
-        blocks.append(("ul", fails))
-    blocks.append(("h2", "Files"))
-    blocks.append(("p", "LaTeX tables (booktabs) are in `tables/`, every figure as PNG and PDF in `figures/`."))
 
-    out.mkdir(parents=True, exist_ok=True)
-    md, page = out / "report.md", out / "report.html"
-    write_text_atomic(md, to_markdown(blocks))
-    write_text_atomic(page, to_html(blocks, fig_dir))
-    written["report"] = [md, page]
-    return written
+def _methods_sections(w: _Writer, good: list[load.CellResult], main_view: list[load.CellResult]) -> None:
+    """The summary table (latency on ``main_view``'s device), the swept hyper-parameters, reliability and
+    where samples exit."""
+    oplabel = load.op_label(good)
+    w.blocks.append(("h2", f"Methods at the {oplabel} operating point"))
+    w.table(tables.summary_table(main_view))
+    sweep = sweeps.sweep_table(good)
+    if sweep is not None:
+        w.blocks.append(("h2", "Trade-off hyper-parameters"))
+        w.figure(sweeps.sweep_figure(good), "sweeps",
+                 "Each swept method at its own rule (e.g. PTEENet's h > tau, no calibration): relative cost "
+                 "(paper accounting solid, strict dashed) and test accuracy / agreement against the swept value, "
+                 "mean ± std over seeds; gray dotted: the published sweep, in its own setting.")
+        w.table(sweep)
+    rel = tables.reliability_table(good)
+    if rel is not None:
+        w.blocks.append(("h2", "Reliability per exit (temperature scaling)"))
+        w.table(rel)
+    w.blocks.append(("h2", "Where samples exit"))
+    w.figure(figures.exit_distribution(good), "exit_distribution",
+             f"Fraction of test samples leaving at each exit at the {oplabel} operating point (mean over "
+             "seeds).")
+
+
+def _latency_section(w: _Writer, good: list[load.CellResult], shown: list[load.CellResult], devs: list[str]) -> None:
+    """One latency panel per device (``exitbench time`` adds devices): the latency figure, the predicted
+    against measured table and the variants side by side."""
+    if load.batch_sizes(good):
+        w.blocks.append(("h2", "Latency"))
+    for i, dev in enumerate(devs):
+        view, tail = load.on_device(shown, dev), "" if i == 0 else f"__{load.slug(dev)}"
+        if len(devs) > 1:
+            w.blocks.append(("h3", f"On {dev}"))
+        w.figure(figures.latency(view), f"latency{tail}",
+                 f"Measured wall-clock on {dev} of the real early-exit forward relative to the backbone against "
+                 "the MACs ratio on the same inputs, per batch size; realisation 1 means every MAC saved "
+                 "became time saved.")
+        pred = tables.prediction_table(view)
+        if pred is not None:
+            pred.name += tail
+            w.table(pred)
+        w.figure(figures.latency_variants(view), f"latency_variants{tail}",
+                 f"The execution strategies side by side on {dev} at the timed operating point, per batch size: "
+                 "time relative to the backbone; the red tick is the per-stage ideal (compaction with zero "
+                 "overhead); hatched bars are simulations.")
 
 
 def _static_section(results: list[load.CellResult], blocks: list[Block]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,14 +41,24 @@ class Table:
 
 # ---------------------------------------------------------------------------------------- formatting
 
-def fmt_pm(values: Iterable, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
-    """``"96.7 ± 0.4"`` (or ``"96.7"`` for one value, ``"—"`` for none) and the rounded mean."""
-    m, s, n = load.mean_std(values)
+def fmt_stats(mean: float, std: float, n: int, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
+    """``"96.7 ± 0.4"`` (or ``"96.7"`` for one value, ``"—"`` for none) and the rounded mean, from a mean,
+    a sample std and a count."""
     if n == 0:
         return DASH, math.nan
-    m, s = m * scale, s * scale
+    m, s = mean * scale, std * scale
     text = f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
     return text, round(m, digits)
+
+
+def fmt_pm(values: Iterable, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
+    """:func:`fmt_stats` of the finite ``values``."""
+    return fmt_stats(*load.mean_std(values), scale, digits)
+
+
+def _pm(stats: pd.Series, column: str, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
+    """:func:`fmt_stats` of ``column`` in a row of :func:`load.seed_stats`."""
+    return fmt_stats(stats[f"{column}.mean"], stats[f"{column}.std"], int(stats[f"{column}.n"]), scale, digits)
 
 
 def _bold_best(rows: list[list[Cell]], means: list[list[float]], columns: dict[int, bool]) -> None:
@@ -65,6 +75,39 @@ def _bold_best(rows: list[list[Cell]], means: list[list[float]], columns: dict[i
 
 def _group_cells(ds: str, bb: str, first: bool) -> list[Cell]:
     return [Cell(ds if first else ""), Cell(bb if first else "")]
+
+
+# ------------------------------------------------------------------------------------ per-seed frames
+
+PANEL = ["dataset", "backbone"]
+BACKBONE = {"backbone_accuracy": lambda r: r.backbone.test_accuracy,
+            "backbone_seconds": lambda r: r.backbone.training.get("seconds"),
+            "backbone_macs": lambda r: r.backbone.macs}
+
+
+def _backbone_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per panel, the backbone's values over its seeds (``seeds``: how many). The backbone is shared by every
+    method setting of a seed, so each seed counts once, with its first row (in table order)."""
+    per_seed = frame.drop_duplicates([*PANEL, "seed"], keep="first")
+    return load.seed_stats(per_seed, PANEL, ["backbone_accuracy", "backbone_seconds"],
+                           backbone_macs=("backbone_macs", "first"))
+
+
+def _panels(settings: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(dataset, backbone, its settings' rows indexed by label) per panel of a per-setting frame, in order."""
+    for (ds, bb), block in settings.groupby(level=[0, 1], sort=False):
+        yield ds, bb, block.droplevel([0, 1])
+
+
+def _some_seeds(k: pd.Series, seeds: pd.Series) -> bool:
+    """Whether some setting has a value in some but not all of its seeds (a (k/n) mark in the table)."""
+    return bool(((k > 0) & (k < seeds)).any())
+
+
+def _macs(stats: pd.Series) -> int | None:
+    """The panel backbone's MACs from :func:`_backbone_stats` (a float column there) as the int it was stored as."""
+    m = stats["backbone_macs"]
+    return None if pd.isna(m) else int(m)
 
 
 # -------------------------------------------------------------------------------------------- tables
@@ -87,40 +130,47 @@ def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | No
     budgets = tuple(load.budgets(results, kind)) if budgets is None else budgets
     stem, title, how = BUDGET_KINDS[kind]
     cols = ["dataset", "backbone", "method", "seeds", *[f"{100 * b:g} % MACs" for b in budgets]]
-    rows, starts, partial, any_static = [], [], False, False
+    at = {f"at {i}": (lambda r, b=b: load.budget_accuracy(r, b, kind)) for i, b in enumerate(budgets)}
+    frame = load.seed_frame(load.ok(results), {**BACKBONE, **at})
+    backbone, settings = _backbone_stats(frame), load.seed_stats(frame, load.SETTING, at)
     statics = load.baselines(results)
-    by_panel = load.group(load.ok(results), load.panel_key)
-    for (ds, bb), cells in by_panel.items():
+    rows, starts, any_static = [], [], False
+    for ds, bb, block in _panels(settings):
         starts.append(len(rows))
-        bb_acc = _per_seed(cells, lambda r: r.backbone.test_accuracy)
-        base_txt, _ = fmt_pm(bb_acc, 100)
-        ref = [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(len(bb_acc)))]
-        ref += [Cell(base_txt if b >= 1.0 else DASH) for b in budgets]
-        rows.append(ref)
-        block, means = [], []
-        for label, seeds in load.group(cells, load.setting).items():
-            row = [*_group_cells(ds, bb, False), Cell(label), Cell(str(len(seeds)))]
-            mrow = [math.nan] * 4
-            for b in budgets:
-                accs = [load.budget_accuracy(r, b, kind) for r in seeds]
-                got = [a for a in accs if a is not None]
-                text, m = fmt_pm(got, 100)
-                if got and len(got) < len(accs):
-                    text += f" ({len(got)}/{len(accs)})"
-                    partial = True
-                row.append(Cell(text))
-                mrow.append(m)
-            block.append(row)
+        ref = backbone.loc[(ds, bb)]
+        base_txt, _ = _pm(ref, "backbone_accuracy", 100)
+        rows.append([*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(int(ref["seeds"]))),
+                     *[Cell(base_txt if b >= 1.0 else DASH) for b in budgets]])
+        cells, means = [], []
+        for label, st in block.iterrows():
+            texts, seeds = [_pm(st, c, 100) for c in at], int(st["seeds"])
+            met = [int(st[f"{c}.n"]) for c in at]
+            cells.append([*_group_cells(ds, bb, False), Cell(label), Cell(str(seeds)),
+                          *[Cell(t + (f" ({k}/{seeds})" if 0 < k < seeds else "")) for (t, _), k in zip(texts, met)]])
+            means.append([math.nan] * 4 + [m for _, m in texts])
+        for sp in load.static_points(statics, ds, bb, _macs(ref)):
+            row, mrow = _budget_static_row(ds, bb, sp, budgets)
+            cells.append(row)
             means.append(mrow)
-        for sp in load.static_points(statics, ds, bb, load.panel_macs(cells)):
-            text, m = fmt_pm(sp.accuracies, 100)
-            block.append([*_group_cells(ds, bb, False), Cell(f"{sp.label}, {sp.rel_macs:.2f}× MACs"),
-                          Cell(str(len(sp.accuracies))),
-                          *[Cell(text if sp.rel_macs <= b + 1e-9 else DASH) for b in budgets]])
-            means.append([math.nan] * 4 + [m if sp.rel_macs <= b + 1e-9 else math.nan for b in budgets])
             any_static = True
-        _bold_best(block, means, {4 + i: True for i in range(len(budgets))})
-        rows += block
+        _bold_best(cells, means, {4 + i: True for i in range(len(budgets))})
+        rows += cells
+    partial = any(_some_seeds(settings[f"{c}.n"], settings["seeds"]) for c in at)
+    return Table(stem, title, cols, rows, "lllr" + "r" * len(budgets), starts,
+                 _budget_notes(how, any_static, partial))
+
+
+def _budget_static_row(ds: str, bb: str, sp: load.StaticPoint, budgets: tuple[float, ...]
+                       ) -> tuple[list[Cell], list[float]]:
+    """A static baseline's row of the budget table and its means: its accuracy under every budget it fits."""
+    text, m = fmt_pm(sp.accuracies, 100)
+    fits = [sp.rel_macs <= b + 1e-9 for b in budgets]
+    row = [*_group_cells(ds, bb, False), Cell(f"{sp.label}, {sp.rel_macs:.2f}× MACs"), Cell(str(len(sp.accuracies))),
+           *[Cell(text if f else DASH) for f in fits]]
+    return row, [math.nan] * 4 + [m if f else math.nan for f in fits]
+
+
+def _budget_notes(how: str, any_static: bool, partial: bool) -> list[str]:
     notes = [f"Test accuracy (%) at {how}; mean ± std over seeds; best method per column in bold.",
              f"{DASH}: no threshold meets the budget on calibration (infeasible)."]
     if any_static:
@@ -128,81 +178,115 @@ def budget_table(results: list[load.CellResult], budgets: tuple[float, ...] | No
                      f"under every budget its own MACs fit, {DASH} under those they exceed; it is bold when best.")
     if partial:
         notes.append("(k/n): the budget is met in k of n seeds; the mean is over those k.")
-    return Table(stem, title, cols, rows, "lllr" + "r" * len(budgets), starts, notes)
+    return notes
 
 
-def summary_table(results: list[dict]) -> Table:
-    """Per method setting at the calibrated within-drop operating point: accuracy, agreement, relative
-    MACs (both accountings, separate columns), measured time ratio per batch size, training time."""
-    hib = load.directions(results)
-    bss = load.batch_sizes(results)
-    oplabel = load.op_label(results)
+@dataclass
+class _Column:
+    """A summary-table column over seeds: what to read from one cell, how to show it, which way is better."""
 
+    key: str
+    get: Callable[[load.CellResult], float | None]
+    scale: float
+    digits: int
+    higher: bool
+
+
+def _summary_columns(hib: dict[str, bool], bss: list[int]) -> tuple[list[str], list[_Column]]:
+    """The summary table's headers (with their directions) and its per-seed columns after ``seeds``."""
     def arrow(key: str) -> str:
         return " ↑" if hib.get(key, True) else " ↓"
 
-    cols = ["dataset", "backbone", "method", "seeds", "acc. (%)" + arrow("accuracy"),
-            "agree. (%)" + arrow("agreement"), "MACs strict" + arrow("rel_macs_strict"),
-            "MACs paper" + arrow("rel_macs_paper"), *[f"time b={b}" + arrow("latency_ratio") for b in bss],
-            "train (s) ↓"]
-    # column index -> (extractor over one seed, scale, digits, higher is better)
-    specs: list[tuple[Callable[[dict], float | None], float, int, bool]] = [
-        (lambda r: load.op_value(r, "accuracy"), 100, 1, hib.get("accuracy", True)),
-        (lambda r: load.op_value(r, "agreement"), 100, 1, hib.get("agreement", True)),
-        (lambda r: load.op_value(r, "rel_macs_strict"), 1, 3, hib.get("rel_macs_strict", False)),
-        (lambda r: load.op_value(r, "rel_macs_paper"), 1, 3, hib.get("rel_macs_paper", False)),
-    ]
-    for b in bss:
-        specs.append((lambda r, b=b: load.latency_value(r, load.HEADLINE_VARIANT, b, "latency_ratio")
-                      if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)))
-    specs.append((lambda r: r.training.get("seconds"), 1, 1, False))
+    heads = ["dataset", "backbone", "method", "seeds", "acc. (%)" + arrow("accuracy"),
+             "agree. (%)" + arrow("agreement"), "MACs strict" + arrow("rel_macs_strict"),
+             "MACs paper" + arrow("rel_macs_paper"), *[f"time b={b}" + arrow("latency_ratio") for b in bss],
+             "train (s) ↓"]
+    point = [_Column(k, lambda r, k=k: load.op_value(r, k), scale, digits, hib.get(k, higher))
+             for k, scale, digits, higher in (("accuracy", 100, 1, True), ("agreement", 100, 1, True),
+                                              ("rel_macs_strict", 1, 3, False), ("rel_macs_paper", 1, 3, False))]
+    times = [_Column(f"time {b}", lambda r, b=b: load.latency_value(r, load.HEADLINE_VARIANT, b, "latency_ratio")
+                     if _op_feasible(r) else None, 1, 2, hib.get("latency_ratio", False)) for b in bss]
+    return heads, [*point, *times, _Column("train", lambda r: r.training.get("seconds"), 1, 1, False)]
 
-    rows, starts, partial, any_noisy, any_static = [], [], False, False, False
+
+def summary_table(results: list[load.CellResult]) -> Table:
+    """Per method setting at the calibrated within-drop operating point: accuracy, agreement, relative
+    MACs (both accountings, separate columns), measured time ratio per batch size, training time."""
+    bss = load.batch_sizes(results)
+    oplabel = load.op_label(results)
+    heads, columns = _summary_columns(load.directions(results), bss)
+    noisy = {f"noisy {b}": (lambda r, b=b: _op_feasible(r) and load.latency_noisy(r, b)) for b in bss}
+    frame = load.seed_frame(load.ok(results), {**BACKBONE, **{c.key: c.get for c in columns},
+                                               "feasible": _op_feasible, **noisy})
+    backbone = _backbone_stats(frame)
+    settings = load.seed_stats(frame, load.SETTING, [c.key for c in columns], feasible=("feasible", "sum"),
+                               **{k: (k, "any") for k in noisy})
     statics = load.baselines(results)
-    for (ds, bb), cells in load.group(load.ok(results), load.panel_key).items():
+    rows, starts, any_noisy, any_static = [], [], settings[list(noisy)].any().any(), False
+    for ds, bb, block in _panels(settings):
         starts.append(len(rows))
-        bt = _per_seed(cells, lambda r: r.backbone.training.get("seconds"))
-        bb_acc = _per_seed(cells, lambda r: r.backbone.test_accuracy)
-        ref = [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(len(bb_acc))),
-               Cell(fmt_pm(bb_acc, 100)[0]), Cell("100.0"),
-               Cell("1.000"), Cell("1.000"), *[Cell("1.00") for _ in bss], Cell(fmt_pm(bt)[0])]
-        rows.append(ref)
-        block, means = [], []
-        for label, seeds in load.group(cells, load.setting).items():
-            row = [*_group_cells(ds, bb, False), Cell(label), Cell(str(len(seeds)))]
-            mrow = [math.nan] * 4
-            feasible = sum(_op_feasible(r) for r in seeds)
-            for k, (get, scale, digits, _) in enumerate(specs):
-                text, m = fmt_pm((get(r) for r in seeds), scale, digits)
-                if k == 0 and 0 < feasible < len(seeds):
-                    text += f" ({feasible}/{len(seeds)})"
-                    partial = True
-                elif k == 0 and feasible == 0:
-                    text = "infeasible"
-                elif 4 <= k < 4 + len(bss) and any(_op_feasible(r) and load.latency_noisy(r, bss[k - 4])
-                                                   for r in seeds):
-                    text += " *"
-                    any_noisy = True
-                row.append(Cell(text))
-                mrow.append(m)
-            block.append(row)
+        ref = backbone.loc[(ds, bb)]
+        rows.append(_summary_reference_row(ds, bb, ref, bss))
+        cells, means = [], []
+        for label, st in block.iterrows():
+            row, mrow = _summary_setting_row(ds, bb, label, st, columns, bss)
+            cells.append(row)
             means.append(mrow)
-        for sp in load.static_points(statics, ds, bb, load.panel_macs(cells)):
-            row = [*_group_cells(ds, bb, False), Cell(sp.label), Cell(str(len(sp.accuracies)))]
-            acc, m_acc = fmt_pm(sp.accuracies, 100)
-            times = [fmt_pm((x.latency_ratio for x in sp.latency.get(b, [])), 1, 2) for b in bss]
-            noisy = [any(x.noisy for x in sp.latency.get(b, [])) for b in bss]
-            any_noisy = any_noisy or any(noisy)
-            row += [Cell(acc), Cell(DASH), Cell(f"{sp.rel_macs:.3f}"), Cell(f"{sp.rel_macs:.3f}"),
-                    *[Cell(t + (" *" if n else "")) for (t, _), n in zip(times, noisy)],
-                    Cell(fmt_pm(sp.train_seconds)[0])]
-            block.append(row)
-            # its train time is its whole training, not comparable with a method's own: never bold
-            means.append([math.nan] * 4 + [m_acc, math.nan, round(sp.rel_macs, 3), round(sp.rel_macs, 3),
-                                           *[m for _, m in times], math.nan])
-            any_static = True
-        _bold_best(block, means, {4 + k: s[3] for k, s in enumerate(specs)})
-        rows += block
+        for sp in load.static_points(statics, ds, bb, _macs(ref)):
+            row, mrow = _summary_static_row(ds, bb, sp, bss)
+            cells.append(row)
+            means.append(mrow)
+            any_static, any_noisy = True, any_noisy or any(c.text.endswith(" *") for c in row)
+        _bold_best(cells, means, {4 + k: c.higher for k, c in enumerate(columns)})
+        rows += cells
+    partial = _some_seeds(settings["feasible"], settings["seeds"])
+    notes = _summary_notes(results, oplabel, bss, partial, any_static, any_noisy)
+    return Table("summary", f"Methods at the {oplabel} operating point", heads, rows, "lllr" + "r" * (len(heads) - 4),
+                 starts, notes)
+
+
+def _summary_reference_row(ds: str, bb: str, ref: pd.Series, bss: list[int]) -> list[Cell]:
+    """The backbone's row: its own accuracy and training time; every ratio is 1 by definition."""
+    return [*_group_cells(ds, bb, True), Cell("backbone (reference)"), Cell(str(int(ref["seeds"]))),
+            Cell(_pm(ref, "backbone_accuracy", 100)[0]), Cell("100.0"), Cell("1.000"), Cell("1.000"),
+            *[Cell("1.00") for _ in bss], Cell(_pm(ref, "backbone_seconds")[0])]
+
+
+def _summary_setting_row(ds: str, bb: str, label: str, st: pd.Series, columns: list[_Column], bss: list[int]
+                         ) -> tuple[list[Cell], list[float]]:
+    """A method setting's row and its rounded means: (k/n) or ``infeasible`` on the accuracy when the point
+    was met in only k (or none) of its seeds, ``*`` on a noisy time."""
+    feasible, seeds = int(st["feasible"]), int(st["seeds"])  # iterrows gives them as floats
+    row, mrow = [*_group_cells(ds, bb, False), Cell(label), Cell(str(seeds))], [math.nan] * 4
+    for k, c in enumerate(columns):
+        text, m = _pm(st, c.key, c.scale, c.digits)
+        if k == 0 and 0 < feasible < seeds:
+            text += f" ({feasible}/{seeds})"
+        elif k == 0 and feasible == 0:
+            text = "infeasible"
+        elif 4 <= k < 4 + len(bss) and st[f"noisy {bss[k - 4]}"]:
+            text += " *"
+        row.append(Cell(text))
+        mrow.append(m)
+    return row, mrow
+
+
+def _summary_static_row(ds: str, bb: str, sp: load.StaticPoint, bss: list[int]) -> tuple[list[Cell], list[float]]:
+    """A static baseline's row and its rounded means: its MACs and times relative to the panel's backbone."""
+    acc, m_acc = fmt_pm(sp.accuracies, 100)
+    times = [fmt_pm((x.latency_ratio for x in sp.latency.get(b, [])), 1, 2) for b in bss]
+    noisy = [any(x.noisy for x in sp.latency.get(b, [])) for b in bss]
+    row = [*_group_cells(ds, bb, False), Cell(sp.label), Cell(str(len(sp.accuracies))), Cell(acc), Cell(DASH),
+           Cell(f"{sp.rel_macs:.3f}"), Cell(f"{sp.rel_macs:.3f}"),
+           *[Cell(t + (" *" if n else "")) for (t, _), n in zip(times, noisy)], Cell(fmt_pm(sp.train_seconds)[0])]
+    # its train time is its whole training, not comparable with a method's own: never bold
+    means = [math.nan] * 4 + [m_acc, math.nan, round(sp.rel_macs, 3), round(sp.rel_macs, 3), *[m for _, m in times],
+                              math.nan]
+    return row, means
+
+
+def _summary_notes(results: list[load.CellResult], oplabel: str, bss: list[int], partial: bool, any_static: bool,
+                   any_noisy: bool) -> list[str]:
     notes = [f"At the {oplabel} operating point: the cheapest threshold (strict MACs) whose calibration accuracy "
              f"is {load.op_drop_label(results)} or less below the backbone's (one threshold per exit where the "
              f"method calibrates per exit), reported on test; mean ± std over seeds; "
@@ -221,8 +305,11 @@ def summary_table(results: list[dict]) -> Table:
     if any_noisy:
         notes.append("*: a noisy latency record (IQR above 10 % of its median); rerun on an idle machine before "
                      "trusting it.")
-    align = "lllr" + "r" * (len(cols) - 4)
-    return Table("summary", f"Methods at the {oplabel} operating point", cols, rows, align, starts, notes)
+    return notes
+
+
+PREDICTION = {"predicted": ("predicted_ratio", load.HEADLINE_VARIANT),  # column -> (latency field, variant)
+              "measured": ("latency_ratio", load.HEADLINE_VARIANT), "ideal": ("latency_ratio", load.IDEAL_VARIANT)}
 
 
 def prediction_table(results: list[load.CellResult]) -> Table | None:
@@ -236,20 +323,18 @@ def prediction_table(results: list[load.CellResult]) -> Table | None:
         return None
     cols = ["dataset", "backbone", "method", "batch", "predicted", "measured (compaction)", "per-stage ideal",
             "error"]
+    values = {f"{c} {b}": (lambda r, b=b, key=key, v=v: load.latency_value(r, v, b, key))
+              for b in bss for c, (key, v) in PREDICTION.items()}
+    settings = load.seed_stats(load.seed_frame(cells, values), load.SETTING, values)
     rows, starts = [], []
-    for (ds, bb), rs in load.group(cells, load.panel_key).items():
+    for ds, bb, block in _panels(settings):
         starts.append(len(rows))
-        first = True
-        for label, seeds in load.group(rs, load.setting).items():
+        for label, st in block.iterrows():
             for b in bss:
-                pred = [load.latency_value(r, load.HEADLINE_VARIANT, b, "predicted_ratio") for r in seeds]
-                meas = [load.latency_value(r, load.HEADLINE_VARIANT, b, "latency_ratio") for r in seeds]
-                ideal = [load.latency_value(r, load.IDEAL_VARIANT, b, "latency_ratio") for r in seeds]
-                pm, mm = load.mean_std(pred)[0], load.mean_std(meas)[0]
+                pm, mm = st[f"predicted {b}.mean"], st[f"measured {b}.mean"]
                 err = f"{100 * (pm - mm) / mm:+.0f} %" if not (math.isnan(pm) or math.isnan(mm) or mm == 0) else DASH
-                rows.append([*_group_cells(ds, bb, first), Cell(label), Cell(str(b)), Cell(fmt_pm(pred, 1, 2)[0]),
-                             Cell(fmt_pm(meas, 1, 2)[0]), Cell(fmt_pm(ideal, 1, 2)[0]), Cell(err)])
-                first = False
+                rows.append([*_group_cells(ds, bb, len(rows) == starts[-1]), Cell(label), Cell(str(b)),
+                             *[Cell(_pm(st, f"{c} {b}", 1, 2)[0]) for c in PREDICTION], Cell(err)])
     notes = ["Latency relative to the backbone at the timed operating point. predicted: the cell's per-stage "
              "profile (each stage and head timed alone at a few batch sizes) times the exit fractions of the very "
              "inputs that were timed, an estimate; measured: the real per-sample exit (compaction) and the "
@@ -284,11 +369,6 @@ def reliability_table(results: list[load.CellResult]) -> Table | None:
              f"calibration samples; \"held-out\" is the other {r0.held_out}, which the fit never saw. Predictions "
              "and accuracies are unchanged; exit thresholds are chosen on the scaled scores."]
     return Table("reliability", "Reliability per exit: temperature scaling", cols, rows, "llllrrrrr", starts, notes)
-
-
-def _per_seed(cells: list[load.CellResult], get: Callable[[load.CellResult], float | None]) -> list:
-    """One value per seed: the backbone is shared by every method setting of a seed."""
-    return list({load.seed(r): get(r) for r in cells}.values())
 
 
 def _op_feasible(r: load.CellResult) -> bool:
