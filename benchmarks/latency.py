@@ -26,19 +26,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from exitbench.benchmarks import lease
 from exitbench.benchmarks.fast import FastPathUnavailable, buckets_for
-from exitbench.benchmarks.variants import DEFAULT_VARIANTS, LATENCY_VARIANTS, LatencyVariant, Run
+from exitbench.benchmarks.variants import LATENCY_VARIANTS, LatencyVariant, Run
 from exitbench.core.results import LatencyRecord
+from exitbench.core.spec import DEFAULT_VARIANTS, Evaluation, timed_variants
 from exitbench.methods.base import MultiExitNet, Policy
-
-if TYPE_CHECKING:  # only its type: the protocol reads an Evaluation's attributes, nothing else of the config
-    from exitbench.core.spec import Evaluation
 
 NOISY_IQR = 0.10  # a record whose IQR exceeds this share of its median is flagged noisy
 PAIRED = "median of per-repeat paired ratios"  # how every latency ratio is formed (the records' ratio_of)
@@ -164,7 +161,7 @@ class TimingProtocol:
     @property
     def timed_variants(self) -> tuple[str, ...]:
         """The latency variants timed: ``variants``, plus the fast path when it is on."""
-        return (*self.variants, f"fast-{self.fast}") if self.fast != "none" else self.variants
+        return timed_variants(self.variants, self.fast)
 
     def on(self, device: torch.device) -> tuple[int, int, float | None]:
         """(repeats, warm-up passes, time bound in seconds or None) on ``device``: the CPU protocol as asked, on

@@ -149,27 +149,7 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
     saved, save_cost = time.perf_counter(), 0.0
     stopped_early = False
     for _ in range(len(losses), budget.epochs):
-        model.train()
-        # the epoch's loss is summed on the device and read once at its end: a read per step would make
-        # the host wait for every step on a GPU
-        total, count = torch.zeros((), device=device), 0
-        for x, y in loaders["train"]:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                loss = loss_fn(model(x), y, model)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            if sched is not None:
-                sched.step()
-            total += loss.detach().float() * len(y)
-            count += len(y)
-        losses.append(total.item() / max(count, 1))
+        losses.append(_epoch(model, loss_fn, loaders["train"], device, autocast, opt, scaler, sched))
         if not math.isfinite(losses[-1]):  # nothing sensible can follow: stop the cell, not the run
             raise TrainingDiverged(f"training diverged at epoch {len(losses)} of {budget.epochs}: the mean loss is "
                                    f"{losses[-1]} (lr {budget.lr:g}, {budget.optimizer}); lower the learning rate")
@@ -193,6 +173,32 @@ def fit(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: 
         "loss_per_epoch": losses,
         **({"resumed_at_epoch": resumed_at} if resumed else {}),
     }
+
+
+def _epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, device: torch.device, autocast: Callable,
+           opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, sched: Any) -> float:
+    """One epoch of training steps; returns its mean loss over samples."""
+    model.train()
+    # the epoch's loss is summed on the device and read once at its end: a read per step would make the host
+    # wait for every step on a GPU
+    total, count = torch.zeros((), device=device), 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = loss_fn(model(x), y, model)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+        total += loss.detach().float() * len(y)
+        count += len(y)
+    return total.item() / max(count, 1)
 
 
 def method_trainer(net: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], loaders: dict[str, DataLoader],

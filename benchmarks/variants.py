@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from exitbench.benchmarks.fast import FastForward, FastModule, buckets_for
 from exitbench.core.registry import Registry
-from exitbench.core.spec import DEFAULT_VARIANTS  # noqa: F401  (the default variants, named with the cell spec)
 from exitbench.methods.base import Carry, MultiExitNet, Policy, _split_head_output
 
 Run = Callable[[], object]

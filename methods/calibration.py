@@ -204,66 +204,15 @@ def coordinate_descent(scores: Tensor, exit_loss: Tensor, costs: Sequence[float]
     batched = scores.dim() == 3
     if not batched:
         scores, exit_loss = scores[None], exit_loss[None]
-    n_batch, k_early, n = scores.shape
     limit = torch.as_tensor(max_loss, dtype=torch.float64)
     scalar = limit.dim() == 0
     limit = limit.reshape(1, -1) if limit.dim() <= 1 else limit
-    limit = limit.expand(n_batch, -1)  # [B, P]
-    n_prob = limit.shape[1]
-    cost = torch.as_tensor(costs, dtype=torch.float64)
-    loss_e = exit_loss.double()
-    levels = torch.linspace(0, 1, max(grid_size - 1, 2), dtype=torch.float64)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-
-    def pick(lo: Tensor, co: Tensor) -> Tensor:  # cheapest feasible; ties: lower loss, then lowest index
-        ok = lo <= limit[..., None] + _TOL
-        c = torch.where(ok, co, inf)
-        tied = ok & (c <= c.amin(-1, keepdim=True) + _TOL)
-        return torch.where(tied, lo, inf).argmin(-1)  # [B, P]
-
-    if init is None:
-        pooled = torch.quantile(scores.reshape(n_batch, -1).double(), levels, dim=-1).T  # [B, Q]
-        shared = torch.cat([pooled, inf.expand(n_batch, 1)], dim=1)  # +inf = the final exit alone
-        exits = first_exit(scores, shared[..., None].expand(-1, -1, k_early), strict)  # [B, Q+1, N]
-        lo = loss_e.gather(1, exits).mean(-1)[:, None].expand(-1, n_prob, -1)
-        co = cost[exits].mean(-1)[:, None].expand(-1, n_prob, -1)
-        feasible = (lo <= limit[..., None] + _TOL).any(-1)
-        current = shared.gather(1, pick(lo, co))[..., None].expand(-1, -1, k_early).clone()  # [B, P, K]
-    else:
-        current = init.double().reshape(n_batch, n_prob, k_early).clone()
-        exits = first_exit(scores, current, strict)
-        feasible = loss_e.gather(1, exits).mean(-1) <= limit + _TOL
-    grids = torch.quantile(scores.double(), levels, dim=-1).permute(1, 2, 0)  # [B, K, Q]
-    grids = torch.cat([grids, inf.expand(n_batch, k_early, 1)], dim=-1)
-    # sort once per exit; comparisons in the scores' dtype, as first_exit makes them
-    asc = scores.sort(dim=-1)  # values, indices [B, K, N]
-    desc_order = asc.indices.flip(-1)
-
-    def move(k: int) -> Tensor:  # the best value of threshold k, others fixed -> [B, P]
-        th = current.clone()
-        th[..., k] = float("inf")
-        e_off = first_exit(scores, th, strict)  # [B, P, N] exits with exit k switched off
-        reach = e_off > k
-        l_off = loss_e.gather(1, e_off)
-        d_loss = torch.where(reach, loss_e[:, k, None, :] - l_off, 0.0)
-        d_cost = torch.where(reach, cost[k] - cost[e_off], 0.0)
-        order = desc_order[:, k, None, :].expand(-1, n_prob, -1)
-        zero = torch.zeros(n_batch, n_prob, 1, dtype=torch.float64)
-        pre_l = torch.cat([zero, d_loss.gather(-1, order).cumsum(-1)], dim=-1)  # [B, P, N+1]
-        pre_c = torch.cat([zero, d_cost.gather(-1, order).cumsum(-1)], dim=-1)
-        vals = torch.cat([current[..., k:k + 1], grids[:, k, None, :].expand(-1, n_prob, -1)], dim=-1)  # [B, P, C]
-        # count(s_k >= t) = N - #(s_k < t); for strict, count(s_k > t) = N - #(s_k <= t)
-        below = torch.searchsorted(asc.values[:, k].contiguous(), vals.to(scores.dtype).reshape(n_batch, -1),
-                                   right=strict).reshape(vals.shape)
-        cnt = n - below
-        lo = l_off.mean(-1, keepdim=True) + pre_l.gather(-1, cnt) / n
-        co = cost[e_off].mean(-1, keepdim=True) + pre_c.gather(-1, cnt) / n
-        return vals.gather(-1, pick(lo, co)[..., None])[..., 0]
-
+    pb = _Descent.of(scores, exit_loss, costs, limit.expand(scores.shape[0], -1), grid_size, strict)
+    current, feasible = pb.start(init)
     for _ in range(sweeps):
         changed = False
-        for k in range(k_early):
-            new = move(k)
+        for k in range(pb.scores.shape[1]):
+            new = pb.move(current, k)
             upd = feasible & (new != current[..., k])
             if bool(upd.any()):
                 changed = True
@@ -274,6 +223,85 @@ def coordinate_descent(scores: Tensor, exit_loss: Tensor, costs: Sequence[float]
     if scalar:
         current, feasible = current[:, 0], feasible[:, 0]
     return (current, feasible) if batched else (current[0], feasible[0])
+
+
+_INF = torch.tensor(float("inf"), dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class _Descent:
+    """One batched coordinate-descent problem (:func:`coordinate_descent`): the data, the constraint and the
+    per-exit candidate grids, with each exit's scores sorted once."""
+
+    scores: Tensor  # [B, K, N]
+    loss: Tensor  # [B, E, N] float64
+    cost: Tensor  # [E] float64
+    limit: Tensor  # [B, P]
+    levels: Tensor  # [Q-1] quantile levels
+    grids: Tensor  # [B, K, Q]: each exit's score quantiles and +inf
+    sorted_scores: Tensor  # [B, K, N] ascending per exit, in the scores' dtype (as first_exit compares them)
+    desc: Tensor  # [B, K, N] sample indices by descending score per exit
+    strict: bool
+
+    @classmethod
+    def of(cls, scores: Tensor, exit_loss: Tensor, costs: Sequence[float] | Tensor, limit: Tensor, grid_size: int,
+           strict: bool) -> _Descent:
+        n_batch, k_early, _ = scores.shape
+        levels = torch.linspace(0, 1, max(grid_size - 1, 2), dtype=torch.float64)
+        grids = torch.quantile(scores.double(), levels, dim=-1).permute(1, 2, 0)  # [B, K, Q]
+        grids = torch.cat([grids, _INF.expand(n_batch, k_early, 1)], dim=-1)
+        asc = scores.sort(dim=-1)
+        return cls(scores, exit_loss.double(), torch.as_tensor(costs, dtype=torch.float64), limit, levels, grids,
+                   asc.values, asc.indices.flip(-1), strict)
+
+    def pick(self, lo: Tensor, co: Tensor) -> Tensor:
+        """Per problem, the index of the cheapest feasible candidate; ties: lower loss, then lowest index."""
+        ok = lo <= self.limit[..., None] + _TOL
+        c = torch.where(ok, co, _INF)
+        tied = ok & (c <= c.amin(-1, keepdim=True) + _TOL)
+        return torch.where(tied, lo, _INF).argmin(-1)  # [B, P]
+
+    def start(self, init: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(thresholds [B, P, K], feasible [B, P]) to start from: ``init``, or the cheapest feasible shared
+        threshold on the pooled quantile grid (so the result is never worse than that)."""
+        n_batch, k_early, _ = self.scores.shape
+        n_prob = self.limit.shape[1]
+        if init is not None:
+            current = init.double().reshape(n_batch, n_prob, k_early).clone()
+            exits = first_exit(self.scores, current, self.strict)
+            return current, self.loss.gather(1, exits).mean(-1) <= self.limit + _TOL
+        pooled = torch.quantile(self.scores.reshape(n_batch, -1).double(), self.levels, dim=-1).T  # [B, Q]
+        shared = torch.cat([pooled, _INF.expand(n_batch, 1)], dim=1)  # +inf = the final exit alone
+        exits = first_exit(self.scores, shared[..., None].expand(-1, -1, k_early), self.strict)  # [B, Q+1, N]
+        lo = self.loss.gather(1, exits).mean(-1)[:, None].expand(-1, n_prob, -1)
+        co = self.cost[exits].mean(-1)[:, None].expand(-1, n_prob, -1)
+        feasible = (lo <= self.limit[..., None] + _TOL).any(-1)
+        return shared.gather(1, self.pick(lo, co))[..., None].expand(-1, -1, k_early).clone(), feasible
+
+    def move(self, current: Tensor, k: int) -> Tensor:
+        """The best value of threshold ``k`` with the others fixed, per problem [B, P]: every candidate at
+        once through prefix sums over the samples sorted by their exit-k score (see coordinate_descent)."""
+        n_batch, _, n = self.scores.shape
+        n_prob = self.limit.shape[1]
+        th = current.clone()
+        th[..., k] = float("inf")
+        e_off = first_exit(self.scores, th, self.strict)  # [B, P, N] exits with exit k switched off
+        reach = e_off > k
+        l_off = self.loss.gather(1, e_off)
+        d_loss = torch.where(reach, self.loss[:, k, None, :] - l_off, 0.0)
+        d_cost = torch.where(reach, self.cost[k] - self.cost[e_off], 0.0)
+        order = self.desc[:, k, None, :].expand(-1, n_prob, -1)
+        zero = torch.zeros(n_batch, n_prob, 1, dtype=torch.float64)
+        pre_l = torch.cat([zero, d_loss.gather(-1, order).cumsum(-1)], dim=-1)  # [B, P, N+1]
+        pre_c = torch.cat([zero, d_cost.gather(-1, order).cumsum(-1)], dim=-1)
+        vals = torch.cat([current[..., k:k + 1], self.grids[:, k, None, :].expand(-1, n_prob, -1)], dim=-1)
+        # count(s_k >= t) = N - #(s_k < t); for strict, count(s_k > t) = N - #(s_k <= t)
+        below = torch.searchsorted(self.sorted_scores[:, k].contiguous(),
+                                   vals.to(self.scores.dtype).reshape(n_batch, -1), right=self.strict)
+        cnt = n - below.reshape(vals.shape)
+        lo = l_off.mean(-1, keepdim=True) + pre_l.gather(-1, cnt) / n
+        co = self.cost[e_off].mean(-1, keepdim=True) + pre_c.gather(-1, cnt) / n
+        return vals.gather(-1, self.pick(lo, co)[..., None])[..., 0]
 
 
 def per_exit_accuracy_drop(trace: TraceLike, score: str, strict_costs: Sequence[float], drop: float, *,

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -151,34 +152,8 @@ def accuracy_vs_macs(results: list[dict], view: str = "strict"):
         band = False
         for ax, ((ds, bb), rs) in zip(axes, panels.items()):
             for label, seeds in load.group(rs, load.setting).items():
-                mc = load.mean_curve([load.test_curve(r, xkey) for r in seeds])
-                if mc is None:
-                    continue
-                x, m, s = mc
-                kw = st[label]
-                ax.plot(tx(x), 100 * m, label=label, markevery=0.1, **kw)
-                if len(seeds) > 1:
-                    ax.fill_between(tx(x), 100 * (m - s), 100 * (m + s), color=kw["color"], alpha=0.16, lw=0)
-                    band = True
-                pts = [(load.op_value(r, xkey), load.op_value(r, "accuracy")) for r in seeds]
-                pts = [p for p in pts if None not in p]
-                if pts:
-                    px, py = np.array([p[0] for p in pts]), 100 * np.array([p[1] for p in pts])
-                    err = (np.std(tx(px), ddof=1), np.std(py, ddof=1)) if len(pts) > 1 else (None, None)
-                    ax.errorbar(float(np.mean(tx(px))), float(py.mean()), xerr=err[0], yerr=err[1], fmt="o",
-                                ms=8, mfc="none", mec=kw["color"], ecolor=kw["color"], mew=1.3, zorder=4)
-            per_seed = {load.seed(r): r.backbone.test_accuracy for r in rs}
-            bm, bs, bn = load.mean_std(per_seed.values())
-            if bn:
-                ax.errorbar(1.0 if view == "strict" else 0.0, 100 * bm, yerr=100 * bs if bn > 1 else None,
-                            fmt="*", color="black", ms=11, zorder=5, label="backbone")
-            for sp in load.static_points(statics, ds, bb, load.panel_macs(rs)):
-                am, asd, an = load.mean_std(sp.accuracies)
-                sx = float(tx(sp.rel_macs))
-                ax.errorbar(sx, 100 * am, yerr=100 * asd if an > 1 else None, fmt="D", color="0.3", mfc="white",
-                            ms=6.5, mew=1.3, zorder=5, label="static baseline (plain model, same recipe)")
-                ax.annotate(sp.model, (sx, 100 * am), textcoords="offset points", xytext=(5, -11), fontsize=6.5,
-                            color="0.2", bbox=_LABEL_BOX, zorder=6)
+                band |= _setting_curve(ax, seeds, label, st[label], xkey, tx)
+            _references(ax, rs, load.static_points(statics, ds, bb, load.panel_macs(rs)), view, tx)
             if view == "strict":
                 ax.axvline(1.0, color="0.6", lw=0.8, ls=":", zorder=0)
                 ax.set_xlabel("relative MACs (strict accounting)")
@@ -256,6 +231,42 @@ def exit_distribution(results: list[dict]):
 # ------------------------------------------------------------------------------------------- latency
 
 _FILLS = ["none", "full", "left", "bottom", "right", "top"]
+
+
+def _setting_curve(ax, seeds: list, label: str, kw: dict, xkey: str, tx: Callable) -> bool:
+    """One setting's accuracy-vs-MACs curve (mean over seeds, ± std band) and its calibrated operating point
+    (mean ± std over seeds); whether a band was drawn."""
+    mc = load.mean_curve([load.test_curve(r, xkey) for r in seeds])
+    if mc is None:
+        return False
+    x, m, s = mc
+    ax.plot(tx(x), 100 * m, label=label, markevery=0.1, **kw)
+    if len(seeds) > 1:
+        ax.fill_between(tx(x), 100 * (m - s), 100 * (m + s), color=kw["color"], alpha=0.16, lw=0)
+    pts = [(load.op_value(r, xkey), load.op_value(r, "accuracy")) for r in seeds]
+    pts = [p for p in pts if None not in p]
+    if pts:
+        px, py = np.array([p[0] for p in pts]), 100 * np.array([p[1] for p in pts])
+        err = (np.std(tx(px), ddof=1), np.std(py, ddof=1)) if len(pts) > 1 else (None, None)
+        ax.errorbar(float(np.mean(tx(px))), float(py.mean()), xerr=err[0], yerr=err[1], fmt="o",
+                    ms=8, mfc="none", mec=kw["color"], ecolor=kw["color"], mew=1.3, zorder=4)
+    return len(seeds) > 1
+
+
+def _references(ax, rs: list, statics: list, view: str, tx: Callable) -> None:
+    """The panel's backbone (a star, mean ± std over seeds) and its static baselines (diamonds, named)."""
+    per_seed = {load.seed(r): r.backbone.test_accuracy for r in rs}
+    bm, bs, bn = load.mean_std(per_seed.values())
+    if bn:
+        ax.errorbar(1.0 if view == "strict" else 0.0, 100 * bm, yerr=100 * bs if bn > 1 else None,
+                    fmt="*", color="black", ms=11, zorder=5, label="backbone")
+    for sp in statics:
+        am, asd, an = load.mean_std(sp.accuracies)
+        sx = float(tx(sp.rel_macs))
+        ax.errorbar(sx, 100 * am, yerr=100 * asd if an > 1 else None, fmt="D", color="0.3", mfc="white",
+                    ms=6.5, mew=1.3, zorder=5, label="static baseline (plain model, same recipe)")
+        ax.annotate(sp.model, (sx, 100 * am), textcoords="offset points", xytext=(5, -11), fontsize=6.5,
+                    color="0.2", bbox=_LABEL_BOX, zorder=6)
 
 
 def _bar_look(fill: str, color) -> dict:

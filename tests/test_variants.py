@@ -9,12 +9,12 @@ import torch
 
 from exitbench.benchmarks.latency import TimingProtocol, measure_latency, measure_static
 from exitbench.benchmarks.variants import (
-    DEFAULT_VARIANTS,
     LATENCY_VARIANTS,
     batch_uniform_forward,
     full_select_forward,
     masked_forward,
 )
+from exitbench.core.spec import DEFAULT_VARIANTS
 from exitbench.methods.policies import PatiencePolicy, ThresholdPolicy
 from tests.conftest import midpoint_thresholds
 from tests.test_syncs import _net

@@ -25,6 +25,11 @@ STATIC = "static"
 DEFAULT_VARIANTS = ("backbone", "compaction", "masking", "batch-uniform", "full+select", "per-stage-ideal")
 
 
+def timed_variants(variants: tuple[str, ...], fast: str) -> tuple[str, ...]:
+    """The latency variants a cell times: ``variants``, plus the fast path (``fast-<mode>``) when it is on."""
+    return (*variants, f"fast-{fast}") if fast != "none" else variants
+
+
 @dataclass
 class Budget:
     """What a training run may spend; recorded in every result so budgets can be equalised."""
@@ -70,7 +75,7 @@ class Evaluation:
     @property
     def timed_variants(self) -> tuple[str, ...]:
         """The latency variants a cell times: ``latency_variants``, plus the fast path when it is on."""
-        return (*self.latency_variants, f"fast-{self.fast}") if self.fast != "none" else self.latency_variants
+        return timed_variants(self.latency_variants, self.fast)
 
 
 @dataclass(frozen=True)
