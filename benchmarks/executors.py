@@ -59,9 +59,13 @@ class Executor:
     name: ClassVar[str] = ""
 
     def __init__(self, arg: str, args: argparse.Namespace):
-        if arg:
-            raise UserError(f"--executor: {self.name} takes no ':{arg}'; write --executor {self.name}")
+        self.no_arg(arg, f"write --executor {self.name}")
         _no_slurm_options(args)
+
+    def no_arg(self, arg: str, hint: str) -> None:
+        """Refuse an ``ARG`` for an executor that takes none, in one line ending with ``hint``."""
+        if arg:
+            raise UserError(f"--executor: {self.name} takes no ':{arg}'; {hint}")
 
     @property
     def shares_work(self) -> bool:

@@ -180,8 +180,7 @@ class Slurm(Executor):
     name = "slurm"
 
     def __init__(self, arg: str, args: argparse.Namespace):
-        if arg:
-            raise UserError(f"--executor: slurm takes no ':{arg}'; give its options as --slurm-*")
+        self.no_arg(arg, "give its options as --slurm-*")
         self.options = slurm_options(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_mem,
                                      args.slurm_opt, args.slurm_chunk, args.slurm_parallel)
         self.chunk, self.wait, self.matrix = args.slurm_chunk, args.wait, args.matrix or "quick"

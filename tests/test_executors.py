@@ -33,6 +33,8 @@ def test_executor_names():
         get_executor("slurn", _args())
     with pytest.raises(UserError, match=r"^--slurm-\*: these options are for --executor slurm"):
         get_executor("local", _args(slurm_time="4h"))
+    with pytest.raises(UserError, match=r"^--executor: slurm takes no ':4'; give its options as --slurm-\*$"):
+        get_executor("slurm:4", _args())
 
 
 def test_an_executor_is_a_registry_entry_a_plugin_can_add(tmp_path, monkeypatch, capsys):
