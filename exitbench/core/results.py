@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from exitbench.core.errors import UserError
-from exitbench.core.spec import Cell
+from exitbench.core.spec import STATIC, Cell
 
 # 3: typed operating points (kind, target, timed), budgets as points, risk rows' promise
 # 4: ``config`` is the typed Cell: ``regime`` and ``method_regime`` always, ``init`` and ``trains_backbone``
@@ -434,7 +434,7 @@ def _upgrade_3(d: dict) -> dict:
     c = d.get("config") or {}
     trains = c.pop("trains_backbone", None)
     init = c.pop("init", None)
-    if c.get("method") == "static":
+    if c.get("method") == STATIC:
         c["regime"] = c["method_regime"] = ""
     elif "regime" in c:
         c["method_regime"] = ""
